@@ -1,0 +1,29 @@
+"""The exceptions a user can meet. The CLI prints their message as one line and exits with code 2."""
+
+
+class CarsamError(Exception):
+    """Base class: bad input or a request that cannot be carried out. Message = one line, says what to do."""
+
+
+class InputError(CarsamError):
+    """A file or argument given by the user is missing, unreadable or of the wrong kind."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint is missing, unreadable, or does not match the requested model type."""
+
+
+class OutputError(CarsamError):
+    """An output path cannot be written (exists without --force, folder missing or read-only)."""
+
+
+class ModelError(CarsamError):
+    """An ONNX model is not what the command needs (not SAM, truncated, unsupported op...)."""
+
+
+class UnsupportedOpError(ModelError):
+    """The torch executor met an ONNX op it does not implement."""
+
+
+class CalibrationError(CarsamError):
+    """Calibration data are missing or invalid (empty folder, NaN, boxes outside the image...)."""

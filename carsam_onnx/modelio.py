@@ -1,0 +1,90 @@
+"""Reading and writing ONNX files safely: clear errors on bad input, atomic writes, external data for >2 GB."""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import onnx
+
+from .errors import ModelError, OutputError
+
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of initializers above which weights go to FILE.onnx.data
+
+
+def load_model(path: str | Path, load_external_data: bool = True) -> onnx.ModelProto:
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"model not found: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=load_external_data)
+    except Exception as e:
+        raise ModelError(f"{path} is not a readable ONNX model ({type(e).__name__}: {_first_line(e)})") from None
+    if not model.graph.node:
+        raise ModelError(f"{path} is not an ONNX model with a graph (empty or truncated file?)")
+    return model
+
+
+def _first_line(e: Exception) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0][:200] if s else "no detail"
+
+
+def check_writable(path: str | Path, force: bool) -> Path:
+    """Fail early (before any long work) if `path` cannot be written."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise OutputError(f"{path} exists; pass --force to overwrite it")
+    if path.exists() and path.is_dir():
+        raise OutputError(f"{path} is a directory, not a file path")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"cannot write {path}: folder {parent} is not writable")
+    return path
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for t in model.graph.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        total += n * max(1, onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize)
+    return total
+
+
+@contextmanager
+def _tempdir_beside(path: Path):
+    tmp = tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+    try:
+        yield Path(tmp)
+    finally:
+        for p in Path(tmp).iterdir():
+            p.unlink()
+        os.rmdir(tmp)
+
+
+def save_model(model: onnx.ModelProto, path: str | Path, force: bool = False) -> Path:
+    """Write `model` to `path` via a temporary file in the same folder and a rename.
+
+    Models whose weights exceed ~1.8 GB are written with external data in PATH.data.
+    """
+    path = check_writable(path, force)
+    external = initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    data_name = path.name + ".data"
+    try:
+        with _tempdir_beside(path) as tmp:
+            tmp_model = tmp / path.name
+            if external:
+                onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                                location=data_name, size_threshold=1024)
+                os.replace(tmp / data_name, path.parent / data_name)
+            else:
+                onnx.save_model(model, str(tmp_model))
+            os.replace(tmp_model, path)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+    return path
