@@ -1,0 +1,77 @@
+"""Exported SAM graphs for tests, built once per process and cached on disk under CARSAM_TEST_CACHE.
+
+The cache key includes the package's export code hash, so a change to export/ rebuilds the files.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from carsam_onnx.export.models import build_sam
+from carsam_onnx.export.onnx_export import export_onnx
+
+CACHE = Path(os.environ.get("CARSAM_TEST_CACHE", Path(__file__).resolve().parent.parent / ".cache" / "test_models"))
+_EXPORT_DIR = Path(__file__).resolve().parent.parent / "carsam_onnx" / "export"
+
+
+def _code_hash() -> str:
+    h = hashlib.sha256()
+    for p in sorted(_EXPORT_DIR.glob("*.py")):
+        h.update(p.read_bytes())
+    return h.hexdigest()[:10]
+
+
+def sam_onnx_path(model_type: str = "vit_b", part: str = "full", exporter: str = "dynamo", seed: int = 0,
+                  multimask: bool = False) -> Path:
+    """Path of an exported random-init SAM graph (exported on first use)."""
+    name = f"{model_type}_{part}_{exporter}_s{seed}_{'mm' if multimask else 'sm'}_{_code_hash()}.onnx"
+    path = CACHE / name
+    if not path.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        built = build_sam(model_type, seed=seed)
+        model = export_onnx(built, part=part, exporter=exporter, multimask=multimask)
+        tmp = path.with_suffix(".tmp")
+        external = model.ByteSize() > 1_800_000_000 if model_type != "vit_h" else True
+        if external:
+            onnx.save_model(model, str(tmp), save_as_external_data=True, location=name + ".data")
+        else:
+            onnx.save_model(model, str(tmp))
+        tmp.rename(path)
+    return path
+
+
+def official_decoder_path(model_type: str = "vit_b", seed: int = 0) -> Path:
+    """segment-anything's own decoder export (SamOnnxModel, TorchScript exporter, opset 17), as its
+    scripts/export_onnx_model.py makes it: inputs image_embeddings, point_coords, point_labels,
+    mask_input, has_mask_input, orig_im_size."""
+    from segment_anything.utils.onnx import SamOnnxModel
+
+    path = CACHE / f"official_decoder_{model_type}_s{seed}_{_code_hash()}.onnx"
+    if path.exists():
+        return path
+    CACHE.mkdir(parents=True, exist_ok=True)
+    sam = build_sam(model_type, seed=seed).sam
+    onnx_model = SamOnnxModel(sam, return_single_mask=True)
+    embed_size = sam.prompt_encoder.image_embedding_size
+    dummy = {
+        "image_embeddings": torch.randn(1, 256, *embed_size, dtype=torch.float),
+        "point_coords": torch.randint(low=0, high=1024, size=(1, 5, 2), dtype=torch.float),
+        "point_labels": torch.randint(low=0, high=4, size=(1, 5), dtype=torch.float),
+        "mask_input": torch.randn(1, 1, 4 * embed_size[0], 4 * embed_size[1], dtype=torch.float),
+        "has_mask_input": torch.tensor([1], dtype=torch.float),
+        "orig_im_size": torch.tensor([1500, 2250], dtype=torch.float),
+    }
+    tmp = path.with_suffix(".tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(onnx_model, tuple(dummy.values()), str(tmp), dynamo=False, export_params=True,
+                          verbose=False, opset_version=17, do_constant_folding=True,
+                          input_names=list(dummy), output_names=["masks", "iou_predictions", "low_res_masks"],
+                          dynamic_axes={"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}})
+    tmp.rename(path)
+    return path
