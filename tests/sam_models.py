@@ -14,15 +14,24 @@ import torch
 
 from carsam_onnx.export.models import build_sam
 from carsam_onnx.export.onnx_export import export_onnx
+from carsam_onnx.modelio import save_model
 
 CACHE = Path(os.environ.get("CARSAM_TEST_CACHE", Path(__file__).resolve().parent.parent / ".cache" / "test_models"))
 _EXPORT_DIR = Path(__file__).resolve().parent.parent / "carsam_onnx" / "export"
 
 
 def _code_hash() -> str:
+    """Hash of what decides an exported graph's content: the wrappers, the exporter, the builders."""
+    import inspect
+
+    from carsam_onnx.export import models
+
     h = hashlib.sha256()
-    for p in sorted(_EXPORT_DIR.glob("*.py")):
-        h.update(p.read_bytes())
+    for name in ("wrappers.py", "onnx_export.py"):
+        h.update((_EXPORT_DIR / name).read_bytes())
+    for fn in (models.build_sam_arch, models.randomize_zero_initialised):
+        h.update(inspect.getsource(fn).encode())
+    h.update(repr({k: v for k, v in models.ARCHS.items() if k != "reference"}).encode())
     return h.hexdigest()[:10]
 
 
@@ -35,13 +44,7 @@ def sam_onnx_path(model_type: str = "vit_b", part: str = "full", exporter: str =
         CACHE.mkdir(parents=True, exist_ok=True)
         built = build_sam(model_type, seed=seed)
         model = export_onnx(built, part=part, exporter=exporter, multimask=multimask)
-        tmp = path.with_suffix(".tmp")
-        external = model.ByteSize() > 1_800_000_000 if model_type != "vit_h" else True
-        if external:
-            onnx.save_model(model, str(tmp), save_as_external_data=True, location=name + ".data")
-        else:
-            onnx.save_model(model, str(tmp))
-        tmp.rename(path)
+        save_model(model, path, force=True)   # atomic; external data (PATH.data) above ~1.8 GB
     return path
 
 

@@ -97,8 +97,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a corrupt file
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    except Exception as e:  # torch raises many types for a corrupt or foreign file
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch state-dict file ({type(e).__name__}); "
+                              "expected an official sam_vit_*.pth") from None
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

@@ -1,0 +1,108 @@
+"""CLI behaviour: exit codes, one-line errors, no partial files, inspect --json."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from carsam_onnx.cli import main
+from carsam_onnx.export.models import ARCHS, build_sam_arch
+from sam_models import sam_onnx_path
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *words):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_export_refuses_without_weights_choice(capsys, tmp_path):
+    code, _, err = run(capsys, "export", "--model-type", "vit_b", "-o", str(tmp_path / "m.onnx"))
+    assert_one_line_error(code, err, "--checkpoint", "--random-init")
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_missing_and_unreadable_checkpoint(capsys, tmp_path):
+    code, _, err = run(capsys, "export", "--model-type", "vit_b", "--checkpoint", str(tmp_path / "nope.pth"),
+                       "-o", str(tmp_path / "m.onnx"))
+    assert_one_line_error(code, err, "not found", "nope.pth")
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"this is not a checkpoint")
+    code, _, err = run(capsys, "export", "--model-type", "vit_b", "--checkpoint", str(bad), "-o", str(tmp_path / "m.onnx"))
+    assert_one_line_error(code, err, "cannot read checkpoint", "bad.pth")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pth"]
+
+
+def test_export_checkpoint_of_other_model_type(capsys, tmp_path):
+    # A state dict with SAM's keys but another architecture's shapes (the small reference arch, fp16 to keep it small).
+    sd = {k: v.half() for k, v in build_sam_arch(ARCHS["reference"]).state_dict().items()}
+    ckpt = tmp_path / "other.pth"
+    torch.save(sd, ckpt)
+    code, _, err = run(capsys, "export", "--model-type", "vit_b", "--checkpoint", str(ckpt), "-o", str(tmp_path / "m.onnx"))
+    assert_one_line_error(code, err, "does not fit --model-type vit_b", "wrong shape")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_unwritable_and_existing_output(capsys, tmp_path):
+    code, _, err = run(capsys, "export", "--model-type", "vit_b", "--random-init", "-o", str(tmp_path / "no" / "m.onnx"))
+    assert_one_line_error(code, err, "does not exist")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user who can write a read-only folder (root): the check cannot be exercised")
+        code, _, err = run(capsys, "export", "--model-type", "vit_b", "--random-init", "-o", str(ro / "m.onnx"))
+        assert_one_line_error(code, err, "not writable")
+    finally:
+        os.chmod(ro, 0o700)
+
+
+def test_existing_output_needs_force(capsys, tmp_path):
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"keep me")
+    code, _, err = run(capsys, "export", "--model-type", "vit_b", "--random-init", "--split", "-o", str(out))
+    assert_one_line_error(code, err, "exists", "--force")
+    assert out.read_bytes() == b"keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    # the split outputs are checked too, before any work
+    out.unlink()
+    (tmp_path / "m.decoder.onnx").write_bytes(b"keep me too")
+    code, _, err = run(capsys, "export", "--model-type", "vit_b", "--random-init", "--split", "-o", str(out))
+    assert_one_line_error(code, err, "m.decoder.onnx", "exists")
+    assert not out.exists()
+
+
+def test_inspect_json_keys(capsys):
+    path = sam_onnx_path("vit_b", "decoder", "dynamo")
+    code, out, _ = run(capsys, "inspect", str(path), "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert info["opset"] == 21
+    assert [i["name"] for i in info["inputs"]] == ["image_embeddings", "point_coords", "point_labels"]
+    assert info["inputs"][1]["shape"][1] not in (2, "?")      # N is a named dynamic dimension
+    assert info["op_counts"]["Softmax"] == 7
+    assert 4_000_000 < info["num_parameters"] < 4_300_000  # SAM's mask decoder + prompt encoder
+    assert "attention" in info
+
+
+def test_inspect_rejects_non_onnx(capsys, tmp_path):
+    bad = tmp_path / "x.onnx"
+    bad.write_bytes(b"\x00garbage" * 10)
+    code, _, err = run(capsys, "inspect", str(bad))
+    assert_one_line_error(code, err, "x.onnx")
+    path = sam_onnx_path("vit_b", "decoder", "dynamo")
+    trunc = tmp_path / "t.onnx"
+    trunc.write_bytes(path.read_bytes()[: 100_000])
+    code, _, err = run(capsys, "inspect", str(trunc))
+    assert_one_line_error(code, err, "t.onnx")
