@@ -1,0 +1,385 @@
+"""emit_qdq: Q/DQ emission at opset 21 (weights per channel / blocked INT8-INT4, activations per tensor)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from carsam_onnx.artifact import ActivationQuant, CalibrationArtifact, WeightQuant
+from carsam_onnx.errors import CarsamError, ModelError
+from carsam_onnx.passes import bits as B
+from carsam_onnx.passes.emit_qdq import META_PREFIX, emit_qdq
+from carsam_onnx.passes.sites import ActivationKind, ActivationSite, QuantPlan, WeightKind, WeightSite
+
+RNG = np.random.default_rng(0)
+
+
+# ------------------------------------------------------------------------------------------ small graphs
+
+def _model(nodes, inputs, outputs, inits, opset=21):
+    g = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+
+
+def _vi(name, shape):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def matmul_model(k=64, n=32, extra_relu=False):
+    """x[4,k] @ W[k,n] + b; optionally x also feeds a Relu (a second, unlisted consumer)."""
+    W = RNG.normal(size=(k, n)).astype(np.float32)
+    b = RNG.normal(size=(n,)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+             helper.make_node("Add", ["h", "b"], ["y"], name="add")]
+    outputs = [_vi("y", [4, n])]
+    if extra_relu:
+        nodes.append(helper.make_node("Relu", ["x"], ["r"], name="relu"))
+        outputs.append(_vi("r", [4, k]))
+    m = _model(nodes, [_vi("x", [4, k])], outputs, {"W": W, "b": b})
+    site = WeightSite("mm", "W", 1, WeightKind.LINEAR)
+
+    def ref(xq, Wd):
+        return xq @ Wd + b
+    return m, site, "mm", W, ref, (4, k)
+
+
+def gemm_model(k=64, n=48):
+    """Gemm(x, W, c, transB=1) with W [n, k]: output channels on axis 0."""
+    W = RNG.normal(size=(n, k)).astype(np.float32)
+    c = RNG.normal(size=(n,)).astype(np.float32)
+    m = _model([helper.make_node("Gemm", ["x", "W", "c"], ["y"], name="gemm", transB=1)],
+               [_vi("x", [4, k])], [_vi("y", [4, n])], {"W": W, "c": c})
+    site = WeightSite("gemm", "W", 0, WeightKind.LINEAR)
+
+    def ref(xq, Wd):
+        return xq @ Wd.T + c
+    return m, site, "gemm", W, ref, (4, k)
+
+
+def conv_model(cin=32, cout=16):
+    W = (RNG.normal(size=(cout, cin, 3, 3)) * 0.2).astype(np.float32)
+    bias = RNG.normal(size=(cout,)).astype(np.float32)
+    m = _model([helper.make_node("Conv", ["x", "W", "bias"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+               [_vi("x", [1, cin, 6, 6])], [_vi("y", [1, cout, 6, 6])], {"W": W, "bias": bias})
+    site = WeightSite("conv", "W", 0, WeightKind.CONV)
+
+    def ref(xq, Wd):
+        # direct convolution in numpy (pads 1, stride 1)
+        xp = np.pad(xq, ((0, 0), (0, 0), (1, 1), (1, 1)))
+        out = np.zeros((1, cout, 6, 6), np.float64)
+        for i in range(3):
+            for j in range(3):
+                out += np.einsum("nchw,oc->nohw", xp[:, :, i:i + 6, j:j + 6], Wd[:, :, i, j])
+        return (out + bias[None, :, None, None]).astype(np.float32)
+    return m, site, "conv", W, ref, (1, cin, 6, 6)
+
+
+GRAPHS = {"matmul": matmul_model, "gemm": gemm_model, "conv": conv_model}
+
+
+def _plan(site, layer, with_activation=True):
+    acts = (ActivationSite("x", (layer,), ActivationKind.LAYER_INPUT),) if with_activation else ()
+    return QuantPlan(weights=(site,), activations=acts, attention=())
+
+
+def _session(model, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = level
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _init(model, name):
+    return next(t for t in model.graph.initializer if t.name == name)
+
+
+def _sqnr_db(ref, x):
+    return 10 * np.log10(np.mean(ref.astype(np.float64) ** 2) / max(np.mean((ref - x).astype(np.float64) ** 2), 1e-30))
+
+
+# ------------------------------------------------------------------------------------- numerics per grid
+
+CASES = [  # (weight bits, activation bits, block size, symmetric activations)
+    (8, 8, None, False), (4, 4, None, False), (6, 6, None, False), (3, 3, None, False), (4, 16, None, False),
+    (2, 5, None, False), (8, 8, None, True), (4, 4, None, True), (7, 2, None, True), (4, 8, 16, False),
+]
+
+
+@pytest.mark.parametrize("graph", sorted(GRAPHS))
+@pytest.mark.parametrize("wbits,abits,block,sym", CASES)
+def test_emitted_model_matches_numpy_fake_quant(graph, wbits, abits, block, sym):
+    model, site, layer, W, ref, xshape = GRAPHS[graph]()
+    before = model.SerializeToString()
+    x = RNG.normal(size=xshape).astype(np.float32)
+    wq = B.weight_quant_from_minmax(W, site.axis, wbits, block)
+    acts = {}
+    if abits < 16:
+        acts["x"] = B.activation_quant_from_range(float(x.min()) * 0.8, float(x.max()) * 0.8, abits, sym)
+    art = CalibrationArtifact(activations=acts, weights={"W": wq}, info={"bits": f"w{wbits}a{abits}"})
+    out = emit_qdq(model, _plan(site, layer, abits < 16), art, float_activations=abits == 16)
+
+    assert model.SerializeToString() == before, "emit_qdq mutated its input"
+    # weight stored as integers of the right container; the float weight is gone
+    names = {t.name for t in out.graph.initializer}
+    assert "W" not in names
+    wt = _init(out, "W_quantized")
+    assert wt.data_type == (TensorProto.INT4 if wbits <= 4 else TensorProto.INT8)
+    dq = next(n for n in out.graph.node if n.output[0] in {i for n2 in out.graph.node for i in n2.input}
+              and n.op_type == "DequantizeLinear" and n.input[0] == "W_quantized")
+    layer_node = next(n for n in out.graph.node if n.name == layer)
+    assert layer_node.input[1] == dq.output[0], "the layer must read the weight DQ directly"
+    # activation Q/DQ: types, zero point, Clip only for narrow grids
+    n_q = sum(n.op_type == "QuantizeLinear" for n in out.graph.node)
+    n_clip = sum(n.op_type == "Clip" for n in out.graph.node)
+    assert n_q == (1 if abits < 16 else 0)
+    assert n_clip == (1 if abits < 16 and abits not in (4, 8) else 0)
+    if abits < 16:
+        zp = _init(out, "x_zero_point")
+        want = {(True, 4): TensorProto.INT4, (True, 8): TensorProto.INT8,
+                (False, 4): TensorProto.UINT4, (False, 8): TensorProto.UINT8}[(sym, B.container_bits(abits))]
+        assert zp.data_type == want
+        if sym:
+            assert acts["x"].zero_point == 0
+
+    # ORT without graph optimisations = the Q/DQ math exactly
+    got = _session(out).run(None, {"x": x})[0]
+    xq = B.fake_quant_activation(x, acts["x"]) if abits < 16 else x
+    Wd = B.dequantize_weight(B.quantize_weight(W, wq), wq)
+    want = ref(xq, Wd)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
+    # and at the default optimisation level ORT (fusions, MatMulNBits at accuracy level 0) still agrees
+    got_opt = _session(out, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, {"x": x})[0]
+    assert _sqnr_db(want, got_opt) > 60
+
+
+def test_quantization_error_shrinks_with_bits():
+    """Sanity of the whole path: SQNR of the quantized layer vs float rises ~6 dB per bit."""
+    model, site, layer, W, ref, xshape = matmul_model(k=256, n=64)
+    x = RNG.normal(size=xshape).astype(np.float32)
+    exact = ref(x, W)
+    sqnr = {}
+    for b in (3, 4, 6, 8):
+        art = CalibrationArtifact(activations={"x": B.activation_quant_from_range(x.min(), x.max(), b, False)},
+                                  weights={"W": B.weight_quant_from_minmax(W, 1, b)})
+        got = _session(emit_qdq(model, _plan(site, layer), art)).run(None, {"x": x})[0]
+        sqnr[b] = _sqnr_db(exact, got)
+    assert sqnr[8] > 35 and sqnr[3] < sqnr[4] < sqnr[6] < sqnr[8], sqnr
+    assert sqnr[8] - sqnr[4] > 18, sqnr
+
+
+def test_trt_style_containers_keep_low_bit_grids_in_int8():
+    """weight/activation_container_bits=8: a w4a4 grid stored in INT8 (TensorRT has INT4 only for weights)."""
+    model, site, layer, W, ref, xshape = matmul_model()
+    x = RNG.normal(size=xshape).astype(np.float32)
+    aq = B.activation_quant_from_range(x.min(), x.max(), 4, True)
+    wq = B.weight_quant_from_minmax(W, 1, 4)
+    out = emit_qdq(model, _plan(site, layer), CalibrationArtifact({"x": aq}, {"W": wq}),
+                   weight_container_bits=8, activation_container_bits=8)
+    wt = _init(out, "W_quantized")
+    assert wt.data_type == TensorProto.INT8
+    vals = numpy_helper.to_array(wt)
+    assert vals.min() >= -8 and vals.max() <= 7
+    assert _init(out, "x_zero_point").data_type == TensorProto.INT8
+    assert sum(n.op_type == "Clip" for n in out.graph.node) == 1     # 4-bit grid inside INT8
+    got = _session(out).run(None, {"x": x})[0]
+    want = ref(B.fake_quant_activation(x, aq), B.dequantize_weight(B.quantize_weight(W, wq), wq))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------- artifact contents
+
+def test_artifact_integer_values_and_corrected_float_weights_are_used():
+    model, site, layer, W, ref, xshape = matmul_model()
+    x = RNG.normal(size=xshape).astype(np.float32)
+    wq = B.weight_quant_from_minmax(W, 1, 4)
+    rounded = B.quantize_weight(W, wq)
+    flipped = np.clip(rounded + RNG.integers(-1, 2, size=rounded.shape), -8, 7).astype(np.int8)  # AdaRound-like
+    wq_vals = WeightQuant(wq.scale, wq.axis, wq.bits, values=flipped)
+    new_b = np.full((32,), 3.0, np.float32)
+    art = CalibrationArtifact(weights={"W": wq_vals}, float_weights={"b": new_b})
+    out = emit_qdq(model, _plan(site, layer, False), art, float_activations=True)
+    stored = numpy_helper.to_array(_init(out, "W_quantized")).astype(np.int8)
+    np.testing.assert_array_equal(stored, flipped)
+    np.testing.assert_array_equal(numpy_helper.to_array(_init(out, "b")), new_b)
+    got = _session(out).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, x @ (flipped * wq.scale[None, :]) + new_b, rtol=1e-5, atol=1e-4)
+
+
+def test_corrected_weight_is_quantized_not_the_original():
+    model, site, layer, W, ref, xshape = matmul_model()
+    W2 = (W * 0.5 + 0.1).astype(np.float32)
+    wq = B.weight_quant_from_minmax(W2, 1, 8)
+    out = emit_qdq(model, _plan(site, layer, False), CalibrationArtifact(weights={"W": wq}, float_weights={"W": W2}),
+                   float_activations=True)
+    stored = numpy_helper.to_array(_init(out, "W_quantized"))
+    np.testing.assert_array_equal(stored, B.quantize_weight(W2, wq))
+
+
+def test_metadata_records_artifact_info():
+    model, site, layer, W, ref, xshape = matmul_model()
+    art = CalibrationArtifact(weights={"W": B.weight_quant_from_minmax(W, 1, 8)},
+                              info={"method": "minmax", "bits": "w8a16"})
+    out = emit_qdq(model, _plan(site, layer, False), art, float_activations=True)
+    meta = {p.key: p.value for p in out.metadata_props}
+    assert meta[META_PREFIX + "method"] == "minmax" and meta[META_PREFIX + "bits"] == "w8a16"
+    assert meta[META_PREFIX + "emitted"].startswith("1 weights, 0 activations")
+
+
+# ----------------------------------------------------------------------------------------- rewiring
+
+def test_unlisted_consumer_keeps_the_float_value():
+    model, site, layer, W, ref, xshape = matmul_model(extra_relu=True)
+    x = RNG.normal(size=xshape).astype(np.float32)
+    aq = B.activation_quant_from_range(x.min(), x.max(), 4, False)
+    out = emit_qdq(model, _plan(site, layer), CalibrationArtifact({"x": aq}, {"W": B.weight_quant_from_minmax(W, 1, 8)}))
+    relu = next(n for n in out.graph.node if n.name == "relu")
+    mm = next(n for n in out.graph.node if n.name == "mm")
+    assert relu.input[0] == "x"
+    assert mm.input[0] != "x"
+    y, r = _session(out).run(None, {"x": x})
+    np.testing.assert_array_equal(r, np.maximum(x, 0))           # float path untouched
+    assert not np.allclose(y, ref(x, W), atol=1e-3)                # quantized path really quantized
+
+
+def test_weight_shared_with_an_unlisted_layer_stays_float_there():
+    W = RNG.normal(size=(16, 16)).astype(np.float32)
+    model = _model([helper.make_node("MatMul", ["x", "W"], ["a"], name="mm1"),
+                    helper.make_node("MatMul", ["a", "W"], ["y"], name="mm2")],
+                   [_vi("x", [2, 16])], [_vi("y", [2, 16])], {"W": W})
+    plan = QuantPlan((WeightSite("mm1", "W", 1, WeightKind.LINEAR),), (), ())
+    out = emit_qdq(model, plan, CalibrationArtifact(weights={"W": B.weight_quant_from_minmax(W, 1, 8)}))
+    names = {t.name for t in out.graph.initializer}
+    assert {"W", "W_quantized"} <= names
+    mm1, mm2 = (next(n for n in out.graph.node if n.name == k) for k in ("mm1", "mm2"))
+    assert mm1.input[1] != "W" and mm2.input[1] == "W"
+
+
+def test_generated_names_never_collide_with_existing_ones():
+    """The graph already uses x_scale, x_zero_point, x_q, x_dq, W_quantized and a node x_QuantizeLinear."""
+    W = RNG.normal(size=(8, 8)).astype(np.float32)
+    taken = {n: np.ones((1,), np.float32) for n in ("x_scale", "x_zero_point", "W_quantized", "W_scale")}
+    nodes = [helper.make_node("Identity", ["x"], ["x_q"], name="x_QuantizeLinear"),
+             helper.make_node("Identity", ["x_q"], ["x_dq"], name="x_DequantizeLinear"),
+             helper.make_node("MatMul", ["x", "W"], ["h"], name="mm"),
+             helper.make_node("Add", ["h", "x_dq"], ["h2"], name="add1"),
+             helper.make_node("Sum", ["h2", "x_scale", "x_zero_point", "W_quantized", "W_scale"], ["y"], name="sum")]
+    model = _model(nodes, [_vi("x", [2, 8])], [_vi("y", [2, 8])], {"W": W, **taken})
+    x = RNG.normal(size=(2, 8)).astype(np.float32)
+    aq = B.activation_quant_from_range(x.min(), x.max(), 8, False)
+    wq = B.weight_quant_from_minmax(W, 1, 8)
+    plan = QuantPlan((WeightSite("mm", "W", 1, WeightKind.LINEAR),),
+                     (ActivationSite("x", ("mm",), ActivationKind.LAYER_INPUT),), ())
+    out = emit_qdq(model, plan, CalibrationArtifact({"x": aq}, {"W": wq}))
+    node_names = [n.name for n in out.graph.node]
+    values = [o for n in out.graph.node for o in n.output]
+    inits = [t.name for t in out.graph.initializer]
+    assert len(set(node_names)) == len(node_names)
+    assert len(set(values + inits)) == len(values + inits)
+    for k, v in taken.items():                                      # the old tensors are untouched
+        np.testing.assert_array_equal(numpy_helper.to_array(_init(out, k)), v)
+    assert "x_scale_1" in inits and "W_quantized_1" in inits and "x_QuantizeLinear_1" in node_names
+    got = _session(out).run(None, {"x": x})[0]
+    Wd = B.dequantize_weight(B.quantize_weight(W, wq), wq)
+    np.testing.assert_allclose(got, B.fake_quant_activation(x, aq) @ Wd + x + 4.0, rtol=1e-5, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- failures
+
+def test_missing_artifact_entries_are_listed():
+    model, site, layer, W, ref, xshape = matmul_model()
+    with pytest.raises(ModelError, match=r"no entry for 2 plan sites: activation x, weight W"):
+        emit_qdq(model, _plan(site, layer), CalibrationArtifact())
+
+
+def test_float_activations_need_no_activation_entries():
+    model, site, layer, W, ref, xshape = matmul_model()
+    art = CalibrationArtifact(weights={"W": B.weight_quant_from_minmax(W, 1, 4)})
+    with pytest.raises(ModelError, match="activation x"):
+        emit_qdq(model, _plan(site, layer), art)
+    out = emit_qdq(model, _plan(site, layer), art, float_activations=True)
+    assert not any(n.op_type == "QuantizeLinear" for n in out.graph.node)
+
+
+def test_plan_that_does_not_match_the_model_is_rejected():
+    model, site, layer, W, ref, xshape = matmul_model(extra_relu=True)
+    art = CalibrationArtifact({"x": ActivationQuant(0.1, 0, 8, True)}, {"W": B.weight_quant_from_minmax(W, 1, 8)})
+    bad = QuantPlan((site,), (ActivationSite("x", ("add",), ActivationKind.LAYER_INPUT),), ())
+    with pytest.raises(ModelError, match="'add' does not read 'x'"):
+        emit_qdq(model, bad, art)
+    wrong_axis = QuantPlan((WeightSite("mm", "W", 0, WeightKind.LINEAR),), (), ())
+    with pytest.raises(ModelError, match="axis"):
+        emit_qdq(model, wrong_axis, art)
+
+
+@pytest.mark.parametrize("aq", [ActivationQuant(0.0, 0, 8, True), ActivationQuant(float("nan"), 0, 8, True),
+                                ActivationQuant(0.1, 300, 8, False), ActivationQuant(0.1, 0, 9, True)])
+def test_invalid_activation_quantization_is_rejected(aq):
+    model, site, layer, W, ref, xshape = matmul_model()
+    with pytest.raises(ModelError):
+        emit_qdq(model, _plan(site, layer), CalibrationArtifact({"x": aq}, {"W": B.weight_quant_from_minmax(W, 1, 8)}))
+
+
+def test_old_opset_is_rejected_with_a_hint():
+    model, site, layer, W, ref, xshape = matmul_model()
+    model.opset_import[0].version = 17
+    with pytest.raises(ModelError, match="opset >= 21"):
+        emit_qdq(model, _plan(site, layer, False), CalibrationArtifact(weights={"W": B.weight_quant_from_minmax(W, 1, 8)}),
+                 float_activations=True)
+
+
+def test_wrong_scale_shape_is_rejected():
+    model, site, layer, W, ref, xshape = matmul_model()
+    bad = WeightQuant(np.ones((7,), np.float32), 1, 8)
+    with pytest.raises(ModelError, match="per-channel scale"):
+        emit_qdq(model, _plan(site, layer, False), CalibrationArtifact(weights={"W": bad}), float_activations=True)
+
+
+# ----------------------------------------------------------------------------------------- bits helpers
+
+@pytest.mark.parametrize("count", [1, 2, 7, 64])
+@pytest.mark.parametrize("signed", [True, False])
+def test_int4_packing_round_trips_through_onnx(count, signed):
+    lo, hi = (-8, 7) if signed else (0, 15)
+    vals = RNG.integers(lo, hi + 1, size=count)
+    assert np.array_equal(B.unpack_int4(B.pack_int4(vals), count, signed), vals)
+    t = helper.make_tensor("t", TensorProto.INT4 if signed else TensorProto.UINT4, [count], B.pack_int4(vals), raw=True)
+    assert len(t.raw_data) == (count + 1) // 2
+    assert np.array_equal(numpy_helper.to_array(t).astype(np.int16), vals)
+
+
+def test_weight_quant_from_minmax_per_channel_and_blocked():
+    W = RNG.normal(size=(40, 6)).astype(np.float32)
+    W[:, 2] = 0.0                                                   # an all-zero channel
+    wq = B.weight_quant_from_minmax(W, 1, 6)
+    assert wq.scale.shape == (6,) and wq.bits == 6 and wq.block_size is None
+    np.testing.assert_allclose(wq.scale[[0, 1]], np.abs(W[:, [0, 1]]).max(0) / 31, rtol=1e-6)
+    q = B.quantize_weight(W, wq)
+    assert q.min() >= -32 and q.max() <= 31 and np.all(q[:, 2] == 0)
+    assert np.all(np.abs(B.dequantize_weight(q, wq) - W) <= wq.scale / 2 + 1e-7)
+    blk = B.weight_quant_from_minmax(W, 1, 4, block_size=16)        # 40 rows -> 3 blocks (last one ragged)
+    assert blk.scale.shape == (3, 6)
+    np.testing.assert_allclose(blk.scale[2, 0], np.abs(W[32:, 0]).max() / 7, rtol=1e-6)
+    err_blk = np.abs(B.dequantize_weight(B.quantize_weight(W, blk), blk) - W).mean()
+    err_ch = np.abs(B.dequantize_weight(B.quantize_weight(W, B.weight_quant_from_minmax(W, 1, 4)),
+                                        B.weight_quant_from_minmax(W, 1, 4)) - W).mean()
+    assert err_blk < err_ch                                          # finer scales, smaller error
+    gemm = B.weight_quant_from_minmax(W.T.copy(), 0, 4, block_size=16)   # Gemm transB=1: blocks along axis 1
+    assert gemm.scale.shape == (6, 3)
+
+
+def test_activation_quant_from_range():
+    a = B.activation_quant_from_range(0.5, 2.0, 8, symmetric=False)   # widened to include 0
+    assert (a.zero_point, a.signed) == (0, False) and a.scale == pytest.approx(2.0 / 255)
+    a = B.activation_quant_from_range(-1.0, 3.0, 4, symmetric=False)
+    assert a.scale == pytest.approx(4.0 / 15) and a.zero_point == round(1.0 / (4.0 / 15))
+    assert B.fake_quant_activation(np.float32(0.0), a) == 0.0          # zero is exact
+    s = B.activation_quant_from_range(-1.0, 3.0, 6, symmetric=True)
+    assert (s.zero_point, s.signed, s.qmin, s.qmax) == (0, True, -32, 31) and s.scale == pytest.approx(3.0 / 31)
+    assert B.activation_quant_from_range(0.0, 0.0, 8, False).scale > 0
+    for bad in ((float("nan"), 1.0), (2.0, 1.0)):
+        with pytest.raises(CarsamError):
+            B.activation_quant_from_range(*bad, 8, False)
+    with pytest.raises(CarsamError):
+        B.activation_quant_from_range(0.0, 1.0, 16, False)
