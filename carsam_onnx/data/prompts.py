@@ -1,0 +1,294 @@
+"""Box prompts: ground-truth boxes, detector boxes from a COCO detection-results JSON, and their encoding as
+SAM model inputs (a box = two points labelled 2 (top-left) and 3 (bottom-right) in the S x S input frame).
+
+Also the calibration set for `quantize`: images with one box prompt each, preprocessed as SamPredictor does.
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CalibrationError, InputError
+from .coco import ANNOTATIONS_NAME, IMAGES_DIRNAME, CocoDataset, read_image_file
+from .preprocess import Geometry, preprocess_image, transform_coords
+
+BOX_LABELS = np.array([2.0, 3.0], dtype=np.float32)
+BOX_TOLERANCE_PX = 1.0   # a box may poke this far outside the image (rounding in detectors' outputs)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class BoxPrompt:
+    """One box prompt on one image, in original pixel coordinates (x0, y0, x1, y1)."""
+
+    image_id: int
+    box_xyxy: tuple[float, float, float, float]
+    category_id: int
+    score: float | None = None        # detector score; None for ground-truth boxes
+    ann_id: int | None = None         # the ground-truth annotation this prompt came from
+
+
+def xywh_to_xyxy(b) -> tuple[float, float, float, float]:
+    x, y, w, h = (float(v) for v in b)
+    return x, y, x + w, y + h
+
+
+def box_inputs(boxes_xyxy: np.ndarray, geo: Geometry) -> tuple[np.ndarray, np.ndarray]:
+    """k boxes in original pixels -> (point_coords [k, 2, 2], point_labels [k, 2]) in the model input frame.
+    Row i is a whole prompt: feed point_coords[i:i+1], point_labels[i:i+1] to a SAM graph."""
+    boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 2, 2)
+    coords = transform_coords(boxes, geo)
+    labels = np.broadcast_to(BOX_LABELS, (len(boxes), 2)).copy()
+    return coords, labels
+
+
+# ---- evaluation prompts ---------------------------------------------------------------------------------------
+def gt_box_prompts(dataset: CocoDataset) -> dict[int, list[BoxPrompt]]:
+    """One prompt per non-crowd ground-truth instance with a non-empty box (as CAR-SAM evaluates)."""
+    out: dict[int, list[BoxPrompt]] = {}
+    for image_id in dataset.image_ids:
+        for a in dataset.annotations(image_id):
+            if a.get("iscrowd", 0):
+                continue
+            x0, y0, x1, y1 = xywh_to_xyxy(a["bbox"])
+            if not (x1 > x0 and y1 > y0):
+                continue
+            out.setdefault(image_id, []).append(BoxPrompt(image_id, (x0, y0, x1, y1), int(a["category_id"]),
+                                                          None, int(a["id"])))
+    return out
+
+
+def _read_results(path: Path, error) -> list:
+    if not path.is_file():
+        raise error(f"prompts file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"prompts file {path} is not readable JSON ({str(e).splitlines()[0]})") from None
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+        data = data["annotations"]
+    if not isinstance(data, list):
+        raise error(f"prompts file {path} is not a COCO detection-results list "
+                    '([{"image_id": ..., "bbox": [x, y, w, h], "category_id": ..., "score": ...}, ...])')
+    return data
+
+
+def _entry_box(path: Path, i: int, r, error) -> tuple[float, float, float, float]:
+    if not isinstance(r, dict) or not isinstance(r.get("bbox"), (list, tuple)) or len(r["bbox"]) != 4:
+        raise error(f"{path}: entry {i} needs a 'bbox' [x, y, w, h]")
+    try:
+        box = xywh_to_xyxy(r["bbox"])
+    except (TypeError, ValueError):
+        raise error(f"{path}: entry {i} has a non-numeric bbox {r['bbox']!r}") from None
+    if not all(math.isfinite(v) for v in box):
+        raise error(f"{path}: entry {i} has a non-finite bbox {r['bbox']!r}")
+    if not (box[2] > box[0] and box[3] > box[1]):
+        raise error(f"{path}: entry {i} has an empty bbox {r['bbox']!r} (width and height must be > 0)")
+    return box
+
+
+def _box_inside(box, height: int, width: int, tol: float = BOX_TOLERANCE_PX) -> bool:
+    return box[0] >= -tol and box[1] >= -tol and box[2] <= width + tol and box[3] <= height + tol
+
+
+def _clip(box, height: int, width: int) -> tuple[float, float, float, float]:
+    return (min(max(box[0], 0.0), width), min(max(box[1], 0.0), height),
+            min(max(box[2], 0.0), width), min(max(box[3], 0.0), height))
+
+
+def load_detection_prompts(path: str | Path, dataset: CocoDataset, min_score: float = 0.0) -> dict[int, list[BoxPrompt]]:
+    """Detector boxes from a COCO detection-results JSON (as PTQ4SAM evaluates).
+
+    Entries name their image by "image_id" or "file_name". Every image must be in `dataset` (a results file
+    for another split is an error). Boxes are clipped to the image; a box further than the image by more than
+    a pixel, an empty box or a non-finite one is an error. Entries with score < min_score are dropped.
+    """
+    path = Path(path)
+    data = _read_results(path, InputError)
+    out: dict[int, list[BoxPrompt]] = {}
+    unknown: list = []
+    for i, r in enumerate(data):
+        box = _entry_box(path, i, r, InputError)
+        image_id = _resolve_image(r, dataset)
+        if image_id is None:
+            unknown.append(r.get("image_id", r.get("file_name")))
+            continue
+        if "category_id" not in r:
+            raise InputError(f"{path}: entry {i} has no category_id (COCO segm AP needs it)")
+        score = float(r.get("score", 1.0))
+        if not math.isfinite(score):
+            raise InputError(f"{path}: entry {i} has a non-finite score")
+        if score < min_score:
+            continue
+        info = dataset.images[image_id]
+        if not _box_inside(box, info.height, info.width):
+            raise InputError(f"{path}: entry {i} box {r['bbox']} lies outside image {image_id} "
+                             f"({info.width}x{info.height})")
+        out.setdefault(image_id, []).append(
+            BoxPrompt(image_id, _clip(box, info.height, info.width), int(r["category_id"]), score, None))
+    if unknown:
+        raise InputError(f"prompts file {path} has boxes for {len(set(map(str, unknown)))} images that are not in "
+                         f"{dataset.annotations_path.name} (e.g. {unknown[0]!r}); is it for another split?")
+    if not out:
+        raise InputError(f"prompts file {path} has no boxes" + (f" with score >= {min_score}" if min_score else ""))
+    return out
+
+
+def _resolve_image(r: dict, dataset: CocoDataset) -> int | None:
+    if "image_id" in r:
+        try:
+            image_id = int(r["image_id"])
+        except (TypeError, ValueError):
+            return None
+        return image_id if image_id in dataset.images else None
+    if "file_name" in r:
+        return dataset.image_id_for_file(str(r["file_name"]))
+    return None
+
+
+# ---- calibration set ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CalibSample:
+    """One calibration input of a full SAM graph: an image and one box prompt."""
+
+    image: np.ndarray          # [1, 3, S, S] float32, normalised and padded as SamPredictor does
+    point_coords: np.ndarray   # [1, 2, 2] float32: the box corners in the S x S frame
+    point_labels: np.ndarray   # [1, 2] float32: 2, 3
+    source: str                # image file name
+    box_xyxy: tuple[float, float, float, float]  # in original pixels
+
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES + (".npy",))
+
+
+def _read_calib_image(path: Path) -> np.ndarray:
+    """uint8 RGB; .npy files may hold HxW(x3) uint8 or float arrays in 0..255 (checked for NaN/inf)."""
+    if path.suffix.lower() == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except Exception as e:
+            raise CalibrationError(f"cannot read calibration image {path} ({type(e).__name__})") from None
+        if arr.ndim == 2:
+            arr = np.repeat(arr[:, :, None], 3, axis=2)
+        if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype.kind not in "uif":
+            raise CalibrationError(f"calibration array {path} has shape {arr.shape} {arr.dtype}; "
+                                   "expected HxWx3 numbers in 0..255")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise CalibrationError(f"calibration image {path} contains NaN or infinite values")
+        if arr.min() < 0 or arr.max() > 255:
+            raise CalibrationError(f"calibration image {path} has values outside 0..255")
+        return np.rint(arr).astype(np.uint8) if arr.dtype.kind == "f" else arr.astype(np.uint8)
+    try:
+        return read_image_file(path)
+    except InputError as e:
+        raise CalibrationError(str(e)) from None
+
+
+def _image_key_map(files: list[Path]) -> tuple[dict[str, Path], dict[int, Path]]:
+    by_name = {p.name: p for p in files}
+    by_id = {}
+    for p in files:
+        if p.stem.isdigit():  # COCO names images by zero-padded id: 000000000139.jpg
+            by_id[int(p.stem)] = p
+    return by_name, by_id
+
+
+def _calib_boxes_from_file(prompts_file: Path, files: list[Path]) -> dict[Path, list[tuple]]:
+    data = _read_results(prompts_file, CalibrationError)
+    by_name, by_id = _image_key_map(files)
+    out: dict[Path, list[tuple]] = {}
+    for i, r in enumerate(data):
+        box = _entry_box(prompts_file, i, r, CalibrationError)
+        if "file_name" in r:
+            p = by_name.get(Path(str(r["file_name"])).name)
+        elif "image_id" in r:
+            try:
+                p = by_id.get(int(r["image_id"]))
+            except (TypeError, ValueError):
+                p = None
+        else:
+            raise CalibrationError(f"{prompts_file}: entry {i} names no image (give image_id or file_name)")
+        if p is None:
+            raise CalibrationError(f"{prompts_file}: entry {i} is for image "
+                                   f"{r.get('file_name', r.get('image_id'))!r}, which is not in the calibration "
+                                   "folder (image ids match file names like 000000000139.jpg)")
+        out.setdefault(p, []).append(box)
+    if not out:
+        raise CalibrationError(f"prompts file {prompts_file} has no boxes")
+    return out
+
+
+def random_box(height: int, width: int, rng: np.random.Generator) -> tuple[float, float, float, float]:
+    """A box with sides uniform in [20%, 90%] of the image's sides, placed uniformly inside the image."""
+    bw, bh = rng.uniform(0.2, 0.9) * width, rng.uniform(0.2, 0.9) * height
+    x0, y0 = rng.uniform(0, width - bw), rng.uniform(0, height - bh)
+    return float(x0), float(y0), float(x0 + bw), float(y0 + bh)
+
+
+def load_calibration_set(images_dir: str | Path, prompts_file: str | Path | None, num: int, seed: int,
+                         image_size: int) -> list[CalibSample]:
+    """`num` calibration samples (one image, one box each), drawn with `seed`.
+
+    Boxes: from `prompts_file` (COCO detection results naming images by "file_name" or by "image_id", the
+    latter matched to numeric file names as in COCO); else, when `images_dir` is a COCO-layout dataset folder
+    (annotations.json + images/), its ground-truth boxes; else one random box per image (`random_box`: sides
+    20-90% of the image's, uniform position) -- a prompt-agnostic stand-in that exercises the decoder over
+    object-sized boxes without claiming to know where objects are.
+    Images with boxes are sampled without replacement; one of an image's boxes is drawn at random.
+    Errors (CalibrationError): empty folder, unreadable image, boxes outside the image or for images not in
+    the folder, non-finite values.
+    """
+    if num < 1:
+        raise CalibrationError(f"--num-calib {num}: must be >= 1")
+    folder = Path(images_dir)
+    if not folder.is_dir():
+        raise CalibrationError(f"calibration folder not found: {folder}")
+    gt: dict[Path, list[tuple]] | None = None
+    if prompts_file is None and (folder / ANNOTATIONS_NAME).is_file() and (folder / IMAGES_DIRNAME).is_dir():
+        try:
+            ds = CocoDataset(folder / IMAGES_DIRNAME, folder / ANNOTATIONS_NAME)
+        except InputError as e:
+            raise CalibrationError(str(e)) from None
+        gt = {}
+        for image_id, prompts in gt_box_prompts(ds).items():
+            gt[ds.images_dir / ds.images[image_id].file_name] = [p.box_xyxy for p in prompts]
+        folder = ds.images_dir
+    files = _list_images(folder)
+    if not files:
+        raise CalibrationError(f"calibration folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}, .npy)")
+    boxes = _calib_boxes_from_file(Path(prompts_file), files) if prompts_file is not None else gt
+    candidates = sorted(boxes) if boxes is not None else files
+    if not candidates:
+        raise CalibrationError(f"calibration set {images_dir} has no images with boxes")
+    rng = np.random.default_rng(seed)
+    chosen = [candidates[i] for i in sorted(rng.permutation(len(candidates))[: num])]
+    samples = []
+    for path in chosen:
+        image = _read_calib_image(path)
+        h, w = image.shape[:2]
+        if boxes is None:
+            box = random_box(h, w, rng)
+        else:
+            options = boxes[path]
+            box = options[int(rng.integers(len(options)))]
+            for b in options:
+                if not _box_inside(b, h, w):
+                    raise CalibrationError(f"box {[round(v, 1) for v in b]} (x0, y0, x1, y1) lies outside "
+                                           f"{path.name} ({w}x{h})")
+            box = _clip(box, h, w)
+        tensor, geo = preprocess_image(image, image_size)
+        coords, labels = box_inputs(np.array(box), geo)
+        if not (np.isfinite(tensor).all() and np.isfinite(coords).all()):
+            raise CalibrationError(f"calibration sample from {path.name} contains NaN or infinite values")
+        samples.append(CalibSample(tensor, coords, labels, path.name, box))
+    if len(candidates) < num:
+        warnings.warn(f"calibration set {images_dir} has {len(candidates)} images with boxes; using all of them "
+                      f"instead of --num-calib {num}", stacklevel=2)
+    return samples
