@@ -2,7 +2,8 @@
 
 Each Softmax is a candidate. Rules, in order; the first that fails rejects the candidate with its reason:
 
-1. probs:      the Softmax output enters a MatMul as its left operand (attn . V).
+1. probs:      the Softmax output (possibly through Cast/Identity/Dropout) enters a MatMul as its left
+               operand (attn . V).
 2. scores:     walking back from the Softmax input through layout ops, a constant scale (Mul/Div by a
                scalar) and additive score terms (relative-position / bias Adds), we reach a MatMul of two
                activations (Q . K^T).
@@ -34,6 +35,8 @@ from .sites import AttentionSite, Rejection, Role
 WINDOW_PARTITION_PERM = (0, 1, 3, 2, 4, 5)
 # Ops crossed when tracing the token stream back from a projection input: residual sums and layout ops.
 _STREAM_OPS = frozenset({"Add"}) | LAYOUT_OPS
+# Ops allowed between the Softmax and attn.V (the value entering attn.V is the one quantized).
+_PROBS_OPS = frozenset({"Cast", "Identity", "Dropout"})
 
 
 @dataclass(frozen=True)
@@ -114,10 +117,14 @@ def _out_projection(g: GraphIndex, av: gs.Node) -> gs.Node:
 def _match(g: GraphIndex, softmax: gs.Node) -> dict:
     """Apply rules 1-4 to one Softmax; returns the matched nodes or raises _Reject."""
     probs = softmax.outputs[0]
-    avs = [n for n in g.consumers(probs) if n.op == "MatMul" and n.inputs[0] is probs]
+    users = g.consumers(probs)
+    while len(users) == 1 and users[0].op in _PROBS_OPS:  # e.g. a Cast to fp16 before attn.V
+        probs = users[0].outputs[0]
+        users = g.consumers(probs)
+    avs = [n for n in users if n.op == "MatMul" and n.inputs[0] is probs]
     if len(avs) != 1:
-        users = ", ".join(sorted({n.op for n in g.consumers(probs)})) or "nothing"
-        raise _Reject(f"its output does not enter a MatMul as the left operand (it feeds {users}): "
+        ops = ", ".join(sorted({n.op for n in users})) or "nothing"
+        raise _Reject(f"its output does not enter a MatMul as the left operand (it feeds {ops}): "
                       "not attention probabilities")
     av = avs[0]
     if not g.is_data(av.inputs[1]):

@@ -364,3 +364,17 @@ def test_attention_without_output_projection_is_rejected():
     out_proj.name = "not_a_projection"
     sites, rejected = find_attention(model)
     assert sites == [] and "output projection" in rejected[0].reason
+
+
+def test_cast_between_softmax_and_attn_v_is_crossed():
+    """Mixed-precision exports cast the probabilities before attn.V; the quantized value is the cast output."""
+    model = separate_qkv_attention()
+    nodes = list(model.graph.node)
+    av = next(i for i, n in enumerate(nodes) if n.name == "av")
+    nodes[av].input[0] = "p_cast"
+    nodes.insert(av, helper.make_node("Cast", ["p"], ["p_cast"], to=TensorProto.FLOAT, name="cast_probs"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    _runs(model)
+    (s,), rejected = find_attention(model)
+    assert rejected == [] and s.softmax == "softmax" and s.probs_value == "p_cast"
