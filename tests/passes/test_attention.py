@@ -378,3 +378,16 @@ def test_cast_between_softmax_and_attn_v_is_crossed():
     _runs(model)
     (s,), rejected = find_attention(model)
     assert rejected == [] and s.softmax == "softmax" and s.probs_value == "p_cast"
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_reference_arch_without_window_padding(exporter):
+    """The project's reference arch (256 px, width 384, 6 heads, window 8): 16x16 tokens split into 2x2
+    windows with no Pad before the partition; same roles and block indices as vit_b."""
+    model = onnx.load(str(sam_onnx_path("reference", "full", exporter)))
+    assert not any(n.op_type == "Pad" for n in model.graph.node if "blocks" in n.name)
+    sites, rejected = find_attention(model)
+    assert rejected == [] and len(sites) == 19
+    check_sites_well_formed(model, sites)
+    check_encoder(sites)  # global blocks 2, 5, 8, 11 as vit_b
+    check_decoder(sites)
