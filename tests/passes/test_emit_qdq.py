@@ -496,3 +496,24 @@ def test_vit_b_decoder_w4_weights_are_packed(vit_b_decoder, tmp_path):
         assert init_bytes <= 0.14 * fp32_bytes, init_bytes / fp32_bytes
         # the file also holds the graph and the exporter's per-node metadata (~0.3 MB here, 2% of the FP32 file)
         assert p.stat().st_size <= 0.16 * path.stat().st_size
+
+
+@pytest.mark.parametrize("block", [None, 32])
+def test_ort_fuses_int4_weights_into_matmulnbits_and_accuracy_level_0_is_exact(block, tmp_path):
+    """Documented in docs/quantization_format.md: default-level ORT fuses INT4 DQ+MatMul (per channel or blocked)
+    into MatMulNBits, whose default accuracy level quantizes activations; level 0 keeps the Q/DQ numbers."""
+    model, site, layer, W, ref, xshape = matmul_model(k=256, n=128)
+    x = RNG.normal(size=(4, 256)).astype(np.float32)
+    wq = B.weight_quant_from_minmax(W, 1, 4, block)
+    out = emit_qdq(model, _plan(site, layer, False), CalibrationArtifact(weights={"W": wq}), float_activations=True)
+    want = ref(x, B.dequantize_weight(B.quantize_weight(W, wq), wq))
+    errs = {}
+    for level in (None, "0"):
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / f"opt_{level}.onnx")
+        if level:
+            so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", level)
+        got = ort.InferenceSession(out.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        assert "MatMulNBits" in {n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node}
+        errs[level] = float(np.abs(got - want).max() / np.abs(want).max())
+    assert errs["0"] < 1e-5 and errs[None] > 1e-4, errs
