@@ -22,7 +22,7 @@ import onnx
 
 from ..errors import CarsamError, InputError, ModelError, OutputError
 from ..modelio import check_writable, load_model
-from ..passes.trt_rules import check_trt, errors, format_report
+from ..passes.trt_rules import check_trt, errors
 
 Shape = tuple[int, ...]
 DEFAULT_DYNAMIC_DIMS: dict[str, tuple[int, int, int]] = {"num_points": (1, 2, 16)}   # (min, opt, max)

@@ -213,7 +213,8 @@ def _weight_dq(t: onnx.TensorProto, axis: int, wq: WeightQuant, namer: Namer, co
     try:
         w = numpy_helper.to_array(t)
     except Exception as e:  # external data not loaded, truncated raw data
-        raise ModelError(f"cannot read weight {t.name} ({type(e).__name__}); load the model with its external data") from None
+        raise ModelError(f"cannot read weight {t.name} ({type(e).__name__}); "
+                         "load the model with its external data") from None
     ndim = w.ndim
     if ndim == 0 or not -ndim <= axis < ndim:
         raise ModelError(f"weight {t.name}: axis {axis} is invalid for shape {w.shape}")

@@ -17,7 +17,7 @@ ERROR, WARNING = "error", "warning"
 
 # rule id -> (severity, what it checks). Sources: docs/tensorrt.md.
 RULES: dict[str, tuple[str, str]] = {
-    "quantized-type": (ERROR, "Q output / DQ input type is INT8, INT4 or FP8 (TensorRT has no UINT8/UINT4 quantization)"),
+    "quantized-type": (ERROR, "Q output / DQ input type is INT8, INT4 or FP8 (no UINT8/UINT4 quantization)"),
     "zero-point": (ERROR, "zero point, if given, is a constant of zeros (TensorRT quantization is symmetric)"),
     "scale": (ERROR, "scale is a build-time constant with all values finite and > 0"),
     "activation-per-tensor": (ERROR, "Q/DQ of a non-constant tensor uses one scale (per-tensor)"),
@@ -27,10 +27,10 @@ RULES: dict[str, tuple[str, str]] = {
     "per-channel-size": (ERROR, "a 1-D scale has one value per element of the quantized axis"),
     "weight-channel-axis": (ERROR, "per-channel weight scales run along the consuming layer's output-channel axis"),
     "block-weight-only": (ERROR, "blocked quantization only on constant weights (DequantizeLinear of an initializer)"),
-    "block-shape": (ERROR, "blocked weights are 2-D, blocked along one of the last two axes, size divisible by the block"),
+    "block-shape": (ERROR, "blocked weights are 2-D, blocked along a last-two axis whose size the block divides"),
     "block-type": (WARNING, "blocked quantization of INT8 needs a recent TensorRT (documented for INT4 first)"),
     "q-dq-pair": (ERROR, "every QuantizeLinear output is read only by DequantizeLinear nodes"),
-    "weight-dq-placement": (WARNING, "a weight DequantizeLinear feeds the weight input of Conv/ConvTranspose/MatMul/Gemm directly"),
+    "weight-dq-placement": (WARNING, "a weight DequantizeLinear feeds a Conv/ConvTranspose/MatMul/Gemm weight directly"),
     "narrow-grid-clip": (WARNING, "a Clip before QuantizeLinear (grid narrower than INT8) runs as a separate layer"),
 }
 
@@ -149,7 +149,7 @@ def check_trt(model: onnx.ModelProto) -> list[Violation]:
             if z is None:
                 add(n, "zero-point", f"zero point {zp} is not a constant")
             elif np.any(z.astype(np.float64) != 0):
-                add(n, "zero-point", f"zero point {zp} is not all zeros (TensorRT supports symmetric quantization only)")
+                add(n, "zero-point", f"zero point {zp} is not all zeros (TensorRT quantization is symmetric only)")
         s = G.value(scale)
         if s is None:
             add(n, "scale", f"scale {scale} is not a build-time constant")
@@ -179,7 +179,7 @@ def check_trt(model: onnx.ModelProto) -> list[Violation]:
                 if shape[ax] is not None and shape[ax] % block:
                     add(n, "block-shape", f"axis {ax} of {data} ({shape[ax]}) is not divisible by block size {block}")
             if qtype == TensorProto.INT8:
-                add(n, "block-type", "blocked INT8 is documented only in recent TensorRT releases; INT4 is the safe choice")
+                add(n, "block-type", "blocked INT8 is documented only in recent TensorRT releases; use INT4")
         elif s_shape is not None and len(s_shape) == 1 and s_size > 1 and rank is not None:
             ax = axis % rank if rank else 0
             if shape[ax] is not None and shape[ax] != s_size:
