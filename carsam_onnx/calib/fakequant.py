@@ -1,0 +1,112 @@
+"""Fake quantization with straight-through gradients, in the exact arithmetic of ONNX QuantizeLinear /
+DequantizeLinear (opset 21): q = clamp(round_half_even(x / scale) + zero_point, qmin, qmax),
+x' = (q - zero_point) * scale.
+
+Gradients (the choice used everywhere in calibration):
+- rounding passes gradients unchanged (straight-through estimator);
+- clamping passes them only inside [qmin, qmax] (clipped STE): values that saturate get no gradient
+  with respect to x;
+- with respect to the scale, fake_quant's gradient is round(x/s) - x/s inside the range and
+  qmin - z or qmax - z outside: the LSQ gradient (Esser et al., 2020). `grad_scale` multiplies it by
+  LSQ's g = 1/sqrt(numel * qmax) when asked.
+
+Quantized codes are returned as float tensors holding integers (torch has no 4-bit dtype and
+integer tensors carry no gradient).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# (qmin, qmax) of the integer types of ONNX Q/DQ, keyed by onnx.TensorProto data type.
+QRANGE: dict[int, tuple[int, int]] = {
+    2: (0, 255),            # UINT8
+    3: (-128, 127),         # INT8
+    4: (0, 65535),          # UINT16
+    5: (-32768, 32767),     # INT16
+    6: (-2**31, 2**31 - 1),  # INT32 (DequantizeLinear only)
+    21: (0, 15),            # UINT4
+    22: (-8, 7),            # INT4
+}
+
+
+def qrange(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
+    """Integer range of a `bits`-bit code; `narrow` drops the most negative signed value (symmetric)."""
+    if signed:
+        return -(1 << (bits - 1)) + int(narrow), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)  # round half to even, like ONNX
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round-half-to-even with an identity gradient."""
+    return _RoundSTE.apply(x)
+
+
+def grad_scale(t: torch.Tensor, g: float) -> torch.Tensor:
+    """The value of `t` with its gradient multiplied by g (LSQ's scale-gradient scaling)."""
+    return (t - t * g).detach() + t * g
+
+
+def lsq_grad_factor(numel: int, qmax: int) -> float:
+    return 1.0 / math.sqrt(max(numel, 1) * max(qmax, 1))
+
+
+def broadcast_qparam(p: torch.Tensor, shape: torch.Size, axis: int = 1, block_size: int = 0) -> torch.Tensor:
+    """A scale or zero point shaped to broadcast against a tensor of `shape`: per-tensor (one element),
+    per-axis (1-D along `axis`) or blocked (same rank, `block_size` consecutive elements along `axis`
+    share one value)."""
+    r = len(shape)
+    if block_size:
+        a = axis + r if axis < 0 else axis
+        return p.repeat_interleave(block_size, dim=a).narrow(a, 0, shape[a])
+    if p.numel() == 1 and p.dim() <= 1:
+        return p.reshape(())
+    if p.dim() == 1 and r:
+        a = axis + r if axis < 0 else axis
+        s = [1] * r
+        s[a] = p.shape[0]
+        return p.reshape(s)
+    return p
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float, qmin: int, qmax: int) -> torch.Tensor:
+    """Integer codes (as floats) with STE rounding and clipped-STE saturation. `scale`/`zero_point`
+    must already broadcast against x (see broadcast_qparam)."""
+    q = round_ste(x / scale)
+    if not isinstance(zero_point, (int, float)) or zero_point != 0:
+        q = q + zero_point
+    return torch.clamp(q, qmin, qmax)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float = 0) -> torch.Tensor:
+    if not q.dtype.is_floating_point:
+        zp = zero_point.to(torch.int32) if isinstance(zero_point, torch.Tensor) else int(zero_point)
+        return (q.to(torch.int32) - zp).to(scale.dtype) * scale
+    if isinstance(zero_point, torch.Tensor) or zero_point != 0:
+        q = q - zero_point
+    return q * scale
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float = 0, qmin: int = -128,
+               qmax: int = 127, *, axis: int = 1, block_size: int = 0, lsq: bool = False) -> torch.Tensor:
+    """dequantize(quantize(x)): what a QuantizeLinear -> DequantizeLinear pair computes, differentiable in
+    x (clipped STE) and in scale (LSQ gradient). `lsq=True` also scales the scale's gradient by
+    1/sqrt(numel * qmax). Use it in OnnxModule.run(replace={value_name: lambda v: fake_quant(v, s, z)})."""
+    if lsq:
+        scale = grad_scale(scale, lsq_grad_factor(x.numel() // max(scale.numel(), 1), qmax))
+    s = broadcast_qparam(scale, x.shape, axis, block_size)
+    z = broadcast_qparam(zero_point, x.shape, axis, block_size) if isinstance(zero_point, torch.Tensor) else zero_point
+    if isinstance(z, torch.Tensor) and not z.dtype.is_floating_point:
+        z = z.to(s.dtype)
+    return dequantize(quantize(x, s, z, qmin, qmax), s, z)
