@@ -20,7 +20,8 @@ Roles, by structure:
   stream is the one self-attention runs on: Q (or K) is on the token stream when it is, or is a sum with
   (`queries + query_pe`), the input of a self-attention's Q. Token->image if Q is on the token stream, image->token
   if K is. The token->image site with no image->token site after it is the final attention; the others are
-  paired, in graph order, with the next image->token site (one TwoWayAttentionBlock, the JCAR unit).
+  paired with the next image->token site in graph order whose keys depend on its output (one
+  TwoWayAttentionBlock, the JCAR unit); pair ids count 0, 1, ... in graph order.
 """
 from __future__ import annotations
 
@@ -246,19 +247,16 @@ def _decoder_roles(g: GraphIndex, sites: list[dict], rejected: list[Rejection]) 
             layer += 1
         block = max(layer, 0)
         if role == Role.DECODER_TOKEN_TO_IMAGE:
-            if open_t2i is not None:  # two token->image in a row: the earlier one had no partner
-                out[open_t2i] = (out[open_t2i][0], replace(out[open_t2i][1], pair=None))
-            open_t2i = len(out)
+            open_t2i = len(out)   # an earlier unpaired token->image stays unpaired
             out.append((m, _site(m, role, block=block)))
-        elif role == Role.DECODER_IMAGE_TO_TOKEN:
-            if open_t2i is not None:
-                t2i_m, t2i_site = out[open_t2i]
-                out[open_t2i] = (t2i_m, replace(t2i_site, pair=pair))
-                out.append((m, _site(m, role, block=t2i_site.block, pair=pair)))
-                pair += 1
-                open_t2i = None
-            else:
-                out.append((m, _site(m, role, block=block)))
+        elif role == Role.DECODER_IMAGE_TO_TOKEN and open_t2i is not None and g.depends_on(
+                m["k_proj"].inputs[0], out[open_t2i][0]["out_proj"]):
+            # Same TwoWayAttentionBlock: the image->token keys (tokens) carry the token->image output.
+            t2i_m, t2i_site = out[open_t2i]
+            out[open_t2i] = (t2i_m, replace(t2i_site, pair=pair))
+            out.append((m, _site(m, role, block=t2i_site.block, pair=pair)))
+            pair += 1
+            open_t2i = None
         else:
             out.append((m, _site(m, role, block=block)))
     if open_t2i is not None:  # the last token->image with no image->token after it: the final attention

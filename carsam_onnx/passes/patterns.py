@@ -196,6 +196,24 @@ class GraphIndex:
                 stack.extend(node.inputs)
         return seen
 
+    def depends_on(self, t: gs.Tensor, node: gs.Node) -> bool:
+        """True if value `t` is computed (through any ops) from an output of `node`."""
+        targets = {o.name for o in node.outputs}
+        first = self.index(node)
+        seen: set[str] = set()
+        stack = [t]
+        while stack:
+            v = stack.pop()
+            if v.name in targets:
+                return True
+            if v.name in seen:
+                continue
+            seen.add(v.name)
+            producer = self.producer(v)
+            if producer is not None and self.index(producer) > first:  # topological order: earlier nodes
+                stack.extend(producer.inputs)                          # cannot depend on `node`
+        return False
+
 
 def node_name(node: gs.Node) -> str:
     """A node's name; results are keyed by names, so an unnamed node is a model error."""
