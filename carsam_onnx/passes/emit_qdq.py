@@ -24,6 +24,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..artifact import ActivationQuant, CalibrationArtifact, WeightQuant
+from ..config import QuantConfig
 from ..errors import CarsamError, ModelError
 from . import bits as B
 from .naming import Namer
@@ -51,6 +52,22 @@ def int_tensor(name: str, values: np.ndarray, elem_type: int) -> onnx.TensorProt
         return helper.make_tensor(name, elem_type, dims, B.pack_int4(values), raw=True)
     np_type = helper.tensor_dtype_to_np_dtype(elem_type)
     return numpy_helper.from_array(values.astype(np_type), name)
+
+
+def target_options(config: QuantConfig) -> dict:
+    """emit_qdq keyword arguments for config.target.
+
+    ort: natural containers (INT4/UINT4 for grids <= 4 bits).
+    trt: TensorRT has INT4 only for weight-only quantization (docs/tensorrt.md), so when activations are quantized
+    every grid goes in an 8-bit container (4-bit weights as INT8 values in [-8, 7], 2-4 bit activations as INT8
+    behind a Clip); with float activations (a16) INT4 weights stay INT4. Activations must also be calibrated
+    symmetric (config.symmetric_activations).
+    """
+    if config.target != "trt":
+        return {"float_activations": not config.bits.quantize_activations}
+    if not config.bits.quantize_activations:
+        return {"float_activations": True}
+    return {"float_activations": False, "weight_container_bits": 8, "activation_container_bits": 8}
 
 
 @dataclass(frozen=True)

@@ -517,3 +517,27 @@ def test_ort_fuses_int4_weights_into_matmulnbits_and_accuracy_level_0_is_exact(b
         assert "MatMulNBits" in {n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node}
         errs[level] = float(np.abs(got - want).max() / np.abs(want).max())
     assert errs["0"] < 1e-5 and errs[None] > 1e-4, errs
+
+
+@pytest.mark.parametrize("target,bits,w_type,a_type", [
+    ("ort", "w4a4", TensorProto.INT4, TensorProto.UINT4), ("ort", "w8a8", TensorProto.INT8, TensorProto.UINT8),
+    ("trt", "w4a4", TensorProto.INT8, TensorProto.INT8), ("trt", "w4a16", TensorProto.INT4, None),
+    ("trt", "w8a8", TensorProto.INT8, TensorProto.INT8)])
+def test_target_options(target, bits, w_type, a_type):
+    from carsam_onnx.config import BitWidths, QuantConfig
+    from carsam_onnx.passes.emit_qdq import target_options
+    from carsam_onnx.passes.trt_rules import check_trt, errors
+
+    cfg = QuantConfig(bits=BitWidths.parse(bits), target=target)
+    model, site, layer, W, ref, xshape = matmul_model()
+    acts = {}
+    if cfg.bits.quantize_activations:
+        acts["x"] = B.activation_quant_from_range(-2, 2, cfg.bits.activation, cfg.symmetric_activations)
+    art = CalibrationArtifact(acts, {"W": B.weight_quant_from_minmax(W, 1, cfg.bits.weight)})
+    out = emit_qdq(model, _plan(site, layer), art, **target_options(cfg))
+    assert _init(out, "W_quantized").data_type == w_type
+    if a_type is None:
+        assert not any(n.op_type == "QuantizeLinear" for n in out.graph.node)
+    else:
+        assert _init(out, "x_zero_point").data_type == a_type
+    assert (errors(check_trt(out)) == []) == (target == "trt")
