@@ -16,6 +16,8 @@ The result passes onnx.checker (full check) and carries inferred shapes. The inp
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -354,11 +356,26 @@ def _set_metadata(model: onnx.ModelProto, info: dict[str, str]) -> None:
         model.metadata_props.add(key=META_PREFIX + k, value=str(v))
 
 
+MAX_INLINE_BYTES = 2**31 - 1   # protobuf limit: larger models are checked through a file with external data
+
+
 def check_and_infer(model: onnx.ModelProto) -> onnx.ModelProto:
-    """onnx.checker (full check, which includes strict shape inference) then shape inference; ModelError on failure."""
+    """onnx.checker (full check, which includes strict shape inference) then shape inference; ModelError on failure.
+
+    Models over 2 GB cannot be serialized in one piece; they are checked and inferred through a temporary file
+    with external data (the returned model then holds its weights in memory again).
+    """
     try:
-        onnx.checker.check_model(model, full_check=True)
-        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        if model.ByteSize() <= MAX_INLINE_BYTES:
+            onnx.checker.check_model(model, full_check=True)
+            return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+        with tempfile.TemporaryDirectory(prefix="carsam_check_") as tmp:
+            path = os.path.join(tmp, "model.onnx")
+            onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location="model.onnx.data", size_threshold=1024)
+            onnx.checker.check_model(path, full_check=True)
+            onnx.shape_inference.infer_shapes_path(path, path, check_type=True, strict_mode=True)
+            return onnx.load(path, load_external_data=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as e:
         first = (str(e).strip().splitlines() or ["no detail"])[0][:300]
         raise ModelError(f"emitted model fails the ONNX checker: {first}") from None

@@ -541,3 +541,22 @@ def test_target_options(target, bits, w_type, a_type):
     else:
         assert _init(out, "x_zero_point").data_type == a_type
     assert (errors(check_trt(out)) == []) == (target == "trt")
+
+
+def test_models_over_the_protobuf_limit_are_checked_through_a_file(monkeypatch):
+    """vit_h-sized outputs (> 2 GB) cannot be checked in memory; the file path must give the same model."""
+    import carsam_onnx.passes.emit_qdq as E
+
+    model, site, layer, W, ref, xshape = matmul_model()
+    x = RNG.normal(size=xshape).astype(np.float32)
+    art = CalibrationArtifact({"x": B.activation_quant_from_range(-2, 2, 6, False)}, {"W": B.weight_quant_from_minmax(W, 1, 4)})
+    inline = emit_qdq(model, _plan(site, layer), art)
+    monkeypatch.setattr(E, "MAX_INLINE_BYTES", 0)
+    via_file = emit_qdq(model, _plan(site, layer), art)
+    assert all(t.data_location == TensorProto.DEFAULT for t in via_file.graph.initializer)
+    np.testing.assert_array_equal(_session(inline).run(None, {"x": x})[0], _session(via_file).run(None, {"x": x})[0])
+    broken = onnx.ModelProto()
+    broken.CopyFrom(inline)
+    broken.graph.node[-1].input[0] = "no_such_value"
+    with pytest.raises(ModelError, match="fails the ONNX checker"):
+        E.check_and_infer(broken)
