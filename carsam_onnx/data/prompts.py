@@ -191,8 +191,11 @@ def _read_calib_image(path: Path) -> np.ndarray:
         raise CalibrationError(str(e)) from None
 
 
-def _image_key_map(files: list[Path]) -> tuple[dict[str, Path], dict[int, Path]]:
+def _image_key_map(files: list[Path], ds: CocoDataset | None) -> tuple[dict[str, Path], dict[int, Path]]:
     by_name = {p.name: p for p in files}
+    if ds is not None:  # a dataset folder: its annotations say which id is which file
+        by_id = {i: ds.images_dir / info.file_name for i, info in ds.images.items() if info.file_name in by_name}
+        return by_name, by_id
     by_id = {}
     for p in files:
         if p.stem.isdigit():  # COCO names images by zero-padded id: 000000000139.jpg
@@ -200,9 +203,24 @@ def _image_key_map(files: list[Path]) -> tuple[dict[str, Path], dict[int, Path]]
     return by_name, by_id
 
 
-def _calib_boxes_from_file(prompts_file: Path, files: list[Path]) -> dict[Path, list[tuple]]:
+def _dataset_at(folder: Path) -> CocoDataset | None:
+    """The COCO-layout dataset that `folder` is (DIR with annotations.json + images/) or is the images/ folder
+    of; None for a plain folder of images."""
+    if (folder / ANNOTATIONS_NAME).is_file() and (folder / IMAGES_DIRNAME).is_dir():
+        root = folder
+    elif folder.name == IMAGES_DIRNAME and (folder.parent / ANNOTATIONS_NAME).is_file():
+        root = folder.parent
+    else:
+        return None
+    try:
+        return CocoDataset(root / IMAGES_DIRNAME, root / ANNOTATIONS_NAME)
+    except InputError as e:
+        raise CalibrationError(str(e)) from None
+
+
+def _calib_boxes_from_file(prompts_file: Path, files: list[Path], ds: CocoDataset | None) -> dict[Path, list[tuple]]:
     data = _read_results(prompts_file, CalibrationError)
-    by_name, by_id = _image_key_map(files)
+    by_name, by_id = _image_key_map(files, ds)
     out: dict[Path, list[tuple]] = {}
     for i, r in enumerate(data):
         box = _entry_box(prompts_file, i, r, CalibrationError)
@@ -218,7 +236,8 @@ def _calib_boxes_from_file(prompts_file: Path, files: list[Path]) -> dict[Path, 
         if p is None:
             raise CalibrationError(f"{prompts_file}: entry {i} is for image "
                                    f"{r.get('file_name', r.get('image_id'))!r}, which is not in the calibration "
-                                   "folder (image ids match file names like 000000000139.jpg)")
+                                   "folder (image ids are those of its annotations.json, or else match file "
+                                   "names like 000000000139.jpg)")
         out.setdefault(p, []).append(box)
     if not out:
         raise CalibrationError(f"prompts file {prompts_file} has no boxes")
@@ -236,9 +255,10 @@ def load_calibration_set(images_dir: str | Path, prompts_file: str | Path | None
                          image_size: int) -> list[CalibSample]:
     """`num` calibration samples (one image, one box each), drawn with `seed`.
 
-    Boxes: from `prompts_file` (COCO detection results naming images by "file_name" or by "image_id", the
-    latter matched to numeric file names as in COCO); else, when `images_dir` is a COCO-layout dataset folder
-    (annotations.json + images/), its ground-truth boxes; else one random box per image (`random_box`: sides
+    `images_dir` is a folder of images, or a COCO-layout dataset folder (annotations.json + images/, or its
+    images/ folder). Boxes: from `prompts_file` (COCO detection results naming images by "file_name" or by
+    "image_id": the dataset's ids, or for a plain folder numeric file names as in COCO, 000000000139.jpg ->
+    139); else, for a dataset folder, its ground-truth boxes; else one random box per image (`random_box`: sides
     20-90% of the image's, uniform position) -- a prompt-agnostic stand-in that exercises the decoder over
     object-sized boxes without claiming to know where objects are.
     Images with boxes are sampled without replacement; one of an image's boxes is drawn at random.
@@ -250,20 +270,18 @@ def load_calibration_set(images_dir: str | Path, prompts_file: str | Path | None
     folder = Path(images_dir)
     if not folder.is_dir():
         raise CalibrationError(f"calibration folder not found: {folder}")
+    ds = _dataset_at(folder)
     gt: dict[Path, list[tuple]] | None = None
-    if prompts_file is None and (folder / ANNOTATIONS_NAME).is_file() and (folder / IMAGES_DIRNAME).is_dir():
-        try:
-            ds = CocoDataset(folder / IMAGES_DIRNAME, folder / ANNOTATIONS_NAME)
-        except InputError as e:
-            raise CalibrationError(str(e)) from None
-        gt = {}
-        for image_id, prompts in gt_box_prompts(ds).items():
-            gt[ds.images_dir / ds.images[image_id].file_name] = [p.box_xyxy for p in prompts]
+    if ds is not None:
         folder = ds.images_dir
+        if prompts_file is None:
+            gt = {}
+            for image_id, prompts in gt_box_prompts(ds).items():
+                gt[ds.images_dir / ds.images[image_id].file_name] = [p.box_xyxy for p in prompts]
     files = _list_images(folder)
     if not files:
         raise CalibrationError(f"calibration folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}, .npy)")
-    boxes = _calib_boxes_from_file(Path(prompts_file), files) if prompts_file is not None else gt
+    boxes = _calib_boxes_from_file(Path(prompts_file), files, ds) if prompts_file is not None else gt
     candidates = sorted(boxes) if boxes is not None else files
     if not candidates:
         raise CalibrationError(f"calibration set {images_dir} has no images with boxes")

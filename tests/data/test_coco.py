@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "eval"))
 from tiny_coco import write_coco  # noqa: E402
 
 from carsam_onnx.data.coco import CocoDataset, load_coco_dataset  # noqa: E402
-from carsam_onnx.data.preprocess import Geometry  # noqa: E402
+from carsam_onnx.data.preprocess import Geometry, preprocess_image  # noqa: E402
 from carsam_onnx.data.prompts import (box_inputs, gt_box_prompts, load_calibration_set,  # noqa: E402
                                       load_detection_prompts)
 from carsam_onnx.errors import CalibrationError, CarsamError, InputError  # noqa: E402
@@ -204,8 +204,11 @@ def test_detection_prompts_file_errors(coco_dir, tmp_path):
 
 # ---- calibration set --------------------------------------------------------------------------------------
 def _image_folder(tmp_path, n=4):
+    """A plain folder of images (no annotations next to it)."""
     images, _, drawn = write_coco(tmp_path / "src", num_images=n)
-    return images, drawn
+    plain = tmp_path / "plain"
+    images.rename(plain)
+    return plain, drawn
 
 
 def test_calibration_random_boxes(tmp_path):
@@ -236,11 +239,30 @@ def test_calibration_with_prompts_file_and_dataset_folder(tmp_path):
     s100 = next(s for s in samples if s.source == "000000000100.png")
     geo = Geometry.of(96, 160, 128)
     np.testing.assert_allclose(s100.point_coords[0], box_inputs(np.array([5, 6, 25, 36]), geo)[0][0], atol=1e-5)
-    # a COCO-layout dataset folder without a prompts file: its ground-truth boxes
-    gt = load_calibration_set(tmp_path / "src", None, num=2, seed=0, image_size=128)
-    ds = load_coco_dataset(tmp_path / "src")
+    # a COCO-layout dataset folder (or its images/ folder) without a prompts file: its ground-truth boxes
+    write_coco(tmp_path / "ds", num_images=3)
+    ds = load_coco_dataset(tmp_path / "ds")
     boxes = {p.box_xyxy for v in gt_box_prompts(ds).values() for p in v}
-    assert len(gt) == 2 and all(s.box_xyxy in boxes for s in gt)
+    for where in (tmp_path / "ds", tmp_path / "ds" / "images"):
+        gt = load_calibration_set(where, None, num=2, seed=0, image_size=128)
+        assert len(gt) == 2 and all(s.box_xyxy in boxes for s in gt)
+
+
+def test_calibration_image_ids_follow_the_dataset_annotations(tmp_path):
+    """In a dataset folder whose file names are not the ids (as data/synth.py writes them: id 1 is 000000.png),
+    a prompts file's image_id means the annotations' id, not the number in a file name."""
+    images, ann, drawn = write_coco(tmp_path / "ds", num_images=3)
+    data = json.loads(ann.read_text())
+    for k, im in enumerate(data["images"]):
+        new = f"{k:06d}.png"
+        (images / im["file_name"]).rename(images / new)
+        im["file_name"] = new
+    ann.write_text(json.dumps(data))
+    f = _write_results(tmp_path / "p.json", [{"image_id": 101, "bbox": [1, 2, 30, 40]}])  # the 2nd image
+    (s,) = load_calibration_set(tmp_path / "ds", f, num=1, seed=0, image_size=128)
+    assert s.source == "000001.png"
+    expected, _ = preprocess_image(drawn[1][0], 128)
+    np.testing.assert_array_equal(s.image, expected)
 
 
 def test_calibration_bad_input(tmp_path):
@@ -279,3 +301,21 @@ def test_calibration_nan_in_array_image(tmp_path):
 
 def test_errors_are_carsam_errors():
     assert issubclass(InputError, CarsamError) and issubclass(CalibrationError, CarsamError)
+
+
+def test_reads_the_synthetic_writer_output(tmp_path):
+    synth = pytest.importorskip("carsam_onnx.data.synth", reason="data/synth.py (another part of issue 5) absent")
+    synth.write_synthetic_coco(tmp_path / "syn", num_images=2, seed=0, image_size=128)
+    ds = load_coco_dataset(tmp_path / "syn")
+    assert len(ds) == 2
+    prompts = gt_box_prompts(ds)
+    n = 0
+    for image_id in ds.image_ids:
+        assert ds.read_image(image_id).shape == (128, 128, 3)
+        for p in prompts.get(image_id, []):
+            m = ds.ann_mask(ds.annotation(p.ann_id))
+            ys, xs = np.nonzero(m)
+            assert m.sum() == ds.annotation(p.ann_id)["area"]
+            assert p.box_xyxy == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)  # tight boxes
+            n += 1
+    assert n >= 2
