@@ -143,6 +143,8 @@ def tensor_from_proto(t: onnx.TensorProto, where: str = "") -> torch.Tensor:
         raise ModelError(f"{where}initializer '{t.name}' has external data that was not loaded; load the model "
                          "with its .data file beside it")
     arr = numpy_helper.to_array(t)
+    if t.data_type == T.BFLOAT16:
+        return torch.from_numpy(np.array(arr, copy=True).view(np.uint16)).view(torch.bfloat16)
     if t.data_type in (T.INT4, T.UINT4):
         arr = arr.astype(np.int8 if t.data_type == T.INT4 else np.uint8)
     return torch.from_numpy(np.array(arr, copy=True)).to(dt)

@@ -97,15 +97,20 @@ def _conv_transpose(node: NodeCtx):
         if out_shape is not None or auto in ("SAME_UPPER", "SAME_LOWER"):
             target = list(out_shape)[-nd:] if out_shape is not None else [in_sp[i] * strides[i] for i in range(nd)]
             total = [full[i] - target[i] for i in range(nd)]
-            lower = auto == "SAME_LOWER"
-            begin = [t - t // 2 if lower else t // 2 for t in total]
+            upper = auto == "SAME_UPPER"
+            begin = [t // 2 if upper else t - t // 2 for t in total]
             end = [total[i] - begin[i] for i in range(nd)]
         elif auto == "VALID":
             begin, end = [0] * nd, [0] * nd
         else:
             pads = list(node.attr("pads", [0] * (2 * nd)))
             begin, end = pads[:nd], pads[nd:]
-        if begin == end and all(p >= 0 for p in begin):
+        if any(p < 0 for p in begin):
+            raise node.unsupported("an output_shape that needs padding before the first element")
+        extra = [max(-e, 0) for e in end]  # a negative end pad is extra output padding
+        end = [max(e, 0) for e in end]
+        out_pad = [out_pad[i] + extra[i] for i in range(nd)]
+        if begin == end:
             return _CONVT[nd](x, w, b, strides, begin, out_pad, group, dil)
         y = _CONVT[nd](x, w, b, strides, 0, out_pad, group, dil)
         idx = [slice(None), slice(None)] + [slice(begin[i], y.shape[2 + i] - end[i]) for i in range(nd)]

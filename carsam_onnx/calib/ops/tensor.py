@@ -381,9 +381,10 @@ def _cumsum(node: NodeCtx):
 
 @register("TopK", host_inputs=(1,))
 def _topk(node: NodeCtx):
-    axis, largest, sort = node.attr("axis", -1), bool(node.attr("largest", 1)), bool(node.attr("sorted", 1))
+    axis, largest = node.attr("axis", -1), bool(node.attr("largest", 1))
 
     def topk(x, k):
-        v, i = torch.topk(x, int(k.reshape(-1)[0].item()), _axis(axis, x.dim()), largest=largest, sorted=sort)
-        return v, i
+        a, kk = _axis(axis, x.dim()), int(k.reshape(-1)[0].item())
+        v, i = torch.sort(x, dim=a, descending=largest, stable=True)  # ties: lower index first, as ONNX
+        return v.narrow(a, 0, kk), i.narrow(a, 0, kk)
     return topk
