@@ -9,8 +9,9 @@ Models accepted (recognised by their inputs, see `inspect_sam_model`):
   SamOnnxModel export (extra inputs mask_input, has_mask_input, orig_im_size: fed "no mask").
 
 Execution goes through a `Runtime`: it turns an ONNX model into a `Session` (named numpy in, named numpy out).
-ONNX Runtime is built in; `register_runtime` adds others (the torch executor: --runtime torch --device cuda).
-A Session's `run_many` gets all prompts of one image at once, so a runtime that can batch them may.
+Built in: "ort" (ONNX Runtime) and "torch" (the project's torch executor, eval/torch_runtime.py, on
+--device cpu or cuda); `register_runtime` adds others. A Session's `run_many` gets all prompts of one image
+at once, so a runtime that can batch them does (the torch runtime vmaps over them).
 """
 from __future__ import annotations
 
@@ -102,8 +103,26 @@ class OrtRuntime(Runtime):
         return OrtSession(sess)
 
 
-RUNTIMES: dict[str, Callable[..., Runtime]] = {"ort": lambda device=None: OrtRuntime(
-    ["CUDAExecutionProvider", "CPUExecutionProvider"] if device and device.startswith("cuda") else None)}
+def _ort_runtime(device: str | None = None) -> Runtime:
+    if device and device.startswith("cuda"):
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise InputError(f"--device {device} with --runtime ort needs onnxruntime-gpu; "
+                             "or use --runtime torch --device cuda")
+        return OrtRuntime(["CUDAExecutionProvider", "CPUExecutionProvider"])
+    if device not in (None, "cpu"):
+        raise InputError(f"--device {device}: --runtime ort takes cpu or cuda")
+    return OrtRuntime()
+
+
+def _torch_runtime(device: str | None = None) -> Runtime:
+    from .torch_runtime import TorchRuntime  # imports the torch executor only when asked for
+
+    return TorchRuntime(device)
+
+
+RUNTIMES: dict[str, Callable[..., Runtime]] = {"ort": _ort_runtime, "torch": _torch_runtime}
 
 
 def register_runtime(name: str, factory: Callable[..., Runtime]) -> None:

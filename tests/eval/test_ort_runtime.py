@@ -81,3 +81,16 @@ def test_unknown_runtime_lists_the_available_ones():
     from carsam_onnx.errors import InputError
     with pytest.raises(InputError, match="choose one of ort"):
         get_runtime("no-such-runtime")
+
+
+def test_ort_device_choices():
+    import onnxruntime as ort
+
+    from carsam_onnx.errors import InputError
+    assert isinstance(get_runtime("ort", "cpu"), OrtRuntime)
+    with pytest.raises(InputError, match="--runtime ort takes cpu or cuda"):
+        get_runtime("ort", "mps")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed: --device cuda is valid for ORT here")
+    with pytest.raises(InputError, match="needs onnxruntime-gpu; or use --runtime torch --device cuda"):
+        get_runtime("ort", "cuda")

@@ -1,0 +1,109 @@
+"""`--runtime torch`: the same ONNX graph through the project's torch executor (calib/executor.py), on the CPU or
+a GPU (`--device cuda`). Q/DQ nodes execute with ONNX semantics there, so metrics match ORT's.
+
+All prompts of one image go through the prompt part in one call: SAM graphs are exported for one prompt
+(batch 1, constants of batch 1 concatenated with the prompt tokens), so the batch is made with
+torch.func.vmap over the per-prompt inputs, each sample seeing batch-1 shapes. The first batched call is
+checked against per-prompt runs; a graph where vmap fails or disagrees runs prompt by prompt instead.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from ..errors import InputError
+from ..modelio import load_model
+from .runner import Runtime, Session
+
+MAX_VMAP_BATCH = 64          # prompts per vmapped call (bounds activation memory)
+VMAP_CHECK_RTOL = 1e-3       # batched vs per-prompt outputs on the first call, relative to the output's scale
+
+
+def _device(device: str | None) -> torch.device:
+    dev = torch.device(device or "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: torch sees no CUDA device; use --device cpu or --runtime ort")
+    return dev
+
+
+class TorchSession(Session):
+    def __init__(self, model: onnx.ModelProto, device: torch.device):
+        from ..calib.executor import OnnxModule
+
+        self.device = device
+        self.module = OnnxModule(model).to(device).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.input_names = tuple(self.module.input_names)
+        self.output_names = tuple(self.module.output_names)
+        self._vmap_ok: bool | None = None  # None: not tried yet
+
+    def _tensors(self, feeds) -> dict[str, torch.Tensor]:
+        return {k: torch.as_tensor(np.ascontiguousarray(v)).to(self.device) for k, v in feeds.items()
+                if k in self.input_names}
+
+    @staticmethod
+    def _numpy(out: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        return {k: v.detach().float().cpu().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
+                for k, v in out.items()}
+
+    def run(self, feeds):
+        with torch.no_grad():
+            return self._numpy(self.module.run(self._tensors(feeds)))
+
+    def run_many(self, feeds):
+        if len(feeds) < 2 or self._vmap_ok is False:
+            return [self.run(f) for f in feeds]
+        shared = {k for k in feeds[0] if k in self.input_names and all(f.get(k) is feeds[0][k] for f in feeds)}
+        varying = [k for k in feeds[0] if k in self.input_names and k not in shared]
+        if not varying or any(f[k].shape != feeds[0][k].shape for f in feeds for k in varying):
+            return [self.run(f) for f in feeds]
+        if self._vmap_ok is None:
+            return self._first_batched(feeds, shared, varying)
+        out = []
+        for start in range(0, len(feeds), MAX_VMAP_BATCH):
+            out.extend(self._vmapped(feeds[start:start + MAX_VMAP_BATCH], shared, varying))
+        return out
+
+    def _vmapped(self, feeds, shared, varying) -> list[dict[str, np.ndarray]]:
+        if any(np.asarray(f[k]).shape[0] != 1 for f in feeds for k in varying):
+            raise ValueError("per-prompt inputs must have batch 1")
+        fixed = self._tensors({k: feeds[0][k] for k in shared})
+        stacked = {k: torch.as_tensor(np.stack([np.asarray(f[k])[0] for f in feeds])).to(self.device) for k in varying}
+
+        def one(per: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return self.module.run({**fixed, **{k: v[None] for k, v in per.items()}})
+
+        with torch.no_grad():
+            out = torch.func.vmap(one)(stacked)
+        out = self._numpy(out)
+        return [{k: v[i] for k, v in out.items()} for i in range(len(feeds))]
+
+    def _first_batched(self, feeds, shared, varying):
+        single = [self.run(f) for f in feeds[:2]]
+        try:
+            batched = self._vmapped(feeds[:2], shared, varying)
+            ok = all(np.allclose(b[k], s[k], rtol=0, atol=VMAP_CHECK_RTOL * max(1.0, float(np.abs(s[k]).max())))
+                     and b[k].shape == s[k].shape for b, s in zip(batched, single) for k in s)
+        except Exception as e:  # an op without a batching rule, a shape the graph cannot take...
+            warnings.warn(f"torch runtime: prompts run one by one (batching them failed: {type(e).__name__})",
+                          stacklevel=3)
+            ok = False
+        self._vmap_ok = bool(ok)
+        return single + self.run_many(feeds[2:]) if len(feeds) > 2 else single
+
+
+class TorchRuntime(Runtime):
+    name = "torch"
+
+    def __init__(self, device: str | None = None):
+        self.device = _device(device)
+
+    def session(self, model, what):
+        if isinstance(model, (str, Path)):
+            model = load_model(model)
+        return TorchSession(model, self.device)

@@ -1,0 +1,71 @@
+"""--runtime torch: the torch executor gives ORT's masks and metrics, and batches an image's prompts (vmap)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny_coco import write_coco  # noqa: E402
+from tiny_sam import tiny_sam_paths  # noqa: E402
+
+from carsam_onnx.data.coco import load_coco_dataset  # noqa: E402
+from carsam_onnx.errors import InputError  # noqa: E402
+from carsam_onnx.eval.metrics import segm_metrics  # noqa: E402
+from carsam_onnx.eval.runner import build_predictor, evaluate, get_runtime, run_predictions, select_prompts  # noqa: E402
+from carsam_onnx.eval.torch_runtime import TorchRuntime  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco") / "ds"
+    write_coco(root, num_images=3)
+    return load_coco_dataset(root)
+
+
+def _predictions(model, ds, runtime):
+    predictor = build_predictor(model, get_runtime(runtime, "cpu"))
+    by_image, ids, _ = select_prompts(ds, "gt", None)
+    preds, _ = run_predictions(predictor, ds, by_image, progress=False)
+    return predictor, preds, ids
+
+
+def test_torch_runtime_matches_ort(ds):
+    model = tiny_sam_paths()["full"]
+    _, ort_preds, ids = _predictions(model, ds, "ort")
+    predictor, torch_preds, _ = _predictions(model, ds, "torch")
+    assert predictor.decoder._vmap_ok is True  # the image's two prompts went through in one vmapped call
+    assert len(ort_preds) == len(torch_preds) == 6
+    for a, b in zip(ort_preds, torch_preds):
+        assert (a.image_id, a.ann_id) == (b.image_id, b.ann_id)
+        assert abs(a.score - b.score) < 1e-4
+        same = mask_utils.iou([a.rle], [b.rle], [0])[0, 0]
+        assert same > 0.99 or mask_utils.area(a.rle) == mask_utils.area(b.rle) == 0
+    m_ort, m_torch = segm_metrics(ds, ort_preds, ids), segm_metrics(ds, torch_preds, ids)
+    for k in ("segm_mAP", "AP50", "AP75"):
+        assert abs(m_ort[k] - m_torch[k]) <= 0.2
+    assert abs(m_ort["mIoU"] - m_torch["mIoU"]) < 1e-3
+
+
+def test_torch_runtime_pair_and_per_prompt_fallback(ds, monkeypatch):
+    paths = tiny_sam_paths()
+    ref = evaluate([paths["encoder"], paths["decoder"]], ds, runtime="torch", progress=False)
+    assert ref.runtime == "torch" and ref.num_instances == 6
+
+    def no_vmap(fn):
+        raise RuntimeError("no batching rule")
+    monkeypatch.setattr(torch.func, "vmap", no_vmap)
+    with pytest.warns(UserWarning, match="prompts run one by one"):
+        r = evaluate([paths["encoder"], paths["decoder"]], ds, runtime="torch", progress=False)
+    for k in ("segm_mAP", "AP50", "AP75", "mIoU"):
+        assert getattr(r, k) == pytest.approx(getattr(ref, k), abs=1e-6)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when no CUDA device is visible")
+def test_cuda_without_a_gpu_is_a_clear_error():
+    with pytest.raises(InputError, match="torch sees no CUDA device"):
+        TorchRuntime("cuda")
