@@ -185,3 +185,13 @@ def test_require_attention_and_bad_pattern_raise_named_errors():
         plan_quantization(model, QuantConfig(require_attention=True))
     with pytest.raises(InputError, match="regular expression"):
         plan_quantization(model, QuantConfig(keep_float=("patch_embed(",)))
+
+
+def test_passes_do_not_import_torch():
+    """Layering: the graph passes run without torch (calibration lives in calib/)."""
+    import subprocess
+    import sys
+    code = ("import sys; import carsam_onnx.passes.attention, carsam_onnx.passes.plan; "
+            "bad = [m for m in ('torch', 'carsam_onnx.calib') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
