@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 import onnx
 import onnx_graphsurgeon as gs
 
-from .patterns import LAYOUT_OPS, GraphIndex, node_name
+from .patterns import LAYOUT_OPS, GraphIndex
 from .sites import AttentionSite, Rejection, Role
 
 WINDOW_PARTITION_PERM = (0, 1, 3, 2, 4, 5)
@@ -158,12 +158,12 @@ def _windowed(g: GraphIndex, qkv: gs.Node) -> bool:
     return False
 
 
-def _site(m: dict, role: Role, block: int | None = None, pair: int | None = None) -> AttentionSite:
+def _site(g: GraphIndex, m: dict, role: Role, block: int | None = None, pair: int | None = None) -> AttentionSite:
     qk, av = m["qk"], m["av"]
     return AttentionSite(
-        role=role, qk_matmul=node_name(qk), softmax=node_name(m["softmax"]), av_matmul=node_name(av),
-        q_proj=node_name(m["q_proj"]), k_proj=node_name(m["k_proj"]), v_proj=node_name(m["v_proj"]),
-        out_proj=node_name(m["out_proj"]), q_value=qk.inputs[0].name, k_value=qk.inputs[1].name,
+        role=role, qk_matmul=g.name(qk), softmax=g.name(m["softmax"]), av_matmul=g.name(av),
+        q_proj=g.name(m["q_proj"]), k_proj=g.name(m["k_proj"]), v_proj=g.name(m["v_proj"]),
+        out_proj=g.name(m["out_proj"]), q_value=qk.inputs[0].name, k_value=qk.inputs[1].name,
         probs_value=av.inputs[0].name, v_value=av.inputs[1].name, pair=pair, block=block)
 
 
@@ -179,7 +179,7 @@ def match_attention(model: onnx.ModelProto, index: GraphIndex | None = None
         try:
             matched.append(_match(g, node))
         except _Reject as e:
-            rejected.append(Rejection(node_name(node), str(e)))
+            rejected.append(Rejection(g.name(node), str(e)))
 
     encoder, decoder = [], []
     for m in matched:
@@ -189,14 +189,14 @@ def match_attention(model: onnx.ModelProto, index: GraphIndex | None = None
         elif len(projs) == 3:
             decoder.append(m)
         else:
-            rejected.append(Rejection(node_name(m["softmax"]), "Q, K and V share some but not all projections "
+            rejected.append(Rejection(g.name(m["softmax"]), "Q, K and V share some but not all projections "
                                       "(neither a fused qkv encoder block nor a separate-projection decoder block)"))
 
     results: list[tuple[gs.Node, AttentionMatch]] = []
     for block, m in enumerate(encoder):
         windowed = _windowed(g, m["q_proj"])
         role = Role.ENCODER_WINDOW if windowed else Role.ENCODER_GLOBAL
-        results.append((m["softmax"], _details(m, _site(m, role, block=block), windowed)))
+        results.append((m["softmax"], _details(m, _site(g, m, role, block=block), windowed)))
     for m, site in _decoder_roles(g, decoder, rejected):
         results.append((m["softmax"], _details(m, site, None)))
     results.sort(key=lambda r: g.index(r[0]))
@@ -233,7 +233,7 @@ def _decoder_roles(g: GraphIndex, sites: list[dict], rejected: list[Rejection]) 
         elif k_tok and not q_tok:
             roles.append((m, Role.DECODER_IMAGE_TO_TOKEN))
         else:
-            rejected.append(Rejection(node_name(m["softmax"]),
+            rejected.append(Rejection(g.name(m["softmax"]),
                                       "cross-attention whose token and image streams cannot be told apart "
                                       f"(Q on the token stream: {q_tok}, K on the token stream: {k_tok})"))
     roles.sort(key=lambda r: g.index(r[0]["softmax"]))
@@ -248,17 +248,17 @@ def _decoder_roles(g: GraphIndex, sites: list[dict], rejected: list[Rejection]) 
         block = max(layer, 0)
         if role == Role.DECODER_TOKEN_TO_IMAGE:
             open_t2i = len(out)   # an earlier unpaired token->image stays unpaired
-            out.append((m, _site(m, role, block=block)))
+            out.append((m, _site(g, m, role, block=block)))
         elif role == Role.DECODER_IMAGE_TO_TOKEN and open_t2i is not None and g.depends_on(
                 m["k_proj"].inputs[0], out[open_t2i][0]["out_proj"]):
             # Same TwoWayAttentionBlock: the image->token keys (tokens) carry the token->image output.
             t2i_m, t2i_site = out[open_t2i]
             out[open_t2i] = (t2i_m, replace(t2i_site, pair=pair))
-            out.append((m, _site(m, role, block=t2i_site.block, pair=pair)))
+            out.append((m, _site(g, m, role, block=t2i_site.block, pair=pair)))
             pair += 1
             open_t2i = None
         else:
-            out.append((m, _site(m, role, block=block)))
+            out.append((m, _site(g, m, role, block=block)))
     if open_t2i is not None:  # the last token->image with no image->token after it: the final attention
         m, site = out[open_t2i]
         out[open_t2i] = (m, replace(site, role=Role.DECODER_FINAL_TOKEN_TO_IMAGE, block=None, pair=None))

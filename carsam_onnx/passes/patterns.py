@@ -51,6 +51,8 @@ class GraphIndex:
         self._meta = [{p.key: p.value for p in n.metadata_props} for n in model.graph.node]
         self.inputs = {t.name for t in self.graph.inputs}
         self._data = self._data_values()
+        seen: set[str] = set()
+        self._duplicated = {n.name for n in self.graph.nodes if n.name in seen or seen.add(n.name)}
 
     # -- values -------------------------------------------------------------------------------------------
     def _data_values(self) -> set[str]:
@@ -116,6 +118,14 @@ class GraphIndex:
         return None
 
     # -- nodes --------------------------------------------------------------------------------------------
+    def name(self, node: gs.Node) -> str:
+        """A node's name. Results are keyed by names, so an unnamed or duplicated one is a model error."""
+        if not node.name or node.name in self._duplicated:
+            what = f"an unnamed {node.op} node" if not node.name else f"two nodes named '{node.name}'"
+            raise ModelError(f"the model has {what}; results are keyed by node names, so give every node a "
+                             "unique name and retry")
+        return node.name
+
     def index(self, node: gs.Node) -> int:
         return self.order[id(node)]
 
@@ -213,11 +223,3 @@ class GraphIndex:
             if producer is not None and self.index(producer) > first:  # topological order: earlier nodes
                 stack.extend(producer.inputs)                          # cannot depend on `node`
         return False
-
-
-def node_name(node: gs.Node) -> str:
-    """A node's name; results are keyed by names, so an unnamed node is a model error."""
-    if not node.name:
-        raise ModelError(f"the model has an unnamed {node.op} node; results are keyed by node names, "
-                         "so give every node a unique name and retry")
-    return node.name

@@ -25,7 +25,7 @@ import onnx_graphsurgeon as gs
 from ..config import QuantConfig
 from ..errors import InputError, ModelError
 from .attention import match_attention
-from .patterns import GraphIndex, node_name
+from .patterns import GraphIndex
 from .sites import (ActivationKind, ActivationSite, AttentionSite, QuantPlan, WeightKind, WeightSite)
 
 _FLOAT_TYPES = (np.float32, np.float16, np.float64)
@@ -85,7 +85,7 @@ def _weight_site(g: GraphIndex, node: gs.Node) -> tuple[WeightSite | None, str |
     axis = _output_axis(node, init)
     if axis is None:
         return None, f"unsupported weight rank {len(init.shape)} for {node.op}"
-    return WeightSite(node=node_name(node), initializer=init.name, axis=axis, kind=_KIND[node.op]), None
+    return WeightSite(node=g.name(node), initializer=init.name, axis=axis, kind=_KIND[node.op]), None
 
 
 def plan_quantization(model: onnx.ModelProto, config: QuantConfig) -> QuantPlan:
@@ -104,7 +104,7 @@ def plan_quantization(model: onnx.ModelProto, config: QuantConfig) -> QuantPlan:
         site, why = _weight_site(g, node)
         if site is None:
             if why is not None:
-                kept.append((node_name(node), why))
+                kept.append((g.name(node), why))
             continue
         reason = keep_float_reason(g, node, patterns)
         if reason is not None:

@@ -391,3 +391,11 @@ def test_reference_arch_without_window_padding(exporter):
     check_sites_well_formed(model, sites)
     check_encoder(sites)  # global blocks 2, 5, 8, 11 as vit_b
     check_decoder(sites)
+
+
+def test_duplicated_node_names_are_a_model_error():
+    from carsam_onnx.errors import ModelError
+    model = separate_qkv_attention()
+    next(n for n in model.graph.node if n.name == "k_proj").name = "q_proj"
+    with pytest.raises(ModelError, match="two nodes named 'q_proj'"):
+        find_attention(model)
