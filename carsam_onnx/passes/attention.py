@@ -17,9 +17,10 @@ Roles, by structure:
 - encoder: windowed if the qkv input comes out of a window partition (a 6-D Transpose with permutation
   (0, 1, 3, 2, 4, 5), `view(B, H/ws, ws, W/ws, ws, C).permute(0, 1, 3, 2, 4, 5)`), else global.
 - decoder: self-attention if Q and K are projected from the same value. For cross-attention, the token
-  stream is the one self-attention runs on: Q (or K) is on the token stream when it is, or is a sum with
-  (`queries + query_pe`), the input of a self-attention's Q. Token->image if Q is on the token stream, image->token
-  if K is. The token->image site with no image->token site after it is the final attention; the others are
+  stream is the one self-attention runs on: a projection input is on it when, crossing only Adds and layout
+  ops, it reaches the input of a self-attention's Q projection or an operand of that input's sum (SAM's
+  `queries + query_pe`). Token->image if Q is on the token stream, image->token if K is. The last
+  token->image site left without an image->token partner is the final attention; the others are
   paired with the next image->token site in graph order whose keys depend on its output (one
   TwoWayAttentionBlock, the JCAR unit); pair ids count 0, 1, ... in graph order.
 """
