@@ -29,11 +29,11 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx
 
-from ..data.coco import CocoDataset
+from ..data.coco import CocoDataset, load_coco_dataset
 from ..data.preprocess import Geometry, postprocess_masks, preprocess_image
 from ..data.prompts import BoxPrompt, box_inputs, gt_box_prompts, load_detection_prompts
 from ..errors import InputError, ModelError, OutputError
-from ..modelio import load_model
+from ..modelio import EXTERNAL_DATA_THRESHOLD, initializer_bytes, load_model
 from .metrics import Prediction, encode_masks, segm_metrics
 from .split import split_full_model
 
@@ -95,12 +95,22 @@ class OrtRuntime(Runtime):
         so.log_severity_level = 3
         if self.threads:
             so.intra_op_num_threads = self.threads
-        src = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
+        if isinstance(model, (str, Path)):
+            return OrtSession(self._create(ort, str(model), so, what))
+        if initializer_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
+            return OrtSession(self._create(ort, model.SerializeToString(), so, what))
+        # a protobuf cannot serialise past 2 GB: hand ORT a temporary file with external data
+        with tempfile.TemporaryDirectory(prefix="carsam-ort-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location="model.onnx.data", size_threshold=1024)
+            return OrtSession(self._create(ort, str(path), so, what))
+
+    def _create(self, ort, src, so, what):
         try:
-            sess = ort.InferenceSession(src, so, providers=self.providers)
+            return ort.InferenceSession(src, so, providers=self.providers)
         except Exception as e:
             raise ModelError(f"ONNX Runtime cannot load the {what}: {_first_line(e)}") from None
-        return OrtSession(sess)
 
 
 def _ort_runtime(device: str | None = None) -> Runtime:
@@ -437,15 +447,18 @@ def _timings(per_image: list[dict], total_s: float) -> dict:
             "postprocess_s_per_prompt": round(sum(r["post_s"] for r in per_image) / max(n, 1), 4)}
 
 
-def evaluate(model: str | Path | Sequence[str | Path], dataset: CocoDataset, prompts: str | Path = "gt",
+def evaluate(model: str | Path | Sequence[str | Path], dataset: CocoDataset | str | Path, prompts: str | Path = "gt",
              limit: int | None = None, runtime: str | Runtime = "ort", device: str | None = None,
              progress: bool = True, min_score: float = 0.0) -> EvalResult:
     """COCO segm mAP / AP50 / AP75 and mIoU of a SAM ONNX model with one box prompt per instance.
 
     `prompts`: "gt" (ground-truth boxes; mask score = predicted IoU) or a COCO detection-results JSON (mask
-    score = detector score). `model`: a full model or an (encoder, decoder) pair.
+    score = detector score). `model`: a full model or an (encoder, decoder) pair. `dataset`: a CocoDataset or a
+    dataset folder (annotations.json + images/).
     """
     t_start = time.perf_counter()
+    if not isinstance(dataset, CocoDataset):
+        dataset = load_coco_dataset(dataset)
     by_image, ids, label = select_prompts(dataset, prompts, limit, min_score)
     rt = get_runtime(runtime, device)
     predictor = build_predictor(model, rt)

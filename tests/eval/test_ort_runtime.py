@@ -94,3 +94,17 @@ def test_ort_device_choices():
         pytest.skip("onnxruntime-gpu is installed: --device cuda is valid for ORT here")
     with pytest.raises(InputError, match="needs onnxruntime-gpu; or use --runtime torch --device cuda"):
         get_runtime("ort", "cuda")
+
+
+def test_models_past_the_protobuf_limit_go_through_external_data(tmp_path, monkeypatch):
+    """A split vit_h part exceeds 2 GB; the runtime then loads it from a temporary file with external data
+    (forced here by lowering the threshold)."""
+    write_coco(tmp_path / "ds", num_images=1)
+    ref = evaluate(tiny_sam_paths()["full"], tmp_path / "ds", progress=False)  # a dataset folder is accepted too
+    monkeypatch.setattr(runner, "EXTERNAL_DATA_THRESHOLD", 0)
+    saved = []
+    real_save = onnx.save_model
+    monkeypatch.setattr(onnx, "save_model", lambda m, p, **kw: (saved.append(kw), real_save(m, p, **kw))[1])
+    r = evaluate(tiny_sam_paths()["full"], tmp_path / "ds", progress=False)
+    assert len(saved) == 2 and all(kw.get("save_as_external_data") for kw in saved)  # image part + prompt part
+    assert r.mIoU == pytest.approx(ref.mIoU, abs=1e-9) and r.num_instances == ref.num_instances == 2
