@@ -7,10 +7,12 @@ What it writes (docs/quantization_format.md):
   `axis` = input-channel axis, `block_size`) whose output replaces the weight in the site's node only. No
   zero point: weights are symmetric (ONNX default zero point 0). A float initializer nobody reads any more is
   dropped, so the file size reflects the bits;
-- each ActivationSite: [Clip ->] QuantizeLinear -> DequantizeLinear on the value, per tensor, with a zero-point
-  initializer of the container type (UINT8/UINT4 unsigned, INT8/INT4 signed); only the listed consumers are
+- each ActivationSite: [Clip ->] QuantizeLinear -> DequantizeLinear on the value, per tensor: unsigned grids with
+  a zero-point initializer of the container type (UINT8/UINT4); signed grids with zero point 0 (symmetric) as
+  QuantizeLinear(output_dtype=INT8/INT4) without a zero-point input (see _activation_qdq); only the listed consumers are
   rewired, every other reader keeps the float value. The Clip (to the grid's real range) is there only when the
-  grid is narrower than its container (2, 3, 5, 6, 7 bits);
+  grid is narrower than its container (2, 3, 5, 6, 7 bits); in a 4-bit container it is written as Max -> Min
+  with the same bounds (onnxruntime cannot load a Clip feeding a 4-bit QuantizeLinear at its default level);
 - artifact.info as model metadata "carsam.quant.<key>".
 The result passes onnx.checker (full check) and carries inferred shapes. The input model is not modified.
 """
@@ -143,7 +145,7 @@ def emit_qdq(model: onnx.ModelProto, plan: QuantPlan, artifact: CalibrationArtif
                 (after[producer[site.value]] if site.value in producer else head).extend(new_nodes)
                 qdq_of[site.value] = dq_out
                 n_act += 1
-                n_clip += len(new_nodes) - 2
+                n_clip += len(new_nodes) > 2
             for consumer in site.consumers:
                 _rewire(nodes[consumer], site.value, qdq_of[site.value])
 
@@ -283,9 +285,17 @@ def _activation_qdq(value: str, elem: int, aq: ActivationQuant, namer: Namer, co
         raise ModelError(f"activation {value} is {TensorProto.DataType.Name(elem)}, expected FLOAT or FLOAT16")
     ftype = _FLOAT_TYPES[elem]
     ctype = container_type(aq.bits, aq.signed, container_bits)
-    sname, zname = namer.scale(value), namer.zero_point(value)
-    tensors = [numpy_helper.from_array(np.array(aq.scale, dtype=ftype), sname),
-               int_tensor(zname, np.array(aq.zero_point), ctype)]
+    sname = namer.scale(value)
+    tensors = [numpy_helper.from_array(np.array(aq.scale, dtype=ftype), sname)]
+    # Symmetric (signed, zero point 0): no zero-point input, the type comes from output_dtype (opset 21). With an
+    # INT8 zero point, onnxruntime 1.31 (EXTENDED level and up) turns the pair into UINT8 (QDQS8ToU8) and then
+    # MatMulAddFusion builds an invalid QuantizeLinear for MatMul + Add on 3-D inputs: the session does not load.
+    symmetric = aq.signed and aq.zero_point == 0
+    zp_inputs: list[str] = []
+    if not symmetric:
+        zname = namer.zero_point(value)
+        tensors.append(int_tensor(zname, np.array(aq.zero_point), ctype))
+        zp_inputs = [zname]
     nodes = []
     q_in = value
     container_range = B.grid(8 if ctype in (TensorProto.INT8, TensorProto.UINT8) else 4, aq.signed)
@@ -294,11 +304,21 @@ def _activation_qdq(value: str, elem: int, aq: ActivationQuant, namer: Namer, co
         lo_name, hi_name = namer.clip_min(value), namer.clip_max(value)
         tensors += [numpy_helper.from_array(np.array(lo, dtype=ftype), lo_name),
                     numpy_helper.from_array(np.array(hi, dtype=ftype), hi_name)]
-        q_in = namer.clipped_value(value)
-        nodes.append(helper.make_node("Clip", [value, lo_name, hi_name], [q_in], name=namer.clip_node(value)))
+        if ctype in (TensorProto.INT8, TensorProto.UINT8):
+            q_in = namer.clipped_value(value)
+            nodes.append(helper.make_node("Clip", [value, lo_name, hi_name], [q_in], name=namer.clip_node(value)))
+        else:
+            # Same bounds as Max -> Min: onnxruntime's ClipQuantFusion (EXTENDED level and up) throws on a Clip
+            # feeding a QuantizeLinear with a 4-bit zero point (onnxruntime 1.31), so the session would not load.
+            low = namer.lower_clipped_value(value)
+            q_in = namer.clipped_value(value)
+            nodes.append(helper.make_node("Max", [value, lo_name], [low], name=namer.max_node(value)))
+            nodes.append(helper.make_node("Min", [low, hi_name], [q_in], name=namer.min_node(value)))
     q_out, dq_out = namer.quantized_value(value), namer.dequantized_value(value)
-    nodes.append(helper.make_node("QuantizeLinear", [q_in, sname, zname], [q_out], name=namer.quantize_node(value)))
-    nodes.append(helper.make_node("DequantizeLinear", [q_out, sname, zname], [dq_out],
+    q_attrs = {"output_dtype": ctype} if symmetric else {}
+    nodes.append(helper.make_node("QuantizeLinear", [q_in, sname, *zp_inputs], [q_out],
+                                  name=namer.quantize_node(value), **q_attrs))
+    nodes.append(helper.make_node("DequantizeLinear", [q_out, sname, *zp_inputs], [dq_out],
                                   name=namer.dequantize_node(value)))
     return tensors, nodes, dq_out
 

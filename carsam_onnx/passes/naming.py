@@ -46,6 +46,18 @@ def clip_node_name(tensor: str) -> str:
     return f"{tensor}_Clip"
 
 
+def max_node_name(tensor: str) -> str:
+    return f"{tensor}_Max"
+
+
+def min_node_name(tensor: str) -> str:
+    return f"{tensor}_Min"
+
+
+def lower_clipped_value_name(tensor: str) -> str:
+    return f"{tensor}_clipped_low"
+
+
 def clipped_value_name(tensor: str) -> str:
     return f"{tensor}_clipped"
 
@@ -120,6 +132,15 @@ class Namer:
 
     def clip_node(self, tensor: str) -> str:
         return self.fresh(clip_node_name(tensor))
+
+    def max_node(self, tensor: str) -> str:
+        return self.fresh(max_node_name(tensor))
+
+    def min_node(self, tensor: str) -> str:
+        return self.fresh(min_node_name(tensor))
+
+    def lower_clipped_value(self, tensor: str) -> str:
+        return self.fresh(lower_clipped_value_name(tensor))
 
     def clipped_value(self, tensor: str) -> str:
         return self.fresh(clipped_value_name(tensor))
