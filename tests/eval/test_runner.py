@@ -188,3 +188,15 @@ def test_bad_eval_arguments(ds, tiny, tmp_path):
         evaluate(tiny["full"], ds, limit=0, progress=False)
     with pytest.raises(InputError, match="--runtime 'tensorrt' is not available"):
         evaluate(tiny["full"], ds, runtime="tensorrt", progress=False)
+
+
+def test_multimask_outputs_keep_the_best_predicted_mask():
+    from carsam_onnx.eval.runner import _pick_best
+    masks = np.stack([np.full((1, 3, 4, 4), v, np.float32) for v in (1.0, 2.0)])  # two prompts, 3 masks each
+    masks[0, 0, 2] = 7.0
+    masks[1, 0, 0] = 9.0
+    outs = [{"low_res_masks": masks[0], "iou_predictions": np.array([[0.1, 0.2, 0.9]], np.float32)},
+            {"low_res_masks": masks[1], "iou_predictions": np.array([[0.8, 0.2, 0.1]], np.float32)}]
+    low, iou = _pick_best(outs)
+    assert low.shape == (2, 4, 4) and (low[0] == 7.0).all() and (low[1] == 9.0).all()
+    assert iou.tolist() == pytest.approx([0.9, 0.8])
