@@ -1,6 +1,8 @@
 """Fake quantization with straight-through gradients, in the exact arithmetic of ONNX QuantizeLinear /
 DequantizeLinear (opset 21): q = clamp(round_half_even(x / scale) + zero_point, qmin, qmax),
-x' = (q - zero_point) * scale.
+x' = (q - zero_point) * scale, with x / scale a true division as in ONNX Runtime's CPU kernels. (In a
+deep activation-quantized graph two runtimes still drift apart: a 1-ulp difference of a float value
+next to a .5 tie flips a code, which moves every later layer a little.)
 
 Gradients (the choice used everywhere in calibration):
 - rounding passes gradients unchanged (straight-through estimator);
