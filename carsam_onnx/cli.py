@@ -7,7 +7,7 @@ import sys
 from dataclasses import fields
 
 from . import api
-from .config import ExportConfig
+from .config import BitWidths, ExportConfig, QuantConfig
 from .errors import CarsamError
 
 
@@ -56,17 +56,92 @@ def _run_inspect(a) -> int:
     return 0
 
 
+def _add_quantize(sub):
+    p = sub.add_parser("quantize", help="calibrate and write a Q/DQ ONNX model (opset 21)")
+    p.add_argument("model", help="SAM ONNX model (full, encoder or decoder) from `carsam-onnx export`")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--bits", default=str(_default(QuantConfig, "bits")),
+                   help="wXaY: X-bit weights, Y-bit activations (2..8; a16 = float activations), e.g. w8a8, w4a4, w4a16")
+    p.add_argument("--method", default=_default(QuantConfig, "method"), help="minmax | percentile | mse")
+    p.add_argument("--percentile", type=float, default=_default(QuantConfig, "percentile"),
+                   help="clip percentile for --method percentile")
+    p.add_argument("--target", choices=["ort", "trt"], default=_default(QuantConfig, "target"),
+                   help="ort: asymmetric activations; trt: symmetric, zero point 0, INT8 activation containers")
+    p.add_argument("--block-size", type=int, default=_default(QuantConfig, "block_size"),
+                   help="blocked weights (INT4) with this many input channels per scale")
+    p.add_argument("--device", default=_default(QuantConfig, "device"), help="torch device for calibration (cpu, cuda)")
+    p.add_argument("--calib-images", help="folder of calibration images (or a COCO-layout set folder)")
+    p.add_argument("--calib-prompts", help="COCO detection-results JSON with boxes for the calibration images")
+    p.add_argument("--num-calib", type=int, default=_default(QuantConfig, "num_calib"))
+    p.add_argument("--seed", type=int, default=_default(QuantConfig, "seed"))
+    p.add_argument("--keep-float", action="append", metavar="REGEX",
+                   help="keep matching layers in float (repeatable; replaces the default list: patch_embed, "
+                        "output_upscaling, output_hypernetworks_mlps, iou_prediction_head, prompt_encoder)")
+    p.add_argument("--require-attention", action="store_true", help="refuse a model with no attention block")
+    dec = p.add_mutually_exclusive_group()
+    dec.add_argument("--encoder", help="encoder ONNX to make calibration embeddings for a decoder-only model")
+    dec.add_argument("--embeddings", help=".npz of image embeddings [K,256,H,W] for a decoder-only model")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.set_defaults(run=_run_quantize)
+
+
+def _run_quantize(a) -> int:
+    from .quantize import quantize
+
+    keep = tuple(a.keep_float) if a.keep_float else _default(QuantConfig, "keep_float")
+    cfg = QuantConfig(bits=BitWidths.parse(a.bits), method=a.method, target=a.target, block_size=a.block_size,
+                      percentile=a.percentile, keep_float=keep, num_calib=a.num_calib, seed=a.seed,
+                      device=a.device, require_attention=a.require_attention)
+    report = quantize(a.model, a.output, cfg, calib_images=a.calib_images, calib_prompts=a.calib_prompts,
+                      encoder=a.encoder, embeddings=a.embeddings, force=a.force, progress=not a.quiet)
+    if not a.quiet:
+        print("\n".join(report.lines()))
+    return 0
+
+
+def _add_data(sub):
+    p = sub.add_parser("data", help="data sets")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    s = dsub.add_parser("synth", help="write a synthetic COCO-format instance-segmentation set")
+    s.add_argument("-o", "--output", required=True, help="output folder (annotations.json + images/)")
+    s.add_argument("--num-images", type=int, required=True)
+    s.add_argument("--seed", type=int, required=True)
+    s.add_argument("--image-size", type=int, default=256)
+    s.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    s.set_defaults(run=_run_synth)
+
+
+def _run_synth(a) -> int:
+    from .data.synth import write_synthetic_coco
+
+    path = write_synthetic_coco(a.output, a.num_images, a.seed, image_size=a.image_size, force=a.force)
+    if not a.quiet:
+        print(f"wrote {a.num_images} images: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="carsam-onnx", description=__doc__.splitlines()[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_export, _add_inspect):
+    for add in (_add_export, _add_inspect, _add_quantize, _add_data):
         add(sub)
     return parser
 
 
+def _one_line_warnings(command: str, quiet: bool) -> None:
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not quiet:
+            print(f"carsam-onnx {command}: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _one_line_warnings(args.command, args.quiet)
     try:
         return args.run(args)
     except CarsamError as e:

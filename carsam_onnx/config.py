@@ -54,6 +54,9 @@ class BitWidths:
         return cls(w, a)
 
 
+CALIBRATION_METHODS: tuple[str, ...] = ("minmax", "percentile", "mse")
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     bits: BitWidths = BitWidths(8, 8)
@@ -68,6 +71,8 @@ class QuantConfig:
     require_attention: bool = False
 
     def __post_init__(self):
+        if self.method not in CALIBRATION_METHODS:
+            raise InputError(f"--method {self.method!r}: choose one of {', '.join(CALIBRATION_METHODS)}")
         if self.target not in ("ort", "trt"):
             raise InputError(f"--target {self.target!r}: choose ort or trt")
         if self.block_size is not None and (self.block_size < 16 or self.block_size & (self.block_size - 1)):

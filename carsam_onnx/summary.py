@@ -61,14 +61,10 @@ def summarize(model: onnx.ModelProto, with_attention: bool = True) -> dict:
         "metadata": {p.key: p.value for p in model.metadata_props},
     }
     if with_attention:
-        info["attention"] = attention_summary(model)
+        from .passes.attention import inspect_attention
+
+        info.update(inspect_attention(model))   # keys "attention" and "attention_rejected"
     return info
-
-
-def attention_summary(model: onnx.ModelProto) -> list[dict]:
-    from .passes.attention import attention_report
-
-    return attention_report(model)
 
 
 def format_summary(info: dict) -> str:
@@ -87,4 +83,6 @@ def format_summary(info: dict) -> str:
     if att is not None:
         roles = Counter(a["role"] for a in att)
         lines.append(f"attention sites: {len(att)}" + (" (" + ", ".join(f"{r} {c}" for r, c in roles.items()) + ")" if att else ""))
+    for rej in info.get("attention_rejected", []):
+        lines.append(f"  Softmax {rej['softmax']} is not attention: {rej['reason']}")
     return "\n".join(lines)

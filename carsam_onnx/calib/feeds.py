@@ -1,0 +1,84 @@
+"""Model inputs for calibration and held-out checks: calibration samples -> feeds keyed by graph input names.
+
+A full SAM graph takes image + prompt; an encoder takes the image; a decoder takes image embeddings
+(from an encoder ONNX model run in ONNX Runtime, or an .npz file of precomputed embeddings) + prompt.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..data.prompts import CalibSample
+from ..errors import CalibrationError, ModelError
+
+FULL = ("image", "point_coords", "point_labels")
+ENCODER = ("image",)
+DECODER = ("image_embeddings", "point_coords", "point_labels")
+
+
+def model_kind(model: onnx.ModelProto) -> str:
+    inits = {t.name for t in model.graph.initializer}
+    names = tuple(i.name for i in model.graph.input if i.name not in inits)
+    for kind, expected in (("full", FULL), ("decoder", DECODER), ("encoder", ENCODER)):
+        if names == expected:
+            return kind
+    raise ModelError(f"model inputs {list(names)} are not SAM's: expected {list(FULL)} (full), "
+                     f"{list(ENCODER)} (encoder) or {list(DECODER)} (decoder), as `carsam-onnx export` writes them")
+
+
+def image_size(model: onnx.ModelProto) -> int:
+    for p in model.metadata_props:
+        if p.key == "carsam.image_size":
+            return int(p.value)
+    for i in model.graph.input:
+        if i.name == "image":
+            return int(i.type.tensor_type.shape.dim[-1].dim_value)
+        if i.name == "image_embeddings":
+            return 16 * int(i.type.tensor_type.shape.dim[-1].dim_value)
+    raise ModelError("cannot tell the model's image size (no carsam.image_size metadata and no static image input)")
+
+
+def _embeddings_from_encoder(encoder: str | Path, samples: list[CalibSample]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    from ..modelio import load_model
+
+    enc_model = load_model(encoder)
+    if model_kind(enc_model) != "encoder":
+        raise ModelError(f"--encoder {encoder} is not a SAM image encoder (input 'image' -> 'image_embeddings')")
+    so = ort.SessionOptions()
+    so.enable_cpu_mem_arena = False   # the arena grows by GBs per vit_b encoder run; plain allocations do not
+    sess = ort.InferenceSession(str(encoder), so, providers=["CPUExecutionProvider"])
+    return [sess.run(None, {"image": s.image})[0] for s in samples]
+
+
+def _embeddings_from_npz(path: str | Path, count: int) -> list[np.ndarray]:
+    try:
+        with np.load(path) as z:
+            arr = z["image_embeddings"] if "image_embeddings" in z else z[z.files[0]]
+    except Exception as e:
+        raise CalibrationError(f"cannot read embeddings {path} ({type(e).__name__}); expected an .npz with "
+                               "'image_embeddings' [K,256,H,W]") from None
+    if arr.ndim != 4 or arr.shape[0] < count:
+        raise CalibrationError(f"embeddings {path} have shape {arr.shape}; need [{count}, 256, H, W] (one per sample)")
+    if not np.isfinite(arr).all():
+        raise CalibrationError(f"embeddings {path} contain NaN or infinite values")
+    return [arr[i : i + 1].astype(np.float32) for i in range(count)]
+
+
+def build_feeds(model: onnx.ModelProto, samples: list[CalibSample], encoder: str | Path | None = None,
+                embeddings: str | Path | None = None) -> list[dict[str, np.ndarray]]:
+    kind = model_kind(model)
+    if kind == "encoder":
+        return [{"image": s.image} for s in samples]
+    if kind == "full":
+        return [{"image": s.image, "point_coords": s.point_coords, "point_labels": s.point_labels} for s in samples]
+    if encoder is None and embeddings is None:
+        raise CalibrationError("a decoder-only model needs --encoder ENC.onnx or --embeddings FILE.npz "
+                               "to make its calibration embeddings")
+    embs = (_embeddings_from_encoder(encoder, samples) if encoder is not None
+            else _embeddings_from_npz(embeddings, len(samples)))
+    return [{"image_embeddings": e, "point_coords": s.point_coords, "point_labels": s.point_labels}
+            for e, s in zip(embs, samples)]
