@@ -77,10 +77,17 @@ class OrtSession(Session):
 
 
 class OrtRuntime(Runtime):
-    """ONNX Runtime on the CPU (or `providers`). Full graph optimisation, but INT4 weight DQ + MatMul fused into
-    MatMulNBits computes at accuracy level 0 (float), so Q/DQ models keep their exact Q/DQ semantics."""
+    """ONNX Runtime on the CPU (or `providers`), at full graph optimisation with two changes so that a Q/DQ
+    model computes what its graph says:
+    - INT4 weight DQ + MatMul fused into MatMulNBits computes at accuracy level 0 (float weights); at ORT's
+      default level the error reaches ~1e-1 (FACTS.md);
+    - the WeightBiasQuantization optimizer is off: after MatMul + Add -> Gemm fusion it rounds a float bias to
+      int32 at scale (input scale x weight scale), which at 4-bit activations moved the tiny SAM's mask logits
+      by ~10% of their range (tests/eval/test_ort_runtime.py, test_runtime_parity_qdq.py).
+    """
 
     name = "ort"
+    DISABLED_OPTIMIZERS = ("WeightBiasQuantization",)
 
     def __init__(self, providers: Sequence[str] | None = None, threads: int | None = None):
         self.providers = list(providers) if providers else ["CPUExecutionProvider"]
@@ -108,7 +115,8 @@ class OrtRuntime(Runtime):
 
     def _create(self, ort, src, so, what):
         try:
-            return ort.InferenceSession(src, so, providers=self.providers)
+            return ort.InferenceSession(src, so, providers=self.providers,
+                                        disabled_optimizers=list(self.DISABLED_OPTIMIZERS))
         except Exception as e:
             raise ModelError(f"ONNX Runtime cannot load the {what}: {_first_line(e)}") from None
 

@@ -108,3 +108,37 @@ def test_models_past_the_protobuf_limit_go_through_external_data(tmp_path, monke
     r = evaluate(tiny_sam_paths()["full"], tmp_path / "ds", progress=False)
     assert len(saved) == 2 and all(kw.get("save_as_external_data") for kw in saved)  # image part + prompt part
     assert r.mIoU == pytest.approx(ref.mIoU, abs=1e-9) and r.num_instances == ref.num_instances == 2
+
+
+def _biased_qdq_matmul(seed=0, k=16, n=8):
+    """Q/DQ(uint4) x -> MatMul(DQ(int8 w)) -> Add(float bias) -> Q/DQ(uint4): the pattern ORT turns into Gemm
+    and then (WeightBiasQuantization) rounds the bias to int32 at scale sx * sw."""
+    rng = np.random.default_rng(seed)
+    wq = rng.integers(-8, 8, (k, n)).astype(np.int8)
+    sw, sx, sy = np.float32(0.25), np.float32(0.5), np.float32(4.0)
+    bias = rng.uniform(-1, 1, n).astype(np.float32)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "z"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "sw"], ["w"]),
+             helper.make_node("MatMul", ["xd", "w"], ["mm"]),
+             helper.make_node("Add", ["mm", "bias"], ["y0"]),
+             helper.make_node("QuantizeLinear", ["y0", "sy", "z"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "sy", "z"], ["y"])]
+    inits = [numpy_helper.from_array(wq, "wq"), numpy_helper.from_array(np.array(sw), "sw"),
+             numpy_helper.from_array(np.array(sx), "sx"), numpy_helper.from_array(np.array(sy), "sy"),
+             helper.make_tensor("z", TensorProto.UINT4, [], [8]), numpy_helper.from_array(bias, "bias")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, n])], initializer=inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    onnx.checker.check_model(model)
+    x = rng.uniform(-4, 4, (4, k)).astype(np.float32)
+    xd = (np.clip(np.round(x / sx) + 8, 0, 15) - 8) * sx
+    y0 = xd @ (wq.astype(np.float32) * sw) + bias
+    return model, x, (np.clip(np.round(y0 / sy) + 8, 0, 15) - 8) * sy
+
+
+def test_ort_runtime_does_not_quantize_float_biases():
+    """At ORT's default settings this graph's outputs are off by one whole output step (4.0; ORT 1.31)."""
+    model, x, ref = _biased_qdq_matmul()
+    y = OrtRuntime().session(model, "test").run({"x": x})["y"]
+    np.testing.assert_allclose(y, ref, atol=1e-5)
