@@ -31,7 +31,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from ..errors import InputError, ModelError
-from .ops import FLOAT_TYPES, NodeCtx, OpSpec, RunState, lookup, parse_attrs, tensor_from_proto
+from .ops import FLOAT_TYPES, ONNX_TO_TORCH, NodeCtx, OpSpec, RunState, lookup, parse_attrs, tensor_from_proto
 
 Hook = Callable[[torch.Tensor], "torch.Tensor | None"]
 _MAX_PLANS = 64
@@ -125,6 +125,8 @@ class OnnxModule(nn.Module):
             self._init_order.append(t.name)
             self._init_types[t.name] = t.data_type
         self.input_names = [i.name for i in g.input if i.name not in self._attr_of]
+        self._input_dtypes = {i.name: ONNX_TO_TORCH.get(i.type.tensor_type.elem_type) for i in g.input
+                              if i.name not in self._attr_of and i.type.HasField("tensor_type")}
         self.output_names = [o.name for o in g.output]
         self._skeleton = _graph_skeleton(model)
 
@@ -275,11 +277,9 @@ class OnnxModule(nn.Module):
             requested values run (block-wise reconstruction). Graph inputs they make unnecessary may be
             left out of `inputs`.
         """
-        inputs = dict(inputs or {})
+        inputs = {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v))
+                  for k, v in (inputs or {}).items()}
         given = {**inputs, **(start or {})}
-        for k, v in given.items():
-            if not isinstance(v, torch.Tensor):
-                given[k] = torch.as_tensor(np.asarray(v))
         wanted = list(dict.fromkeys(list(self.output_names if outputs is None else outputs) + list(capture)))
         hooks = {**self._hooks, **(replace or {})}
         bad_inputs = [k for k in inputs if k not in self.input_names and k not in self._attr_of]
@@ -293,6 +293,10 @@ class OnnxModule(nn.Module):
             self._check_names(wanted, "requested")
             self._check_names(hooks, "replaced")
             self._check_names(start or {}, "start")
+            for k, v in inputs.items():
+                want = self._input_dtypes.get(k)
+                if want is not None and v.dtype != want:
+                    raise InputError(f"graph input {k!r} is {v.dtype}; the graph declares {want}")
             plan = self._make_plan(set(given), wanted, set(hooks), dev)
             self._plans[key] = plan
             if len(self._plans) > _MAX_PLANS:

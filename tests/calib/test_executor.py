@@ -161,6 +161,8 @@ def test_unknown_names_and_missing_inputs_are_named(attn):
         module.run({"x": x, "z": x})
     with pytest.raises(InputError, match="graph input 'x' is needed"):
         module.run({})
+    with pytest.raises(InputError, match="'x' is torch.float64; the graph declares torch.float32"):
+        module(x=x.double())
     with pytest.raises(ModelError, match="MatMul node '/attn/q_proj/MatMul' failed"):  # wrong width
         module(x=torch.randn(1, 2, D + 1))
 
