@@ -28,7 +28,8 @@ def ds(tmp_path_factory):
 
 
 def _predictions(model, ds, runtime):
-    predictor = build_predictor(model, get_runtime(runtime, "cpu"))
+    rt = TorchRuntime("cpu", batch_prompts=True) if runtime == "torch" else get_runtime(runtime, "cpu")
+    predictor = build_predictor(model, rt)
     by_image, ids, _ = select_prompts(ds, "gt", None)
     preds, _ = run_predictions(predictor, ds, by_image, progress=False)
     return predictor, preds, ids
@@ -39,6 +40,7 @@ def test_torch_runtime_matches_ort(ds):
     _, ort_preds, ids = _predictions(model, ds, "ort")
     predictor, torch_preds, _ = _predictions(model, ds, "torch")
     assert predictor.decoder._vmap_ok is True  # the image's two prompts went through in one vmapped call
+    assert TorchRuntime("cpu").session(tiny_sam_paths()["decoder"], "d")._vmap_ok is False  # CPU default: a loop
     assert len(ort_preds) == len(torch_preds) == 6
     for a, b in zip(ort_preds, torch_preds):
         assert (a.image_id, a.ann_id) == (b.image_id, b.ann_id)
@@ -53,14 +55,15 @@ def test_torch_runtime_matches_ort(ds):
 
 def test_torch_runtime_pair_and_per_prompt_fallback(ds, monkeypatch):
     paths = tiny_sam_paths()
-    ref = evaluate([paths["encoder"], paths["decoder"]], ds, runtime="torch", progress=False)
+    ref = evaluate([paths["encoder"], paths["decoder"]], ds, runtime="torch", progress=False)  # CPU: a loop
     assert ref.runtime == "torch" and ref.num_instances == 6
 
     def no_vmap(fn):
         raise RuntimeError("no batching rule")
     monkeypatch.setattr(torch.func, "vmap", no_vmap)
     with pytest.warns(UserWarning, match="prompts run one by one"):
-        r = evaluate([paths["encoder"], paths["decoder"]], ds, runtime="torch", progress=False)
+        r = evaluate([paths["encoder"], paths["decoder"]], ds, runtime=TorchRuntime("cpu", batch_prompts=True),
+                     progress=False)
     for k in ("segm_mAP", "AP50", "AP75", "mIoU"):
         assert getattr(r, k) == pytest.approx(getattr(ref, k), abs=1e-6)
 
