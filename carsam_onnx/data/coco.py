@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,7 +167,9 @@ class CocoDataset:
         return self.coco.annToRLE(ann)
 
     def ann_mask(self, ann: dict) -> np.ndarray:
-        return mask_utils.decode(self.ann_rle(ann)).astype(bool)
+        with warnings.catch_warnings():  # pycocotools 2.0.x under numpy 2: a DeprecationWarning per call
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return mask_utils.decode(self.ann_rle(ann)).astype(bool)
 
     def read_image(self, image_id: int) -> np.ndarray:
         """HxWx3 uint8 RGB; checks that the file matches the size the annotations give."""
