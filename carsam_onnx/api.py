@@ -35,6 +35,14 @@ def export(output: str | Path, config: ExportConfig = ExportConfig()) -> dict[st
     return targets
 
 
+def evaluate(model, *, dataset=None, images=None, annotations=None, **kwargs):
+    """COCO segm metrics of an ONNX SAM (full model, or [encoder, decoder]) over a COCO-format set."""
+    from .data.coco import load_coco_dataset
+    from .eval.runner import evaluate as run_eval
+
+    return run_eval(model, load_coco_dataset(dataset, images, annotations), **kwargs)
+
+
 def inspect(path: str | Path) -> dict:
     model = load_model(path)
     return summarize(model)

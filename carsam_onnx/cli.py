@@ -99,6 +99,41 @@ def _run_quantize(a) -> int:
     return 0
 
 
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="COCO segm mAP / AP50 / AP75 and mIoU of a SAM ONNX model, one box per instance")
+    p.add_argument("model", nargs="+", help="a full model, or an encoder and a decoder model")
+    p.add_argument("--dataset", help="folder with annotations.json and images/ (as `data synth` writes)")
+    p.add_argument("--images", help="image folder of a standard COCO layout (with --annotations)")
+    p.add_argument("--annotations", help="instances JSON of a standard COCO layout (e.g. instances_val2017.json)")
+    p.add_argument("--prompts", default="gt", help="gt (ground-truth boxes) or a COCO detection-results JSON")
+    p.add_argument("--min-score", type=float, default=0.0, help="drop detector boxes scoring below this")
+    p.add_argument("--limit", type=int, help="evaluate the first N images only")
+    p.add_argument("--runtime", choices=["ort", "torch"], default="ort",
+                   help="ort: ONNX Runtime; torch: the project's torch executor (same Q/DQ semantics), e.g. on a GPU")
+    p.add_argument("--device", help="torch device for --runtime torch (cpu, cuda)")
+    p.add_argument("--json", dest="json_out", help="write the metrics as JSON here")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(a) -> int:
+    from .errors import InputError
+    from .modelio import check_writable
+
+    if a.dataset is None and (a.images is None or a.annotations is None):
+        raise InputError("give --dataset DIR, or --images DIR with --annotations FILE.json")
+    if a.json_out:
+        check_writable(a.json_out, a.force)
+    model = a.model[0] if len(a.model) == 1 else a.model
+    result = api.evaluate(model, dataset=a.dataset, images=a.images, annotations=a.annotations, prompts=a.prompts,
+                          limit=a.limit, runtime=a.runtime, device=a.device, progress=not a.quiet,
+                          min_score=a.min_score)
+    if a.json_out:
+        result.write_json(a.json_out, force=True)
+    print(result.summary())
+    return 0
+
+
 def _add_data(sub):
     p = sub.add_parser("data", help="data sets")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -124,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="carsam-onnx", description=__doc__.splitlines()[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_export, _add_inspect, _add_quantize, _add_data):
+    for add in (_add_export, _add_inspect, _add_quantize, _add_eval, _add_data):
         add(sub)
     return parser
 

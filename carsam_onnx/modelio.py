@@ -52,7 +52,10 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
         n = 1
         for d in t.dims:
             n *= d
-        total += n * max(1, onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize)
+        if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+            total += (n + 1) // 2
+        else:
+            total += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
     return total
 
 

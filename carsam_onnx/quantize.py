@@ -98,7 +98,7 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
     from tqdm import tqdm
 
     from .calib.feeds import build_feeds, image_size
-    from .passes.emit_qdq import emit_qdq
+    from .passes.emit_qdq import emit_qdq, target_options
     from .passes.plan import plan_quantization
 
     model_path, output = Path(model_path), Path(output)
@@ -117,13 +117,18 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
     with tqdm(total=len(feeds), desc=f"calibrating ({config.method}, {config.bits})", unit="img",
               disable=not progress or None) as bar:
         artifact = calibrate(model, plan, config, feeds, bar)
-    trt = config.target == "trt"
-    qmodel = emit_qdq(model, plan, artifact, float_activations=not config.bits.quantize_activations,
-                      activation_container_bits=8 if trt else None)
+    qmodel = emit_qdq(model, plan, artifact, **target_options(config))
+    if config.target == "trt":
+        from .passes.trt_rules import check_trt, errors, format_report
+
+        violations = check_trt(qmodel)
+        if errors(violations):
+            notes.append("TensorRT rules: " + format_report(violations).replace("\n", "; "))
+            warnings.warn(notes[-1], stacklevel=2)
     save_model(qmodel, output, force=force)
     report = QuantizeReport(
         output=output,
-        weights_by_kind=dict(Counter(w.kind.value for w in plan.weights)),
+        weights_by_kind=dict(Counter(w.kind.value for w in plan.weights)),  # "constant": INT8 position tables
         activations_by_kind=dict(Counter(a.kind.value for a in plan.activations)),
         attention_by_role=dict(Counter(s.role.value for s in plan.attention)),
         kept_float=len(plan.kept_float), sqnr_db={}, input_bytes=file_bytes(model_path),

@@ -16,7 +16,8 @@ from ..artifact import CalibrationArtifact, WeightQuant
 from ..config import QuantConfig
 from ..errors import CalibrationError
 from ..passes.bits import activation_quant_from_range, weight_quant_from_minmax
-from ..passes.sites import QuantPlan
+from ..passes.plan import CONSTANT_BITS
+from ..passes.sites import QuantPlan, WeightKind
 from .executor import OnnxModule
 from .observers import make_observer, weight_channel_absmax
 
@@ -65,7 +66,10 @@ def calibrate_baseline(model: onnx.ModelProto, plan: QuantPlan, config: QuantCon
                                     "num_calib": str(len(feeds))})
     for site in plan.weights:
         w = numpy_helper.to_array(inits[site.initializer]).astype(np.float32)
-        art.weights[site.initializer] = weight_quant(w, site.axis, config)
+        if site.kind is WeightKind.CONSTANT:   # position tables: INT8 per channel, min-max (passes/plan.py)
+            art.weights[site.initializer] = weight_quant_from_minmax(w, site.axis, CONSTANT_BITS)
+        else:
+            art.weights[site.initializer] = weight_quant(w, site.axis, config)
     if config.bits.quantize_activations and plan.activations:
         if module is None:
             module = OnnxModule(model).to(config.device).eval()

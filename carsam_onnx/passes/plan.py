@@ -8,6 +8,12 @@
   the name of one of its initializers (the official SAM decoder export names its prompt-encoder nodes
   "/mask_downscaling/..." and "/MatMul", but their weights "model.prompt_encoder...."). The same patterns
   matched against an attention's Q.K^T or attn.V MatMul keep that whole attention site in float.
+- Constant sites: a float initializer of >= CONSTANT_MIN_SIZE elements and rank >= 2 read by exactly one node
+  that is no weight layer (the encoder's pos_embed Add, the relative-position tables the dynamo exporter folds)
+  is stored quantized too, weight-only, per channel along its last axis, at CONSTANT_BITS (8) whatever the weight
+  bits: such tensors are added to activations, and 8 bits keep them exact to ~0.4% of their range while the
+  file still shrinks (at W4 they would otherwise be about a quarter of the vit_b file). Keep-float patterns
+  apply to the reading node.
 - Activation sites (none when `config.bits.quantize_activations` is false, i.e. wXa16): one per value, listing
   every quantized consumer. The input of a quantized weight layer is a LAYER_INPUT; Q, K^T, the softmax output
   and V as they enter the two attention MatMuls are ATTN_Q / ATTN_K / ATTN_PROBS / ATTN_V. A value that is both
@@ -29,6 +35,8 @@ from .patterns import GraphIndex
 from .sites import (ActivationKind, ActivationSite, AttentionSite, QuantPlan, WeightKind, WeightSite)
 
 _FLOAT_TYPES = (np.float32, np.float16, np.float64)
+CONSTANT_MIN_SIZE = 4096
+CONSTANT_BITS = 8
 _KIND = {"MatMul": WeightKind.LINEAR, "Gemm": WeightKind.LINEAR, "Conv": WeightKind.CONV,
          "ConvTranspose": WeightKind.CONV_TRANSPOSE}
 
@@ -113,6 +121,8 @@ def plan_quantization(model: onnx.ModelProto, config: QuantConfig) -> QuantPlan:
         weights.append(site)
         quantized_layers.add(site.node)
 
+    weights.extend(_constant_sites(g, {w.initializer for w in weights}, patterns, kept))
+
     nodes = {n.name: n for n in g.graph.nodes if n.name}
     attention: list[AttentionSite] = []
     for m in matches:
@@ -128,6 +138,26 @@ def plan_quantization(model: onnx.ModelProto, config: QuantConfig) -> QuantPlan:
     activations = _activation_sites(g, quantized_layers, attention) if config.bits.quantize_activations else ()
     return QuantPlan(weights=tuple(weights), activations=tuple(activations), attention=tuple(attention),
                      kept_float=tuple(kept))
+
+
+def _constant_sites(g: GraphIndex, taken: set[str], patterns: list[re.Pattern],
+                    kept: list[tuple[str, str]]) -> list[WeightSite]:
+    sites = []
+    for t in g.graph.tensors().values():
+        if not isinstance(t, gs.Constant) or t.name in taken or len(t.shape) < 2:
+            continue
+        if int(np.prod(t.shape)) < CONSTANT_MIN_SIZE or t.dtype not in _FLOAT_TYPES:
+            continue
+        readers = g.consumers(t)
+        if len(readers) != 1 or readers[0].op in _KIND:
+            continue
+        reason = keep_float_reason(g, readers[0], patterns)
+        if reason is not None:
+            kept.append((g.name(readers[0]), f"constant {t.name}: {reason}"))
+            continue
+        sites.append(WeightSite(node=g.name(readers[0]), initializer=t.name, axis=len(t.shape) - 1,
+                                kind=WeightKind.CONSTANT))
+    return sites
 
 
 def _activation_sites(g: GraphIndex, layers: set[str], attention: list[AttentionSite]) -> list[ActivationSite]:

@@ -33,7 +33,8 @@ class AttentionSite:
     probs_value: str
     v_value: str
     pair: int | None = None     # shared by the token->image and image->token sites of one TwoWayAttentionBlock
-    block: int | None = None    # encoder block index / decoder layer index, in graph order
+                                # (ids 0, 1, ... in graph order); None for self-attention and the final attention
+    block: int | None = None    # encoder block index / decoder layer index, in graph order; None for the final attention
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class WeightKind(str, Enum):
     LINEAR = "linear"                  # MatMul / Gemm with a constant weight
     CONV = "conv"
     CONV_TRANSPOSE = "conv_transpose"
+    CONSTANT = "constant"              # a large float constant that is no layer weight (position embeddings,
+                                       # relative-position tables): stored INT8 per channel (last axis), weight-only
 
 
 class ActivationKind(str, Enum):

@@ -34,6 +34,11 @@ def check_plan_names(model, plan):
     inits = {t.name: t for t in model.graph.initializer}
     for w in plan.weights:
         node = nodes[w.node]
+        if w.kind == WeightKind.CONSTANT:   # a large float constant read by one non-layer node
+            assert w.initializer in node.input and w.initializer in inits
+            assert w.axis == len(inits[w.initializer].dims) - 1
+            assert node.op_type not in ("MatMul", "Gemm", "Conv", "ConvTranspose")
+            continue
         assert node.input[1] == w.initializer and w.initializer in inits
         dims = list(inits[w.initializer].dims)
         expect = {"MatMul": len(dims) - 1, "Gemm": 0 if _attr(node, "transB", 0) else 1, "Conv": 0,
@@ -41,10 +46,12 @@ def check_plan_names(model, plan):
         assert w.axis == expect, (w.node, w.axis)
         assert w.kind == {"MatMul": WeightKind.LINEAR, "Gemm": WeightKind.LINEAR, "Conv": WeightKind.CONV,
                           "ConvTranspose": WeightKind.CONV_TRANSPOSE}[node.op_type]
-    assert len({w.node for w in plan.weights}) == len(plan.weights)
+    layers = [w.node for w in plan.weights if w.kind != WeightKind.CONSTANT]
+    assert len(set(layers)) == len(layers)
+    assert len({w.initializer for w in plan.weights}) == len(plan.weights)
     values = [a.value for a in plan.activations]
     assert len(set(values)) == len(values)  # one site per value
-    weight_nodes = {w.node for w in plan.weights}
+    weight_nodes = {w.node for w in plan.weights if w.kind != WeightKind.CONSTANT}
     attn_nodes = {n for s in plan.attention for n in (s.qk_matmul, s.av_matmul)}
     for a in plan.activations:
         assert a.consumers
@@ -68,8 +75,11 @@ def test_vit_b_full_plan(exporter):
     plan = plan_quantization(model, QuantConfig())
     check_plan_names(model, plan)
     # 12 blocks x (qkv, proj, lin1, lin2) + 2 neck convs + decoder 7 attentions x 4 + 2 MLPs x 2.
-    assert len(plan.weights) == 48 + 2 + 32
-    assert Counter(w.kind for w in plan.weights) == {WeightKind.LINEAR: 80, WeightKind.CONV: 2}
+    layers = [w for w in plan.weights if w.kind != WeightKind.CONSTANT]
+    assert len(layers) == 48 + 2 + 32
+    assert Counter(w.kind for w in layers) == {WeightKind.LINEAR: 80, WeightKind.CONV: 2}
+    constants = {w.initializer for w in plan.weights if w.kind == WeightKind.CONSTANT}
+    assert any("pos_embed" in c for c in constants)   # pos_embed is stored quantized, weight-only
     assert len(plan.attention) == 19
     kinds = Counter(a.kind for a in plan.activations)
     assert {k: kinds[k] for k in ATTN_KINDS} == {k: 19 for k in ATTN_KINDS}
@@ -82,7 +92,7 @@ def test_vit_b_full_plan(exporter):
     assert sum("output_upscaling" in n for n in kept) == 2
     assert sum("output_hypernetworks_mlps" in n for n in kept) == 12
     assert sum("iou_prediction_head" in n for n in kept) == 3
-    weight_nodes = {w.node for w in plan.weights}
+    weight_nodes = {w.node for w in plan.weights if w.kind != WeightKind.CONSTANT}
     assert not any(re.search(p, n) for p in DEFAULT_KEEP_FLOAT for n in weight_nodes)
 
 
@@ -107,7 +117,8 @@ def test_keep_float_override_and_attention_patterns():
     assert by_node["/image_encoder.patch_embed.proj/Conv"].axis == 0
     assert by_node["/mask_decoder.output_upscaling.0/ConvTranspose"].axis == 1
     assert by_node["/mask_decoder.iou_prediction_head.layers.0/Gemm"].axis == 0  # transB=1
-    assert len(everything.weights) == 82 + 1 + 2 + 12 + 3 + 1  # + the point-coordinate PE MatMul
+    layers = [w for w in everything.weights if w.kind != WeightKind.CONSTANT]
+    assert len(layers) == 82 + 1 + 2 + 12 + 3 + 1  # + the point-coordinate PE MatMul
     # Keeping the image encoder in float removes its weights and its attention sites (recorded with reasons).
     dec_only = plan_quantization(model, QuantConfig(keep_float=DEFAULT_KEEP_FLOAT + (r"image_encoder",)))
     check_plan_names(model, dec_only)
@@ -195,3 +206,26 @@ def test_passes_do_not_import_torch():
             "bad = [m for m in ('torch', 'carsam_onnx.calib') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_constant_sites_positive_and_negative():
+    """A big float constant read by one non-layer node is a CONSTANT site (INT8, last axis); a small one, or one
+    read by two nodes, is left alone."""
+    rng = np.random.default_rng(0)
+    big = numpy_helper.from_array(rng.standard_normal((64, 96)).astype(np.float32), "pos")
+    shared = numpy_helper.from_array(rng.standard_normal((64, 96)).astype(np.float32), "shared")
+    small = numpy_helper.from_array(rng.standard_normal((4, 96)).astype(np.float32), "small")
+    w = numpy_helper.from_array(rng.standard_normal((96, 96)).astype(np.float32), "w")
+    nodes = [helper.make_node("Add", ["x", "pos"], ["a"], name="add_pos"),
+             helper.make_node("Add", ["a", "shared"], ["b"], name="add_shared1"),
+             helper.make_node("Mul", ["b", "shared"], ["c"], name="mul_shared2"),
+             helper.make_node("MatMul", ["c", "w"], ["d"], name="mm"),
+             helper.make_node("Concat", ["d", "small"], ["y"], name="cat", axis=0)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 96])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [68, 96])],
+                              [big, shared, small, w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    plan = plan_quantization(model, QuantConfig())
+    consts = [s for s in plan.weights if s.kind == WeightKind.CONSTANT]
+    assert [(s.initializer, s.node, s.axis) for s in consts] == [("pos", "add_pos", 1)]
+    assert [s.initializer for s in plan.weights if s.kind == WeightKind.LINEAR] == ["w"]
