@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sam_models import CACHE, _code_hash  # noqa: E402
 
 from carsam_onnx.export.models import BuiltSam, SamArch, build_sam_arch  # noqa: E402
