@@ -57,14 +57,14 @@ def machine(device: torch.device) -> str:
 
 def bench(model_type: str, exporter: str, device: torch.device, runs: int, onnx_path: str | None) -> dict:
     built = build_sam(model_type, seed=0)
-    eager = module_for(built, "encoder", False).to(device)
     if onnx_path:
         import onnx
         model = onnx.load(onnx_path)
-    else:
+    else:  # export on the CPU, before the eager module moves to the device
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = export_onnx(built, part="encoder", exporter=exporter)
+    eager = module_for(built, "encoder", False).to(device)
     t0 = time.perf_counter()
     ex = OnnxModule(model).to(device)
     build_s = time.perf_counter() - t0
