@@ -54,7 +54,7 @@ class _Plan:
     steps: list                 # warm-up steps: every needed node
     fast_nodes: list            # the needed nodes that are not static
     steps_for: Callable         # node list -> steps
-    leaves: list                # (slot, kind, key): per-run values ("param"/"buffer", attr) / ("input", name) / ("fixed", tensor)
+    leaves: list                # (slot, kind, key): ("param"|"buffer", attr), ("input", name), ("fixed", tensor)
     record: dict                # slot of a static value -> its host-copy slot (-1: none), filled from the warm-up run
     hooked: dict[str, int]      # replaced leaf value -> slot
     outputs: list[tuple[str, int]]
@@ -172,7 +172,8 @@ class OnnxModule(nn.Module):
                     rest.append(n)
             if len(rest) == len(pending):
                 missing = sorted({x for n in rest for x in n.input if x not in done})[:3]
-                raise ModelError(f"graph has a cycle or undefined values (e.g. {missing}); it is not a valid ONNX graph")
+                raise ModelError(f"graph has a cycle or undefined values (e.g. {missing}); "
+                                 "it is not a valid ONNX graph")
             pending = rest
         return order
 

@@ -82,7 +82,8 @@ def broadcast_qparam(p: torch.Tensor, shape: torch.Size, axis: int = 1, block_si
     return p
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float, qmin: int, qmax: int) -> torch.Tensor:
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float, qmin: int,
+             qmax: int) -> torch.Tensor:
     """Integer codes (as floats) with STE rounding and clipped-STE saturation. `scale`/`zero_point`
     must already broadcast against x (see broadcast_qparam)."""
     q = round_ste(x / scale)

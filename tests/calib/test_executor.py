@@ -17,8 +17,9 @@ RNG = np.random.default_rng(0)
 D, H = 8, 2  # attention width and heads
 
 
-def _model(nodes, inputs, outputs, inits, opset=21, dtype=np.float32):
-    g = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+def _model(nodes, inputs, outputs, inits, opset=21):
+    g = helper.make_graph(nodes, "g", inputs, outputs,
+                          [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
 
 
