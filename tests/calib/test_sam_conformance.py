@@ -161,3 +161,22 @@ def test_vit_b_encoder(exporter):
     module, sess = OnnxModule(onnx.load(str(path))), _session(path)
     image = np.random.default_rng(1).normal(size=(1, 3, 1024, 1024)).astype(np.float32)
     assert_conforms(module, sess, {"image": image})
+
+
+def test_write_back_on_the_decoder_is_what_onnxruntime_runs(float_decoder, tmp_path):
+    """Change parameters in torch (as calibration's weight correction does), write them back by name,
+    and ORT on the saved file computes what the module computes."""
+    module = OnnxModule(float_decoder)
+    mm = [n for n in float_decoder.graph.node if n.op_type == "MatMul" and n.input[1] in module.params_by_name]
+    changed = [mm[0].input[1], mm[len(mm) // 2].input[1]]
+    with torch.no_grad():
+        for name in changed:
+            p = module.param(name)
+            p.add_(0.05 * torch.randn_like(p))
+    path = tmp_path / "corrected.onnx"
+    onnx.save(module.to_model_proto(), str(path))
+    feed = decoder_feed(3, seed=5)
+    assert_conforms(module, _session(path), feed)
+    before = _session(float_decoder).run(["low_res_masks"], feed)[0]
+    after = _session(path).run(["low_res_masks"], feed)[0]
+    assert np.abs(after - before).max() > 1e-3, "the changed weights must reach the file"
