@@ -37,19 +37,10 @@ EXCLUDED: dict[str, str] = {
     "test_resize_*tf_crop_and_resize*": "Resize: tf_crop_and_resize (not produced by SAM exports)",
     "test_resize_*antialias*": "Resize: antialias (not produced by SAM exports)",
     "test_resize_*exclude_outside*": "Resize: exclude_outside (not produced by SAM exports)",
-    "test_resize_*_A_n0p5*": "Resize: cubic_coeff_a other than -0.75 (torch's bicubic uses -0.75)",
-    "test_resize_*asymmetric*": "Resize: linear/cubic with asymmetric coordinates (torch has no such mode)",
-    "test_resize_*round_prefer_ceil_asymmetric*": "Resize: nearest rounding modes torch lacks",
-    "test_resize_*nearest_ceil*": "Resize: nearest_mode ceil (torch has floor and round-half-up only)",
-    "test_resize_*nearest_floor_align_corners*": "Resize: nearest with align_corners",
-    "test_resize_downsample_scales_nearest": "Resize: nearest round_prefer_floor with half_pixel",
-    "test_resize_downsample_sizes_nearest": "Resize: nearest round_prefer_floor with half_pixel",
-    "test_resize_upsample_scales_nearest": "Resize: nearest round_prefer_floor with half_pixel",
-    "test_resize_upsample_sizes_nearest": "Resize: nearest round_prefer_floor with half_pixel",
-    "test_resize_*axes*": "Resize: the axes attribute (not produced by SAM exports)",
-    "test_resize_*not_larger*": "Resize: keep_aspect_ratio_policy (not produced by SAM exports)",
-    "test_resize_*not_smaller*": "Resize: keep_aspect_ratio_policy (not produced by SAM exports)",
-    "test_resize_*align_corners*": "Resize: torch's align_corners with scales recomputes the scale from sizes",
+    "test_resize_*cubic_asymmetric*":
+        "Resize: cubic with asymmetric coordinates (torch's bicubic has half-pixel and align-corners only)",
+    "test_resize_*scales_cubic_align_corners*":
+        "Resize: cubic align_corners from scales (torch derives coordinates from the rounded size)",
     "test_batchnorm_*training*": "training mode",
     "test_training_dropout*": "training mode (random)",
     "test_maxpool_with_argmax*": "MaxPool Indices output",
@@ -69,8 +60,6 @@ EXCLUDED: dict[str, str] = {
     "test_attention_*_fp16_expanded": "float16 attention: rounding of intermediate fp16 values differs from numpy's",
     "test_bitwise_not_3d": "torch has no bitwise_not kernel for uint16",
     "test_averagepool_2d_pads_count_include_pad": "AveragePool pads larger than half the kernel",
-    "test_resize_*pytorch_half_pixel": "Resize: pytorch_half_pixel to an output size of 1",
-    "test_resize_*half_pixel_symmetric": "Resize: half_pixel_symmetric (not produced by SAM exports)",
 }
 
 

@@ -246,60 +246,103 @@ def _gmp(node: NodeCtx):
 
 # ---- Resize -----------------------------------------------------------------------------------------------
 
+def _source_coords(coord: str, out_len: int, in_len: int, scale: float, device) -> torch.Tensor:
+    """ONNX's coordinate_transformation_mode: output index -> (fractional) input coordinate. As in ONNX's
+    reference, align_corners divides by the unrounded output length in_len * scale."""
+    x = torch.arange(out_len, dtype=torch.float64, device=device)
+    if coord == "align_corners":
+        len_f = in_len * scale
+        return x * ((in_len - 1) / (len_f - 1)) if len_f > 1 else torch.zeros_like(x)
+    if coord == "asymmetric":
+        return x / scale
+    if coord == "pytorch_half_pixel":
+        return (x + 0.5) / scale - 0.5 if out_len > 1 else torch.zeros_like(x)
+    if coord == "half_pixel_symmetric":
+        adjust = out_len / (scale * in_len)
+        return in_len / 2 * (1 - adjust) + (x + 0.5) / scale - 0.5
+    return (x + 0.5) / scale - 0.5  # half_pixel
+
+
+_NEAREST = {"round_prefer_floor": lambda c: torch.ceil(c - 0.5), "round_prefer_ceil": lambda c: torch.floor(c + 0.5),
+            "floor": torch.floor, "ceil": torch.ceil}
+
+
+def _resize_axis(x: torch.Tensor, axis: int, out_len: int, scale: float, mode: str, coord: str, nearest: str):
+    """Separable resize of one axis by gathering (exact ONNX semantics for nearest and linear)."""
+    n = x.shape[axis]
+    c = _source_coords(coord, out_len, n, scale, x.device)
+    if mode == "nearest":
+        idx = _NEAREST[nearest](c).clamp(0, n - 1).long()
+        return x.index_select(axis, idx)
+    c = c.clamp(0, n - 1)
+    lo = torch.floor(c).long()
+    hi = (lo + 1).clamp(max=n - 1)
+    shape = [1] * x.dim()
+    shape[axis] = out_len
+    w = (c - lo).to(x.dtype).reshape(shape)
+    return x.index_select(axis, lo) * (1 - w) + x.index_select(axis, hi) * w
+
+
 @register("Resize", host_inputs=(1, 2, 3))
 def _resize(node: NodeCtx):
     mode = node.attr("mode", "nearest")
     coord = node.attr("coordinate_transformation_mode", "half_pixel")
     nearest = node.attr("nearest_mode", "round_prefer_floor")
     cubic_a = node.attr("cubic_coeff_a", -0.75)
-    if node.attr("antialias", 0):
-        raise node.unsupported("antialias=1")
-    if node.attr("exclude_outside", 0):
-        raise node.unsupported("exclude_outside=1")
-    if node.attr("axes") is not None:
-        raise node.unsupported("the axes attribute")
-    if node.attr("keep_aspect_ratio_policy", "stretch") != "stretch":
-        raise node.unsupported("keep_aspect_ratio_policy other than stretch")
-    # The (mode, coordinate transform) pairs that torch's interpolate computes exactly.
-    if mode == "nearest":
-        if (coord, nearest) == ("asymmetric", "floor"):
-            tmode, align = "nearest", None
-        elif coord in ("half_pixel", "pytorch_half_pixel") and nearest == "round_prefer_ceil":
-            tmode, align = "nearest-exact", None
-        else:
-            raise node.unsupported(f"nearest with {coord} / {nearest}")
-    elif mode in ("linear", "cubic"):
-        if coord == "align_corners":
-            align = True
-        elif coord in ("half_pixel", "pytorch_half_pixel"):
-            align = False
-        else:
-            raise node.unsupported(f"{mode} with coordinate_transformation_mode {coord}")
-        if mode == "cubic" and cubic_a != -0.75:
-            raise node.unsupported("cubic_coeff_a other than -0.75")
-        tmode = None
-    else:
-        raise node.unsupported(f"mode {mode!r}")
-    pytorch_hp = coord == "pytorch_half_pixel"
+    axes_attr = node.attr("axes")
+    policy = node.attr("keep_aspect_ratio_policy", "stretch")
+    if policy not in ("stretch", "not_larger", "not_smaller"):
+        raise node.unsupported(f"keep_aspect_ratio_policy {policy!r}")
+    for attr, default in (("antialias", 0), ("exclude_outside", 0)):
+        if node.attr(attr, default) != default:
+            raise node.unsupported(f"Resize attribute {attr}={node.attr(attr)!r}")
+    if coord == "tf_crop_and_resize":
+        raise node.unsupported("coordinate_transformation_mode tf_crop_and_resize")
+    if mode not in ("nearest", "linear", "cubic") or nearest not in _NEAREST:
+        raise node.unsupported(f"mode {mode!r} / nearest_mode {nearest!r}")
+    # torch's interpolate computes these (mode, coordinate transform) pairs exactly and fast.
+    fast = None
+    if mode == "nearest" and (coord, nearest) == ("asymmetric", "floor"):
+        fast = ("nearest", None)
+    elif mode == "nearest" and coord in ("half_pixel", "pytorch_half_pixel") and nearest == "round_prefer_ceil":
+        fast = ("nearest-exact", None)
+    elif mode in ("linear", "cubic") and coord in ("align_corners", "half_pixel", "pytorch_half_pixel"):
+        fast = (mode, coord == "align_corners")
+    if mode == "cubic" and (fast is None or cubic_a != -0.75):
+        raise node.unsupported(f"cubic with {coord} / cubic_coeff_a {cubic_a}")
 
     def resize(x, roi=None, scales=None, sizes=None):
-        nd = x.dim() - 2
-        sc = scales.tolist() if scales is not None and scales.numel() else None
-        if sc is not None and (sc[0] != 1 or sc[1] != 1):
-            raise node.unsupported("resizing the batch or channel axis")
+        nd, r = x.dim() - 2, x.dim()
+        axes = [a + r if a < 0 else a for a in axes_attr] if axes_attr is not None else list(range(r))
+        out, sc = list(x.shape), [1.0] * r
         if sizes is not None and sizes.numel():
-            size = ints(sizes)[2:]
-            if pytorch_hp and any(s == 1 for s in size):
-                raise node.unsupported("pytorch_half_pixel with an output size of 1")
-            kw = {"size": size}
+            for a, v in zip(axes, ints(sizes)):
+                out[a], sc[a] = v, v / x.shape[a]
+            if policy != "stretch":
+                pick = min if policy == "not_larger" else max
+                s_ = pick(sc[a] for a in axes)
+                for a in axes:
+                    sc[a], out[a] = s_, math.floor(s_ * x.shape[a] + 0.5)
         else:
-            kw = {"scale_factor": sc[2:], "recompute_scale_factor": False}
-            if pytorch_hp and any(math.floor(x.shape[2 + i] * sc[2 + i]) == 1 for i in range(nd)):
-                raise node.unsupported("pytorch_half_pixel with an output size of 1")
-        if tmode is not None:
+            for a, v in zip(axes, scales.tolist()):
+                sc[a], out[a] = float(v), math.floor(x.shape[a] * float(v))
+        generic = fast is None or out[0] != x.shape[0] or out[1] != x.shape[1] or nd not in (1, 2, 3) or \
+            (coord == "pytorch_half_pixel" and any(o == 1 for o in out[2:])) or policy != "stretch" or \
+            (fast[1] and sizes is None)  # torch's align_corners with scales rederives them from sizes
+        if generic:
+            if mode == "cubic":
+                raise node.unsupported("cubic resize outside torch's interpolate modes")
+            for a in range(x.dim()):
+                if out[a] != x.shape[a] or sc[a] != 1:
+                    x = _resize_axis(x, a, out[a], sc[a], mode, coord, nearest)
+            return x
+        kw = {"size": out[2:]} if sizes is not None and sizes.numel() else \
+            {"scale_factor": sc[2:], "recompute_scale_factor": False}
+        tmode, align = fast
+        if tmode in ("nearest", "nearest-exact"):
             return F.interpolate(x, mode=tmode, **kw)
+        m = "bicubic" if mode == "cubic" else {1: "linear", 2: "bilinear", 3: "trilinear"}[nd]
         if mode == "cubic" and nd != 2:
             raise node.unsupported("cubic resize of other than 2 spatial axes")
-        m = "bicubic" if mode == "cubic" else {1: "linear", 2: "bilinear", 3: "trilinear"}[nd]
         return F.interpolate(x, mode=m, align_corners=align, **kw)
     return resize
