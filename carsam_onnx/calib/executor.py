@@ -13,8 +13,8 @@ values, replaced values) gets a *plan*: the nodes the requested values need, fou
 and stopping at the given tensors (so `start=` runs a sub-range of the graph). Values that depend only
 on constants and on tensor shapes (Shape -> Gather -> Concat -> Reshape chains of TorchScript exports)
 are *static*: the first run of a plan computes them, later runs of the same plan reuse them and skip
-their nodes. Integer initializers (buffers) count as constants for this; call `invalidate()` after
-changing one in place. Values are freed after their last consumer ran.
+their nodes. Integer initializers (buffers) count as constants for this: a plan whose buffers were
+changed in place or replaced is rebuilt. Values are freed after their last consumer ran.
 """
 from __future__ import annotations
 
@@ -61,6 +61,7 @@ class _Plan:
     fast_steps: list | None = None   # after warm-up: the non-static nodes only
     template: list | None = None     # slot values prefilled for fast runs
     recorded: dict | None = None
+    buffers: tuple = ()              # (attr, tensor, version) of the buffers treated as constants
 
 
 def _sanitize(name: str, used: set[str]) -> str:
@@ -251,7 +252,7 @@ class OnnxModule(nn.Module):
                     self._hooks[k] = fn
 
     def invalidate(self) -> None:
-        """Forget cached plans and static values (after changing a buffer in place)."""
+        """Forget cached plans and static values (buffer changes are detected without it)."""
         self._plans.clear()
         self._const_on.clear()
 
@@ -290,6 +291,8 @@ class OnnxModule(nn.Module):
         key = (dev, tuple((k, tuple(v.shape), v.dtype) for k, v in given.items()), tuple(wanted),
                tuple(sorted(hooks)))
         plan = self._plans.get(key)
+        if plan is not None and not self._buffers_unchanged(plan):
+            plan = None
         if plan is None:
             self._check_names(wanted, "requested")
             self._check_names(hooks, "replaced")
@@ -304,6 +307,10 @@ class OnnxModule(nn.Module):
                 self._plans.popitem(last=False)
         self._state.device = dev
         return self._execute(plan, given, hooks)
+
+    def _buffers_unchanged(self, plan: _Plan) -> bool:
+        b = self.initializers._buffers
+        return all(b.get(a) is t and t._version == v for a, t, v in plan.buffers)
 
     def _device_of(self, given: Mapping[str, torch.Tensor]) -> torch.device:
         for v in given.values():
@@ -437,8 +444,10 @@ class OnnxModule(nn.Module):
         # Static values the fast steps or the caller read, filled from the warm-up run.
         fast_reads = {x for n in fast_nodes for x in n.inputs if x} | set(wanted)
         record = {slots[v]: host_slot.get(v, -1) for v in value_static & fast_reads}
+        bufs = tuple((self._attr_of[v], t, t._version) for v, t in fixed.items() if v in self._attr_of)
         return _Plan(nslots, steps_for(nodes, False), fast_nodes, steps_for, run_leaves, record,
-                     {v: slots[v] for v in hooked if v in leaves}, [(w, slots[w]) for w in wanted], recorded={})
+                     {v: slots[v] for v in hooked if v in leaves}, [(w, slots[w]) for w in wanted], recorded={},
+                     buffers=bufs)
 
     def _execute(self, plan: _Plan, given: Mapping[str, torch.Tensor], hooks: Mapping[str, Hook]) -> dict:
         warm = plan.template is None

@@ -229,3 +229,18 @@ def test_constant_folding_and_cuda_move(attn):
     assert all(p.is_cuda for p in module.parameters())
     got = module(x=x.cuda())["y"]
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_changing_an_integer_initializer_rebuilds_the_cached_plan(attn):
+    """Buffers count as constants for the static-value cache; an in-place change must not go stale."""
+    module = OnnxModule(attn)
+    x = torch.randn(1, 4, D)
+    y1 = module(x=x)["y"]
+    module(x=x)
+    with torch.no_grad():   # i1 picks N out of Shape(x) for the (cached) head-split shape; 2 picks D instead
+        module.buffer("i1").fill_(2)
+    with pytest.raises(ModelError, match="Reshape node"):
+        module(x=x)
+    with torch.no_grad():
+        module.buffer("i1").fill_(1)
+    torch.testing.assert_close(module(x=x)["y"], y1)
