@@ -310,7 +310,7 @@ class OnnxModule(nn.Module):
 
     def _buffers_unchanged(self, plan: _Plan) -> bool:
         b = self.initializers._buffers
-        return all(b.get(a) is t and t._version == v for a, t, v in plan.buffers)
+        return all(b.get(a) is t and _version(t) == v for a, t, v in plan.buffers)
 
     def _device_of(self, given: Mapping[str, torch.Tensor]) -> torch.device:
         for v in given.values():
@@ -444,7 +444,7 @@ class OnnxModule(nn.Module):
         # Static values the fast steps or the caller read, filled from the warm-up run.
         fast_reads = {x for n in fast_nodes for x in n.inputs if x} | set(wanted)
         record = {slots[v]: host_slot.get(v, -1) for v in value_static & fast_reads}
-        bufs = tuple((self._attr_of[v], t, t._version) for v, t in fixed.items() if v in self._attr_of)
+        bufs = tuple((self._attr_of[v], t, _version(t)) for v, t in fixed.items() if v in self._attr_of)
         return _Plan(nslots, steps_for(nodes, False), fast_nodes, steps_for, run_leaves, record,
                      {v: slots[v] for v in hooked if v in leaves}, [(w, slots[w]) for w in wanted], recorded={},
                      buffers=bufs)
@@ -536,6 +536,11 @@ class OnnxModule(nn.Module):
             inits.append(_to_tensor_proto(t.detach(), name, self._init_types[name]))
         m.graph.initializer.extend(inits)
         return m
+
+
+def _version(t: torch.Tensor) -> int:
+    """In-place modification counter (inference-mode tensors have none: -1)."""
+    return -1 if t.is_inference() else t._version
 
 
 def _to_tensor_proto(t: torch.Tensor, name: str, onnx_type: int) -> onnx.TensorProto:
