@@ -24,12 +24,12 @@ from pathlib import Path
 CLI = [sys.executable, "-m", "carsam_onnx", "-q"]
 
 
-def sh(args: list[str]) -> float:
+def sh(args: list[str]) -> tuple[float, str]:
     t = time.perf_counter()
     res = subprocess.run(args, capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"failed: {' '.join(args)}\n{res.stderr[-2000:]}")
-    return time.perf_counter() - t
+    return time.perf_counter() - t, res.stdout
 
 
 def machine(device: str) -> str:
@@ -49,10 +49,13 @@ def export(tmp: Path, model_type: str) -> Path:
 def bench_quantize(a, tmp: Path) -> dict:
     fp = export(tmp, a.model_type)
     out = tmp / "q.onnx"
-    secs = sh(CLI + ["quantize", str(fp), "-o", str(out), "--bits", a.bits, "--method", a.method,
-                     "--num-calib", str(a.num_calib), "--device", a.device])
+    cmd = [c for c in CLI if c != "-q"] + ["quantize", str(fp), "-o", str(out), "--bits", a.bits, "--method",
+                                           a.method, "--num-calib", str(a.num_calib), "--device", a.device]
+    secs, stdout = sh(cmd)
+    summary = [line for line in stdout.splitlines() if line.startswith(("output SQNR", "size:"))]
     return {"what": "quantize", "model": a.model_type, "bits": a.bits, "method": a.method,
-            "num_calib": a.num_calib, "device": a.device, "wall_s": round(secs, 1), "machine": machine(a.device)}
+            "num_calib": a.num_calib, "device": a.device, "wall_s": round(secs, 1), "summary": summary,
+            "machine": machine(a.device)}
 
 
 def bench_eval(a, tmp: Path) -> dict:
