@@ -12,7 +12,7 @@ MSE of the IoU head to each output's true IoU. AdamW, one-cycle, bf16 autocast o
 Determinism: all randomness is seeded from --seed; GPU kernels (cuBLAS/cuDNN reductions, atomics in
 backward) can still change the last bits from run to run.
 
-    python tools/train_reference.py --steps 9000 --out OUT [--device cuda]
+    python tools/train_reference.py --out OUT [--steps 8000 --batch-images 64 --device cuda] [--time-limit S [--resume CKPT]]
 
 writes OUT/reference_sam.pt (fp16 state dict of Sam) and OUT/reference_training.json.
 """
@@ -271,8 +271,8 @@ def train_step(sam, opt, batch, kind: str, n_points: int, device, amp: bool):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=9000)
-    ap.add_argument("--batch-images", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=8000)
+    ap.add_argument("--batch-images", type=int, default=64)
     ap.add_argument("--lr", type=float, default=4e-4)
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
