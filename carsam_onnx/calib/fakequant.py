@@ -40,19 +40,10 @@ def qrange(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
     return 0, (1 << bits) - 1
 
 
-class _RoundSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return torch.round(x)  # round half to even, like ONNX
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
-
-
 def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """round-half-to-even with an identity gradient."""
-    return _RoundSTE.apply(x)
+    """round-half-to-even (like ONNX) with an identity gradient. Written with detach rather than an
+    autograd.Function so that torch.func.vmap can batch it (the torch runtime vmaps prompts on GPUs)."""
+    return x + (torch.round(x) - x).detach()
 
 
 def grad_scale(t: torch.Tensor, g: float) -> torch.Tensor:
