@@ -39,6 +39,8 @@ def check_writable(path: str | Path, force: bool) -> Path:
     if path.exists() and path.is_dir():
         raise OutputError(f"{path} is a directory, not a file path")
     parent = path.parent if str(path.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise OutputError(f"cannot write {path}: {parent} is a file, not a folder")
     if not parent.is_dir():
         raise OutputError(f"cannot write {path}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK):

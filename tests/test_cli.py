@@ -56,6 +56,9 @@ def test_export_checkpoint_of_other_model_type(capsys, tmp_path):
 def test_export_unwritable_and_existing_output(capsys, tmp_path):
     code, _, err = run(capsys, "export", "--model-type", "vit_b", "--random-init", "-o", str(tmp_path / "no" / "m.onnx"))
     assert_one_line_error(code, err, "does not exist")
+    (tmp_path / "file").write_text("x")
+    code, _, err = run(capsys, "export", "--model-type", "vit_b", "--random-init", "-o", str(tmp_path / "file" / "m.onnx"))
+    assert_one_line_error(code, err, "is a file, not a folder")
     ro = tmp_path / "ro"
     ro.mkdir()
     os.chmod(ro, 0o500)
