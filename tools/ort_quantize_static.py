@@ -36,7 +36,8 @@ What stays different:
 - INT4 weights: ORT has no restricted symmetric range for INT4, so it maps [-absmax, absmax] onto [-8, 7] with
   scale absmax / 7.5 and zero point 0: a channel's largest positive weight clips to 7/7.5 of itself. Ours use
   absmax / 7 (the grid of the 8-bit case, as in the papers).
-- Conv/Gemm biases become INT32 with scale = input scale x weight scale; ours keep biases float.
+- Conv/Gemm biases would become INT32 with scale = input scale x weight scale (ours stay float); SAM has none
+  among the quantized layers (the neck convolutions have no bias, every Gemm is kept float).
 - Bit-widths: weights 8 or 4, activations 8 or 4 only (QuantType has no 6-, 3- or 2-bit integer types); other
   widths raise NotExpressible. INT4 needs opset 21 (quantize_static upgrades the model).
 Pre-processing (`quant_pre_process`) is not run: it fails on TorchScript-exported SAM graphs; the dynamo exports
