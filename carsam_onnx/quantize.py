@@ -18,7 +18,7 @@ from .data.prompts import load_calibration_set
 from .errors import CalibrationError
 from .modelio import check_writable, load_model, save_model
 
-HELDOUT = 4   # held-out prompts for the output SQNR in the summary
+HELDOUT = 2   # held-out images (one box each) for the output SQNR in the summary
 
 
 @dataclass
@@ -32,6 +32,7 @@ class QuantizeReport:
     input_bytes: int
     output_bytes: int
     warnings: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)   # wall time by stage
 
     def lines(self) -> list[str]:
         fmt = lambda d: ", ".join(f"{k} {v}" for k, v in d.items()) or "none"  # noqa: E731
@@ -41,7 +42,8 @@ class QuantizeReport:
                 f"attention sites: {sum(self.attention_by_role.values())} ({fmt(self.attention_by_role)})",
                 "output SQNR vs FP on held-out prompts: " + ", ".join(f"{k} {v:.1f} dB" for k, v in self.sqnr_db.items()),
                 f"size: {self.output_bytes / 1e6:.1f} MB ({self.output_bytes / max(self.input_bytes, 1):.3f}x of "
-                f"{self.input_bytes / 1e6:.1f} MB) -> {self.output}"]
+                f"{self.input_bytes / 1e6:.1f} MB) -> {self.output}",
+                "time: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items())]
 
 
 def file_bytes(path: Path) -> int:
@@ -103,6 +105,7 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
 
     model_path, output = Path(model_path), Path(output)
     check_writable(output, force)
+    clock = _Clock()
     model = load_model(model_path)
     notes: list[str] = []
     plan = plan_quantization(model, config)
@@ -111,12 +114,15 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
         warnings.warn(msg, stacklevel=2)
         notes.append(msg)
     size = image_size(model)
+    clock.lap("load and plan")
     calib, held = calibration_samples(config, size, calib_images, calib_prompts)
     feeds = build_feeds(model, calib, encoder, embeddings)
     held_feeds = build_feeds(model, held, encoder, embeddings)
+    clock.lap("calibration data")
     with tqdm(total=len(feeds), desc=f"calibrating ({config.method}, {config.bits})", unit="img",
               disable=not progress or None) as bar:
         artifact = calibrate(model, plan, config, feeds, bar)
+    clock.lap("calibration")
     qmodel = emit_qdq(model, plan, artifact, **target_options(config))
     if config.target == "trt":
         from .passes.trt_rules import check_trt, errors, format_report
@@ -126,6 +132,7 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
             notes.append("TensorRT rules: " + format_report(violations).replace("\n", "; "))
             warnings.warn(notes[-1], stacklevel=2)
     save_model(qmodel, output, force=force)
+    clock.lap("emit and save")
     report = QuantizeReport(
         output=output,
         weights_by_kind=dict(Counter(w.kind.value for w in plan.weights)),  # "constant": INT8 position tables
@@ -134,6 +141,22 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
         kept_float=len(plan.kept_float), sqnr_db={}, input_bytes=file_bytes(model_path),
         output_bytes=file_bytes(output), warnings=notes)
     report.sqnr_db = output_sqnr(model_path, output, held_feeds)
+    clock.lap("held-out SQNR")
+    report.seconds = clock.laps
     return report
+
+
+class _Clock:
+    def __init__(self):
+        import time
+
+        self._now = time.perf_counter
+        self._t = self._now()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        t = self._now()
+        self.laps[name] = t - self._t
+        self._t = t
 
 

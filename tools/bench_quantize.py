@@ -52,7 +52,7 @@ def bench_quantize(a, tmp: Path) -> dict:
     cmd = [c for c in CLI if c != "-q"] + ["quantize", str(fp), "-o", str(out), "--bits", a.bits, "--method",
                                            a.method, "--num-calib", str(a.num_calib), "--device", a.device]
     secs, stdout = sh(cmd)
-    summary = [line for line in stdout.splitlines() if line.startswith(("output SQNR", "size:"))]
+    summary = [line for line in stdout.splitlines() if line.startswith(("output SQNR", "size:", "time:"))]
     return {"what": "quantize", "model": a.model_type, "bits": a.bits, "method": a.method,
             "num_calib": a.num_calib, "device": a.device, "wall_s": round(secs, 1), "summary": summary,
             "machine": machine(a.device)}
