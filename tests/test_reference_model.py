@@ -3,7 +3,7 @@ prompted object.
 
 Quality is checked through segment-anything's own SamPredictor (not the project's export or training code),
 on a small synthetic validation set (seed 2, the validation seed; training used seeds >= 1000). The
-acceptance figures on 200 images are in docs/benchmarks_training.md.
+acceptance figures on 200 images are in docs/benchmarks.md.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ exported ONNX graph, same weights, device, threads and input; medians of interle
 the same process.
 
     .venv/bin/python tools/bench_executor.py --model-type vit_b --exporter dynamo --runs 3
-    .venv/bin/python tools/bench_executor.py --device cuda --exporter dynamo torchscript --runs 20 --write docs/benchmarks_executor.md
+    .venv/bin/python tools/bench_executor.py --device cuda --exporter dynamo torchscript --runs 20 --write docs/benchmarks.md
 
 Prints one JSON line per exporter; --write appends a markdown row (command, machine, date, figures).
 """

@@ -370,7 +370,7 @@ def main(argv=None) -> int:
         "final_losses": log[-1] if log else None, "log": log,
         "validation": {"seed": VAL_SEED, "images": args.val_images, **metrics,
                        "note": "ap_like = mean over IoU .50:.95 of the share of instances above it; GT boxes; "
-                               "COCO segm mAP is measured separately with pycocotools (docs/benchmarks_training.md)"},
+                               "COCO segm mAP is measured separately with pycocotools (docs/benchmarks.md)"},
         "determinism": "all randomness seeded from --seed; GPU kernels can still change the last bits between runs",
     }
     (args.out / "reference_training.json").write_text(json.dumps(record, indent=1))
