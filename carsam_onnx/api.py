@@ -50,3 +50,11 @@ def inspect(path: str | Path) -> dict:
 
 def load(path: str | Path) -> onnx.ModelProto:
     return load_model(path)
+
+
+def quantize(model_path, output, config=None, **kwargs):
+    """Calibrate and write a Q/DQ model (see carsam_onnx.quantize.quantize)."""
+    from .config import QuantConfig
+    from .quantize import quantize as run_quantize
+
+    return run_quantize(model_path, output, config or QuantConfig(), **kwargs)
