@@ -229,8 +229,11 @@ def verdicts(results: dict, fp: dict | None, cols: list[Column]) -> list[str]:
     mm = results.get(("w8a8", "ours_minmax"))
     if mm and "error" not in mm:
         share = mm["segm_mAP"] / fpm
+        peer = results.get(("w8a8", "ort_minmax"))
+        also = (f"; ORT quantize_static W8A8 MinMax keeps {100 * peer['segm_mAP'] / fpm:.1f}%"
+                if peer and "error" not in peer else "")
         out.append(f"- W8A8 MinMax (ours) keeps {100 * share:.1f}% of FP mAP "
-                   f"({'meets' if share >= W8A8_KEEP else 'FAILS'} the >= {100 * W8A8_KEEP:.0f}% acceptance).")
+                   f"({'meets' if share >= W8A8_KEEP else 'FAILS'} the >= {100 * W8A8_KEEP:.0f}% acceptance){also}.")
     for bits in ("w4a4", "w3a3"):
         cands = [(results[(bits, c.key)]["segm_mAP"], c) for c in cols
                  if c.method != "carsam" and results.get((bits, c.key)) and "error" not in results[(bits, c.key)]]
