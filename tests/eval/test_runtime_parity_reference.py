@@ -34,7 +34,7 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bits,method", [(None, None), ("w8a8", "minmax"), ("w4a4", "percentile")])
+@pytest.mark.parametrize("bits,method", [(None, None), ("w4a4", "percentile")])   # W8A8: test_runtime_parity_qdq
 def test_ort_and_torch_runtimes_agree(reference, bits, method):
     tmp, fp, val = reference
     model = fp
