@@ -140,7 +140,12 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
         attention_by_role=dict(Counter(s.role.value for s in plan.attention)),
         kept_float=len(plan.kept_float), sqnr_db={}, input_bytes=file_bytes(model_path),
         output_bytes=file_bytes(output), warnings=notes)
-    report.sqnr_db = output_sqnr(model_path, output, held_feeds)
+    try:
+        report.sqnr_db = output_sqnr(model_path, output, held_feeds)
+    except BaseException:   # a command that fails leaves no output behind
+        output.unlink(missing_ok=True)
+        output.with_name(output.name + ".data").unlink(missing_ok=True)
+        raise
     clock.lap("held-out SQNR")
     report.seconds = clock.laps
     return report

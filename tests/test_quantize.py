@@ -209,3 +209,17 @@ def test_refuses_bad_arguments_before_work(tmp_path, capsys):
     out.unlink()
     code, _, err = run(capsys, "quantize", dec, "-o", str(out))
     assert_refused(code, err, out, "--encoder")
+
+
+def test_failure_after_writing_leaves_no_output(tmp_path, capsys, monkeypatch):
+    """If the held-out check fails (ORT cannot run the result), the command fails and removes its output."""
+    import carsam_onnx.quantize as q
+    from carsam_onnx.errors import ModelError
+
+    def broken(*args, **kwargs):
+        raise ModelError("ONNX Runtime cannot load the quantized model: simulated")
+
+    monkeypatch.setattr(q, "output_sqnr", broken)
+    out = tmp_path / "q.onnx"
+    code, _, err = run(capsys, "quantize", str(tiny_sam_paths()["full"]), "-o", str(out), "--num-calib", "1")
+    assert_refused(code, err, out, "simulated")
