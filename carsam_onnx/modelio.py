@@ -20,15 +20,16 @@ def load_model(path: str | Path, load_external_data: bool = True) -> onnx.ModelP
     try:
         model = onnx.load(str(path), load_external_data=load_external_data)
     except Exception as e:
-        raise ModelError(f"{path} is not a readable ONNX model ({type(e).__name__}: {_first_line(e)})") from None
+        raise ModelError(f"{path} is not a readable ONNX model ({type(e).__name__}: {first_line(e)})") from None
     if not model.graph.node:
         raise ModelError(f"{path} is not an ONNX model with a graph (empty or truncated file?)")
     return model
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
+    """The first line of an exception's message (for one-line errors)."""
     s = str(e).strip()
-    return s.splitlines()[0][:200] if s else "no detail"
+    return s.splitlines()[0][:300] if s else type(e).__name__
 
 
 def check_writable(path: str | Path, force: bool) -> Path:

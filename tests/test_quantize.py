@@ -223,3 +223,17 @@ def test_failure_after_writing_leaves_no_output(tmp_path, capsys, monkeypatch):
     out = tmp_path / "q.onnx"
     code, _, err = run(capsys, "quantize", str(tiny_sam_paths()["full"]), "-o", str(out), "--num-calib", "1")
     assert_refused(code, err, out, "simulated")
+
+
+def test_decoder_calibrated_through_an_encoder_model(tmp_path, capsys):
+    """--encoder ENC.onnx: the decoder's calibration embeddings come from running the encoder in ORT; a model
+    that is no encoder is refused."""
+    paths = tiny_sam_paths()
+    out = tmp_path / "dec.onnx"
+    code, stdout, err = run(capsys, "quantize", str(paths["decoder"]), "-o", str(out), "--bits", "w8a8",
+                            "--num-calib", "2", "--encoder", str(paths["encoder"]))
+    assert code == 0, err
+    assert float(stdout.split("low_res_masks ")[1].split(" dB")[0]) > 20
+    out2 = tmp_path / "dec2.onnx"
+    code, _, err = run(capsys, "quantize", str(paths["decoder"]), "-o", str(out2), "--encoder", str(paths["decoder"]))
+    assert_refused(code, err, out2, "not a SAM image encoder")

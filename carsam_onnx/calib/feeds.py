@@ -13,45 +13,35 @@ import onnx
 from ..data.prompts import CalibSample
 from ..errors import CalibrationError, ModelError
 
-FULL = ("image", "point_coords", "point_labels")
-ENCODER = ("image",)
-DECODER = ("image_embeddings", "point_coords", "point_labels")
-
 
 def model_kind(model: onnx.ModelProto) -> str:
-    inits = {t.name for t in model.graph.initializer}
-    names = tuple(i.name for i in model.graph.input if i.name not in inits)
-    for kind, expected in (("full", FULL), ("decoder", DECODER), ("encoder", ENCODER)):
-        if names == expected:
-            return kind
-    raise ModelError(f"model inputs {list(names)} are not SAM's: expected {list(FULL)} (full), "
-                     f"{list(ENCODER)} (encoder) or {list(DECODER)} (decoder), as `carsam-onnx export` writes them")
+    """full | encoder | decoder, recognised as evaluation does (eval.runner.inspect_sam_model)."""
+    from ..eval.runner import inspect_sam_model
+
+    kind = inspect_sam_model(model).kind
+    if kind == "official_decoder":
+        raise ModelError("segment-anything's own decoder export (mask_input, orig_im_size inputs) is evaluated but "
+                         "not quantized here; export the decoder with `carsam-onnx export --split`")
+    return kind
 
 
 def image_size(model: onnx.ModelProto) -> int:
-    for p in model.metadata_props:
-        if p.key == "carsam.image_size":
-            return int(p.value)
-    for i in model.graph.input:
-        if i.name == "image":
-            return int(i.type.tensor_type.shape.dim[-1].dim_value)
-        if i.name == "image_embeddings":
-            return 16 * int(i.type.tensor_type.shape.dim[-1].dim_value)
-    raise ModelError("cannot tell the model's image size (no carsam.image_size metadata and no static image input)")
+    from ..eval.runner import inspect_sam_model
+
+    size = inspect_sam_model(model).image_size
+    if size is None:
+        raise ModelError("cannot tell the model's image size (no carsam.image_size metadata and no static image input)")
+    return size
 
 
 def _embeddings_from_encoder(encoder: str | Path, samples: list[CalibSample]) -> list[np.ndarray]:
-    import onnxruntime as ort
-
+    from ..eval.runner import OrtRuntime
     from ..modelio import load_model
 
-    enc_model = load_model(encoder)
-    if model_kind(enc_model) != "encoder":
+    if model_kind(load_model(encoder)) != "encoder":
         raise ModelError(f"--encoder {encoder} is not a SAM image encoder (input 'image' -> 'image_embeddings')")
-    so = ort.SessionOptions()
-    so.enable_cpu_mem_arena = False   # the arena grows by GBs per vit_b encoder run; plain allocations do not
-    sess = ort.InferenceSession(str(encoder), so, providers=["CPUExecutionProvider"])
-    return [sess.run(None, {"image": s.image})[0] for s in samples]
+    sess = OrtRuntime().session(Path(encoder), "encoder")
+    return [next(iter(sess.run({"image": s.image}).values())) for s in samples]
 
 
 def _embeddings_from_npz(path: str | Path, count: int) -> list[np.ndarray]:

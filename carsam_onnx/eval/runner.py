@@ -33,7 +33,7 @@ from ..data.coco import CocoDataset, load_coco_dataset
 from ..data.preprocess import Geometry, postprocess_masks, preprocess_image
 from ..data.prompts import BoxPrompt, box_inputs, gt_box_prompts, load_detection_prompts
 from ..errors import InputError, ModelError, OutputError
-from ..modelio import EXTERNAL_DATA_THRESHOLD, initializer_bytes, load_model
+from ..modelio import EXTERNAL_DATA_THRESHOLD, first_line, initializer_bytes, load_model
 from .metrics import Prediction, encode_masks, segm_metrics
 from .split import split_full_model
 
@@ -119,7 +119,7 @@ class OrtRuntime(Runtime):
             return ort.InferenceSession(src, so, providers=self.providers,
                                         disabled_optimizers=list(self.DISABLED_OPTIMIZERS))
         except Exception as e:
-            raise ModelError(f"ONNX Runtime cannot load the {what}: {_first_line(e)}") from None
+            raise ModelError(f"ONNX Runtime cannot load the {what}: {first_line(e)}") from None
 
 
 def _ort_runtime(device: str | None = None) -> Runtime:
@@ -155,11 +155,6 @@ def get_runtime(runtime: str | Runtime, device: str | None = None) -> Runtime:
     if runtime not in RUNTIMES:
         raise InputError(f"--runtime {runtime!r} is not available; choose one of {', '.join(RUNTIMES)}")
     return RUNTIMES[runtime](device=device)
-
-
-def _first_line(e: Exception) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0][:300] if s else type(e).__name__
 
 
 # ---- what kind of SAM graph is this? ----------------------------------------------------------------------

@@ -14,10 +14,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from carsam_onnx.passes.attention import attention_report, find_attention, inspect_attention
 from carsam_onnx.passes.sites import Role
+from onnx_graphs import float_input as _vi
+from onnx_graphs import make_model as _model
 from sam_models import official_decoder_path, sam_onnx_path
 
 RNG = np.random.default_rng(0)
@@ -182,16 +184,6 @@ def test_large_encoders(model_type, depth):
 
 
 # ------------------------------------------------------------------------------------------ small graphs
-
-def _model(nodes, inputs, outputs, inits):
-    g = helper.make_graph(nodes, "g", inputs, outputs,
-                          [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
-
-
-def _vi(name, shape):
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
-
 
 def _w(*shape):
     return (RNG.normal(size=shape) / np.sqrt(shape[0])).astype(np.float32)

@@ -12,20 +12,13 @@ from carsam_onnx.errors import CarsamError, ModelError
 from carsam_onnx.passes import bits as B
 from carsam_onnx.passes.emit_qdq import META_PREFIX, emit_qdq
 from carsam_onnx.passes.sites import ActivationKind, ActivationSite, QuantPlan, WeightKind, WeightSite
+from onnx_graphs import float_input as _vi  # noqa: E402
+from onnx_graphs import make_model as _model  # noqa: E402
 
 RNG = np.random.default_rng(0)
 
 
 # ------------------------------------------------------------------------------------------ small graphs
-
-def _model(nodes, inputs, outputs, inits, opset=21):
-    g = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in inits.items()])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
-
-
-def _vi(name, shape):
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
-
 
 def matmul_model(k=64, n=32, extra_relu=False):
     """x[4,k] @ W[k,n] + b; optionally x also feeds a Relu (a second, unlisted consumer)."""

@@ -14,6 +14,8 @@ from carsam_onnx.config import DEFAULT_KEEP_FLOAT, BitWidths, QuantConfig
 from carsam_onnx.errors import InputError, ModelError
 from carsam_onnx.passes.plan import plan_quantization
 from carsam_onnx.passes.sites import ActivationKind, WeightKind
+from onnx_graphs import float_input as _vi
+from onnx_graphs import make_model as _model
 from sam_models import official_decoder_path, sam_onnx_path
 
 ATTN_KINDS = {ActivationKind.ATTN_Q, ActivationKind.ATTN_K, ActivationKind.ATTN_PROBS, ActivationKind.ATTN_V}
@@ -154,16 +156,6 @@ def test_shared_value_is_one_site_with_all_consumers():
 
 
 # ------------------------------------------------------------------------------------------ small graphs
-
-def _model(nodes, inputs, outputs, inits):
-    g = helper.make_graph(nodes, "g", inputs, outputs,
-                          [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
-
-
-def _vi(name, shape):
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
-
 
 def test_small_graph_axes_and_non_weight_layers():
     w = np.ones((8, 8), np.float32)
