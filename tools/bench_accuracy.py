@@ -4,7 +4,7 @@
         [--num-val 200] [--limit N] [--bits w8a8 w6a6 w4a4 w3a3] [--ours minmax percentile mse]
         [--ort minmax percentile] [--out-md docs/results_accuracy.md] [--table-only] [--rerun] [--keep-models]
 
-- FP model: --model, or the bundled trained reference model exported once to WORK/fp.onnx (dynamo exporter);
+- FP model: --model, or the bundled trained reference model exported once to WORK/fp_<weights sha256[:12]>.onnx (dynamo exporter);
   --random-init SEED exports a random-init reference model instead (plumbing only: its metrics mean nothing).
 - Validation set: WORK/val, synthetic, `--num-val` images from VALIDATION_SEED (2); prompts are the
   ground-truth boxes; `--limit N` evaluates only its first N images (a quick run).
@@ -87,11 +87,13 @@ def fp_model(work: Path, model: str | None, random_init: int | None) -> tuple[Pa
         if not p.is_file():
             raise InputError(f"--model {p} not found")
         return p, f"`{p.name}`"
-    from carsam_onnx.export.models import build_sam
+    from carsam_onnx.export.models import REFERENCE_WEIGHTS, build_sam, sha256_of
     from carsam_onnx.export.onnx_export import export_onnx
     from carsam_onnx.modelio import save_model
 
-    name = "fp.onnx" if random_init is None else f"fp_random{random_init}.onnx"
+    # keyed by the bundled weights, so retrained weights never meet a stale export
+    name = (f"fp_{sha256_of(REFERENCE_WEIGHTS)[:12]}.onnx" if random_init is None
+            else f"fp_random{random_init}.onnx")
     path = work / name
     desc = ("the bundled trained reference model (`carsam-onnx export --model-type reference`)" if random_init is None
             else f"a RANDOM-INIT reference-architecture model (seed {random_init}): plumbing only, metrics meaningless")

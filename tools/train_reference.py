@@ -13,6 +13,7 @@ Determinism: all randomness is seeded from --seed; GPU kernels (cuBLAS/cuDNN red
 backward) can still change the last bits from run to run.
 
     python tools/train_reference.py --out OUT [--steps 8000 --batch-images 64 --device cuda] [--time-limit S [--resume CKPT]]
+    python tools/train_reference.py --out OUT2 --init-weights OUT/reference_sam.pt --seed 1 --lr 2e-4 ...   # a second stage
 
 writes OUT/reference_sam.pt (fp16 state dict of Sam) and OUT/reference_training.json.
 """
@@ -284,6 +285,9 @@ def main(argv=None) -> int:
     ap.add_argument("--time-limit", type=float, default=0.0, help="seconds; stop and write --checkpoint when exceeded")
     ap.add_argument("--checkpoint", type=Path, default=Path("/tmp/reference_ckpt.pt"))
     ap.add_argument("--resume", type=Path, default=None, help="continue from a --checkpoint written at a time limit")
+    ap.add_argument("--init-weights", type=Path, default=None,
+                    help="start a new stage from a finished run's fp16 reference_sam.pt (fresh optimizer and schedule; "
+                         "use another --seed so the stage draws new images)")
     args = ap.parse_args(argv)
 
     t_start = time.time()
@@ -292,7 +296,12 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     arch = ARCHS["reference"]
     size = arch.image_size
-    sam = build_sam_arch(arch).to(device).train()
+    sam = build_sam_arch(arch)
+    if args.init_weights is not None:
+        sam.load_state_dict({k: v.float() if v.is_floating_point() else v
+                             for k, v in torch.load(args.init_weights, map_location="cpu").items()})
+        print(f"initialised from {args.init_weights}", flush=True)
+    sam = sam.to(device).train()
     n_params = sum(p.numel() for p in sam.parameters())
     print(f"reference SAM: {n_params / 1e6:.2f} M params; device {device}", flush=True)
 
@@ -360,6 +369,7 @@ def main(argv=None) -> int:
         "params_m": round(n_params / 1e6, 3),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "python": platform.python_version(),
+        "init_weights": str(args.init_weights) if args.init_weights else None,
         "seed": args.seed, "train_data": f"synth seeds ({TRAIN_SEED_BASE + args.seed}, i) for i < {args.steps * args.batch_images}",
         "steps": args.steps, "batch_images": args.batch_images, "prompts_per_image": PROMPTS_PER_IMAGE,
         "prompt_mix": "per step: 50% jittered boxes (5% of side), 50% 1-3 points (+padding point)",
