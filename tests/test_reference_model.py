@@ -122,19 +122,20 @@ def predictions(sam, val_set):
 
 @pytest.mark.slow  # one shared SamPredictor pass over 20 images: 116 s measured on the loaded 2-core dev machine
 def test_box_prompt_quality_through_sam_predictor(predictions):
-    """mIoU >= 0.8 with ground-truth boxes (the 200-image figure is 0.837; a random-init model gets < 0.1)."""
+    """mIoU >= 0.85 with ground-truth boxes, the acceptance bar (the 200-image figure is 0.875; a random-init
+    model gets < 0.1)."""
     ious = np.array(predictions["box"])
     assert len(ious) >= 60
-    assert ious.mean() >= 0.8, f"mIoU {ious.mean():.3f} with ground-truth boxes on {len(ious)} instances"
-    assert np.mean(ious > 0.5) >= 0.85
+    assert ious.mean() >= 0.85, f"mIoU {ious.mean():.3f} with ground-truth boxes on {len(ious)} instances"
+    assert np.mean(ious > 0.5) >= 0.9
 
 
 @pytest.mark.slow
 def test_point_prompt_segments_the_clicked_object(predictions):
-    """One positive click at the object's most interior pixel: mIoU >= 0.7 (200 images: 0.806)."""
+    """One positive click at the object's most interior pixel: mIoU >= 0.78 (200 images: 0.854)."""
     ious = np.array(predictions["point"])
     assert len(ious) >= 30
-    assert ious.mean() >= 0.7, f"point-prompt mIoU {ious.mean():.3f} on {len(ious)} instances"
+    assert ious.mean() >= 0.78, f"point-prompt mIoU {ious.mean():.3f} on {len(ious)} instances"
 
 
 @pytest.mark.slow
