@@ -2,7 +2,7 @@
 
     .venv/bin/python tools/bench_accuracy.py [--model FP.onnx | --random-init SEED] [--work-dir DIR]
         [--num-val 200] [--limit N] [--bits w8a8 w6a6 w4a4 w3a3] [--ours minmax percentile mse]
-        [--ort minmax percentile] [--out-md docs/results_accuracy.md] [--table-only] [--rerun] [--keep-models]
+        [--ort minmax percentile] [--out-md docs/results.md] [--table-only] [--rerun] [--keep-models]
 
 - FP model: --model, or the bundled trained reference model exported once to WORK/fp_<weights sha256[:12]>.onnx (dynamo exporter);
   --random-init SEED exports a random-init reference model instead (plumbing only: its metrics mean nothing).
@@ -18,8 +18,9 @@
   hash, validation annotations hash, limit, calibration settings); a rerun skips cells whose fingerprint matches
   (--rerun recomputes them; the fingerprint leaves out the code version, each cell records its git commit).
   The quantized model is deleted after its evaluation unless --keep-models.
-- Writes the markdown section (command, date, machine, both tables, per-cell times, the acceptance lines) to
-  --out-md, atomically.
+- Writes the markdown section (command, date, machine, both tables, per-cell times, the acceptance lines) into
+  --out-md between two marker comments, atomically, leaving the rest of the file as it is (appends the section
+  when the file has no markers). --table-only credits the run that computed the cells (WORK/results.json).
 """
 from __future__ import annotations
 
@@ -311,6 +312,26 @@ def markdown(results: dict, fp: dict | None, cols: list[Column], rows: list[str]
     return "\n".join(lines) + "\n"
 
 
+SECTION_BEGIN = "<!-- tools/bench_accuracy.py writes from here -->"
+SECTION_END = "<!-- tools/bench_accuracy.py writes up to here -->"
+
+
+def splice_section(existing: str | None, section: str) -> str:
+    """The document with the table section between the markers replaced (or appended when the document has
+    neither marker): the rest of a hand-written results file survives a rerun untouched."""
+    block = f"{SECTION_BEGIN}\n{section.rstrip()}\n{SECTION_END}"
+    if existing is None:
+        return block + "\n"
+    has_begin, has_end = SECTION_BEGIN in existing, SECTION_END in existing
+    if not has_begin and not has_end:
+        return existing.rstrip("\n") + "\n\n" + block + "\n"
+    a, b = existing.find(SECTION_BEGIN), existing.find(SECTION_END)
+    if not (has_begin and has_end) or existing.count(SECTION_BEGIN) > 1 or existing.count(SECTION_END) > 1 or b < a:
+        raise OutputError("the output document's bench_accuracy markers are broken (each must appear once, "
+                          "begin before end); fix them or choose another --out-md")
+    return existing[:a] + block + existing[b + len(SECTION_END):]
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
@@ -319,6 +340,19 @@ def write_text_atomic(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def computed_by(work: Path, argv) -> dict:
+    """For --table-only: the command, date and machine of the run that computed the cells (results.json), so
+    that the table credits that run and not the rebuild."""
+    prev = work / "results.json"
+    try:
+        meta = json.loads(prev.read_text())["meta"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    rebuilt = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return {"command": meta["command"], "date": f"{meta['date'].split(' (table rebuilt')[0]} (table rebuilt from its cells on {rebuilt})",
+            "machine": meta["machine"]}
 
 
 # ---- main -----------------------------------------------------------------------------------------------------
@@ -338,7 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-calib", type=int, default=d.num_calib)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--percentile", type=float, default=d.percentile)
-    p.add_argument("--out-md", default=str(ROOT / "docs" / "results_accuracy.md"))
+    p.add_argument("--out-md", default=str(ROOT / "docs" / "results.md"),
+                   help="markdown file whose marked section gets the table (created, or the section appended, "
+                        "when absent)")
     p.add_argument("--table-only", action="store_true", help="only rebuild the table from cached cells")
     p.add_argument("--rerun", action="store_true",
                    help="recompute cached cells (the cache key does not include the code version; each cell records "
@@ -413,12 +449,14 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python tools/bench_accuracy.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:])),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.processor() or platform.system()}",
+            **(computed_by(work, argv) if a.table_only else {}),
             "model": fp_desc, "fp_hash": fp_hash, "ort": ort.__version__,
             "val": f"synthetic set seed 2, {n_img} of {a.num_val} images, {n_inst} instances",
             "num_calib": config.num_calib, "percentile": config.percentile,
         }
         md = markdown(results, fp_res, cols, rows, meta)
-        write_text_atomic(Path(a.out_md), md)
+        out_md = Path(a.out_md)
+        write_text_atomic(out_md, splice_section(out_md.read_text() if out_md.is_file() else None, md))
         write_json_atomic(work / "results.json", {"meta": meta, "fp": fp_res,
                                                   "cells": {f"{b}_{k}": r for (b, k), r in results.items()}})
         log(f"wrote {a.out_md}")
