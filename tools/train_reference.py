@@ -35,7 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from carsam_onnx.data.synth import generate_sample, sample_rng  # noqa: E402
-from carsam_onnx.export.models import ARCHS, build_sam_arch  # noqa: E402
+from carsam_onnx.export.models import ARCHS, build_sam_arch, load_checkpoint_into  # noqa: E402
 
 PIXEL_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
 PIXEL_STD = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
@@ -298,8 +298,7 @@ def main(argv=None) -> int:
     size = arch.image_size
     sam = build_sam_arch(arch)
     if args.init_weights is not None:
-        sam.load_state_dict({k: v.float() if v.is_floating_point() else v
-                             for k, v in torch.load(args.init_weights, map_location="cpu").items()})
+        load_checkpoint_into(sam, "reference", args.init_weights)   # fp16 values copied into the fp32 params
         print(f"initialised from {args.init_weights}", flush=True)
     sam = sam.to(device).train()
     n_params = sum(p.numel() for p in sam.parameters())
