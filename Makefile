@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 OUT ?= artifacts/demo
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv demo lint test test-fast clean
 
 venv: $(STAMP)
 
@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: venv
 	$(BIN)/python tools/demo.py --out $(OUT)
+
+lint: venv
+	$(BIN)/ruff check .
 
 test: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

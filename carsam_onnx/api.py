@@ -1,16 +1,13 @@
-"""The Python API the CLI calls: export(), inspect(); quantize() and evaluate() join as they land."""
+"""The Python API the CLI calls: export(), inspect(), quantize(), emit(), evaluate(), synth_dataset()."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import onnx
 
-from .config import ExportConfig
+from .config import EvalConfig, ExportConfig, QuantConfig
 from .errors import InputError
-from .export.models import build_sam
-from .export.onnx_export import EXPORTERS, export_onnx
 from .modelio import check_writable, load_model, save_model
-from .summary import summarize
 
 
 def split_paths(out: Path) -> dict[str, Path]:
@@ -21,6 +18,9 @@ def split_paths(out: Path) -> dict[str, Path]:
 
 def export(output: str | Path, config: ExportConfig = ExportConfig()) -> dict[str, Path]:
     """Build SAM (checkpoint, random init or bundled reference) and write ONNX; returns part -> path."""
+    from .export.models import build_sam
+    from .export.onnx_export import EXPORTERS, export_onnx
+
     if config.exporter not in EXPORTERS:
         raise InputError(f"--exporter {config.exporter!r}: choose one of {', '.join(EXPORTERS)}")
     targets = split_paths(Path(output))
@@ -35,26 +35,53 @@ def export(output: str | Path, config: ExportConfig = ExportConfig()) -> dict[st
     return targets
 
 
-def evaluate(model, *, dataset=None, images=None, annotations=None, **kwargs):
-    """COCO segm metrics of an ONNX SAM (full model, or [encoder, decoder]) over a COCO-format set."""
-    from .data.coco import load_coco_dataset
-    from .eval.runner import evaluate as run_eval
-
-    return run_eval(model, load_coco_dataset(dataset, images, annotations), **kwargs)
-
-
 def inspect(path: str | Path) -> dict:
-    model = load_model(path)
-    return summarize(model)
+    """I/O, opset, op counts, parameters and attention sites of an ONNX model (see summary.py)."""
+    from .summary import summarize
+
+    return summarize(load_model(path))
 
 
 def load(path: str | Path) -> onnx.ModelProto:
     return load_model(path)
 
 
-def quantize(model_path, output, config=None, **kwargs):
-    """Calibrate and write a Q/DQ model (see carsam_onnx.quantize.quantize)."""
-    from .config import QuantConfig
+def quantize(model_path, output, config: QuantConfig = QuantConfig(), **kwargs):
+    """Calibrate and write a Q/DQ model (keyword arguments: see carsam_onnx.quantize.quantize)."""
     from .quantize import quantize as run_quantize
 
-    return run_quantize(model_path, output, config or QuantConfig(), **kwargs)
+    return run_quantize(model_path, output, config, **kwargs)
+
+
+def emit(model_path, calibration, output, *, force: bool = False):
+    """Write the Q/DQ model from a calibration file saved by quantize(save_calibration=...)."""
+    from .quantize import emit as run_emit
+
+    return run_emit(model_path, calibration, output, force=force)
+
+
+def evaluate(model, config: EvalConfig = EvalConfig(), *, dataset=None, images=None, annotations=None,
+             progress: bool = True, **overrides):
+    """COCO segm metrics of an ONNX SAM (full model, or [encoder, decoder]) over a COCO-format set.
+
+    The set: `dataset` (a folder with annotations.json and images/) or `images` + `annotations`. Keyword
+    `overrides` replace fields of `config` (prompts, limit, runtime, device, min_score).
+    """
+    from dataclasses import replace
+
+    from .data.coco import load_coco_dataset
+    from .eval.runner import evaluate as run_eval
+
+    if dataset is None and (images is None or annotations is None):
+        raise InputError("give --dataset DIR, or --images DIR with --annotations FILE.json")
+    return run_eval(model, load_coco_dataset(dataset, images, annotations), replace(config, **overrides),
+                    progress=progress)
+
+
+def synth_dataset(output, num_images: int, seed: int, image_size: int | None = None, force: bool = False) -> Path:
+    """Write a synthetic COCO-format instance-segmentation set (annotations.json + images/); image_size None:
+    data.synth's default."""
+    from .data.synth import write_synthetic_coco
+
+    size = {} if image_size is None else {"image_size": image_size}
+    return write_synthetic_coco(output, num_images, seed, force=force, **size)

@@ -5,48 +5,34 @@
   integer values (AdaRound-style rounding decided in calibration)
 - float_weights: initializer name -> corrected float tensor (MAC / reconstruction changes the weight or bias
   itself); written into the graph before quantization
+
+`save_artifact` / `load_artifact` store it with the config that made it and the sha256 of the FP model it
+belongs to, so a calibration run on one machine can be emitted on another (`carsam-onnx emit`). The file is
+an .npz read with allow_pickle=False: one JSON header (format, version, model hash, config, info, scalar
+parameters) and the arrays (scales, integer values, corrected weights) under generated keys.
 """
 from __future__ import annotations
 
+import io
+import json
+import zipfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 
-from .errors import ModelError
+from .config import QuantConfig, config_from_dict, config_to_dict
+from .errors import ArtifactError, ModelError
+from .modelio import atomic_write
+from .qmath import ActivationQuant, WeightQuant
 
+__all__ = ["ActivationQuant", "WeightQuant", "CalibrationArtifact", "SavedCalibration", "save_artifact",
+           "load_artifact"]
 
-@dataclass(frozen=True)
-class ActivationQuant:
-    scale: float
-    zero_point: int
-    bits: int          # grid bits (2..8); the container is INT4/UINT4 for bits <= 4, else INT8/UINT8
-    signed: bool       # True: INT container, symmetric grid [-2^(b-1), 2^(b-1)-1]; False: UINT, [0, 2^b-1]
-
-    @property
-    def qmin(self) -> int:
-        return -(1 << (self.bits - 1)) if self.signed else 0
-
-    @property
-    def qmax(self) -> int:
-        return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
-
-
-@dataclass(frozen=True)
-class WeightQuant:
-    scale: np.ndarray            # float32; shape [C] per channel along `axis`, or blocked shape (see block_size)
-    axis: int                    # the output-channel axis of the initializer
-    bits: int                    # grid bits; symmetric, zero point 0, values in [-2^(b-1), 2^(b-1)-1]
-    block_size: int | None = None
-    values: np.ndarray | None = None  # int8 integers on the grid; None -> round(w / scale) at emission
-
-    @property
-    def qmin(self) -> int:
-        return -(1 << (self.bits - 1))
-
-    @property
-    def qmax(self) -> int:
-        return (1 << (self.bits - 1)) - 1
+FORMAT = "carsam-calibration"
+FORMAT_VERSION = 1
+_HEADER = "header"
 
 
 @dataclass
@@ -67,3 +53,68 @@ class CalibrationArtifact:
         if unknown:
             shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
             raise ModelError(f"calibration artifact names {len(unknown)} tensors not in the model: {shown}")
+
+
+@dataclass(frozen=True)
+class SavedCalibration:
+    artifact: CalibrationArtifact
+    config: QuantConfig
+    model_sha256: str        # of the FP model file the artifact was computed on
+
+
+def save_artifact(path: str | Path, artifact: CalibrationArtifact, config: QuantConfig, model_sha256: str,
+                  force: bool = False) -> Path:
+    """Write `artifact` with its config and model hash (atomically; see the module docstring)."""
+    arrays: dict[str, np.ndarray] = {}
+
+    def put(prefix: str, value) -> str:
+        key = f"{prefix}{len(arrays)}"
+        arrays[key] = np.asarray(value)
+        return key
+
+    weights = {}
+    for name, wq in artifact.weights.items():
+        weights[name] = {"axis": int(wq.axis), "bits": int(wq.bits), "block_size": wq.block_size,
+                         "scale": put("s", np.asarray(wq.scale, dtype=np.float32)),
+                         "values": None if wq.values is None else put("v", np.asarray(wq.values, dtype=np.int8))}
+    header = {"format": FORMAT, "version": FORMAT_VERSION, "model_sha256": model_sha256,
+              "config": config_to_dict(config), "info": dict(artifact.info),
+              "activations": {k: {"scale": float(a.scale), "zero_point": int(a.zero_point), "bits": int(a.bits),
+                                  "signed": bool(a.signed)} for k, a in artifact.activations.items()},
+              "weights": weights,
+              "float_weights": {k: put("f", v) for k, v in artifact.float_weights.items()}}
+    arrays[_HEADER] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return atomic_write(path, buf.getvalue(), force=force)
+
+
+def load_artifact(path: str | Path) -> SavedCalibration:
+    """Read a file written by save_artifact; ArtifactError (one line) for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"calibration file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            header = json.loads(bytes(z[_HEADER]).decode())
+            if header.get("format") != FORMAT:
+                raise ArtifactError(f"{path} is not a carsam-onnx calibration file")
+            if header.get("version") != FORMAT_VERSION:
+                raise ArtifactError(f"{path} has calibration format version {header.get('version')}; this "
+                                    f"carsam-onnx reads version {FORMAT_VERSION} (calibrate again)")
+            art = CalibrationArtifact(info={str(k): str(v) for k, v in header["info"].items()})
+            for k, a in header["activations"].items():
+                art.activations[k] = ActivationQuant(float(a["scale"]), int(a["zero_point"]), int(a["bits"]),
+                                                     bool(a["signed"]))
+            for k, w in header["weights"].items():
+                art.weights[k] = WeightQuant(scale=z[w["scale"]], axis=int(w["axis"]), bits=int(w["bits"]),
+                                             block_size=w["block_size"],
+                                             values=None if w["values"] is None else z[w["values"]])
+            art.float_weights = {k: z[key] for k, key in header["float_weights"].items()}
+            config = config_from_dict(QuantConfig, header["config"])
+            sha = str(header["model_sha256"])
+    except ArtifactError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
+        raise ArtifactError(f"{path} is not a readable carsam-onnx calibration file ({type(e).__name__})") from None
+    return SavedCalibration(art, config, sha)

@@ -7,8 +7,10 @@ import sys
 from dataclasses import fields
 
 from . import api
-from .config import BitWidths, ExportConfig, QuantConfig
+from .calib.registry import method_names, methods_help
+from .config import BitWidths, EvalConfig, ExportConfig, QuantConfig
 from .errors import CarsamError
+from .runtime import RUNTIMES
 
 
 def _default(cls, name):
@@ -62,7 +64,8 @@ def _add_quantize(sub):
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--bits", default=str(_default(QuantConfig, "bits")),
                    help="wXaY: X-bit weights, Y-bit activations (2..8; a16 = float activations), e.g. w8a8, w4a4, w4a16")
-    p.add_argument("--method", default=_default(QuantConfig, "method"), help="minmax | percentile | mse")
+    p.add_argument("--method", default=_default(QuantConfig, "method"), metavar="{" + ",".join(method_names()) + "}",
+                   help=f"calibration method: {methods_help()}")
     p.add_argument("--percentile", type=float, default=_default(QuantConfig, "percentile"),
                    help="clip percentile for --method percentile")
     p.add_argument("--target", choices=["ort", "trt"], default=_default(QuantConfig, "target"),
@@ -81,19 +84,36 @@ def _add_quantize(sub):
     dec = p.add_mutually_exclusive_group()
     dec.add_argument("--encoder", help="encoder ONNX to make calibration embeddings for a decoder-only model")
     dec.add_argument("--embeddings", help=".npz of image embeddings [K,256,H,W] for a decoder-only model")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.add_argument("--save-calibration", metavar="FILE",
+                   help="also write the calibration result here (for `carsam-onnx emit`)")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.set_defaults(run=_run_quantize)
 
 
 def _run_quantize(a) -> int:
-    from .quantize import quantize
-
     keep = tuple(a.keep_float) if a.keep_float else _default(QuantConfig, "keep_float")
     cfg = QuantConfig(bits=BitWidths.parse(a.bits), method=a.method, target=a.target, block_size=a.block_size,
                       percentile=a.percentile, keep_float=keep, num_calib=a.num_calib, seed=a.seed,
                       device=a.device, require_attention=a.require_attention)
-    report = quantize(a.model, a.output, cfg, calib_images=a.calib_images, calib_prompts=a.calib_prompts,
-                      encoder=a.encoder, embeddings=a.embeddings, force=a.force, progress=not a.quiet)
+    report = api.quantize(a.model, a.output, cfg, calib_images=a.calib_images, calib_prompts=a.calib_prompts,
+                          encoder=a.encoder, embeddings=a.embeddings, save_calibration=a.save_calibration,
+                          force=a.force, progress=not a.quiet)
+    if not a.quiet:
+        print("\n".join(report.lines()))
+    return 0
+
+
+def _add_emit(sub):
+    p = sub.add_parser("emit", help="write the Q/DQ model from a calibration file (quantize --save-calibration)")
+    p.add_argument("model", help="the FP ONNX model the calibration was made on")
+    p.add_argument("--calibration", required=True, metavar="FILE", help="file from quantize --save-calibration")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--force", action="store_true", help="overwrite an existing output")
+    p.set_defaults(run=_run_emit)
+
+
+def _run_emit(a) -> int:
+    report = api.emit(a.model, a.calibration, a.output, force=a.force)
     if not a.quiet:
         print("\n".join(report.lines()))
     return 0
@@ -105,29 +125,28 @@ def _add_eval(sub):
     p.add_argument("--dataset", help="folder with annotations.json and images/ (as `data synth` writes)")
     p.add_argument("--images", help="image folder of a standard COCO layout (with --annotations)")
     p.add_argument("--annotations", help="instances JSON of a standard COCO layout (e.g. instances_val2017.json)")
-    p.add_argument("--prompts", default="gt", help="gt (ground-truth boxes) or a COCO detection-results JSON")
-    p.add_argument("--min-score", type=float, default=0.0, help="drop detector boxes scoring below this")
-    p.add_argument("--limit", type=int, help="evaluate the first N images only")
-    p.add_argument("--runtime", choices=["ort", "torch"], default="ort",
+    p.add_argument("--prompts", default=_default(EvalConfig, "prompts"),
+                   help="gt (ground-truth boxes) or a COCO detection-results JSON")
+    p.add_argument("--min-score", type=float, default=_default(EvalConfig, "min_score"),
+                   help="drop detector boxes scoring below this")
+    p.add_argument("--limit", type=int, default=_default(EvalConfig, "limit"), help="evaluate the first N images only")
+    p.add_argument("--runtime", choices=sorted(RUNTIMES), default=_default(EvalConfig, "runtime"),
                    help="ort: ONNX Runtime; torch: the project's torch executor (same Q/DQ semantics), e.g. on a GPU")
-    p.add_argument("--device", help="torch device for --runtime torch (cpu, cuda)")
+    p.add_argument("--device", default=_default(EvalConfig, "device"), help="torch device for --runtime torch (cpu, cuda)")
     p.add_argument("--json", dest="json_out", help="write the metrics as JSON here")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.set_defaults(run=_run_eval)
 
 
 def _run_eval(a) -> int:
-    from .errors import InputError
     from .modelio import check_writable
 
-    if a.dataset is None and (a.images is None or a.annotations is None):
-        raise InputError("give --dataset DIR, or --images DIR with --annotations FILE.json")
+    cfg = EvalConfig(prompts=a.prompts, min_score=a.min_score, limit=a.limit, runtime=a.runtime, device=a.device)
     if a.json_out:
         check_writable(a.json_out, a.force)
     model = a.model[0] if len(a.model) == 1 else a.model
-    result = api.evaluate(model, dataset=a.dataset, images=a.images, annotations=a.annotations, prompts=a.prompts,
-                          limit=a.limit, runtime=a.runtime, device=a.device, progress=not a.quiet,
-                          min_score=a.min_score)
+    result = api.evaluate(model, cfg, dataset=a.dataset, images=a.images, annotations=a.annotations,
+                          progress=not a.quiet)
     if a.json_out:
         result.write_json(a.json_out, force=True)
     print(result.summary())
@@ -141,15 +160,13 @@ def _add_data(sub):
     s.add_argument("-o", "--output", required=True, help="output folder (annotations.json + images/)")
     s.add_argument("--num-images", type=int, required=True)
     s.add_argument("--seed", type=int, required=True)
-    s.add_argument("--image-size", type=int, default=256)
+    s.add_argument("--image-size", type=int, help="image side in pixels (default 256)")
     s.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     s.set_defaults(run=_run_synth)
 
 
 def _run_synth(a) -> int:
-    from .data.synth import write_synthetic_coco
-
-    path = write_synthetic_coco(a.output, a.num_images, a.seed, image_size=a.image_size, force=a.force)
+    path = api.synth_dataset(a.output, a.num_images, a.seed, image_size=a.image_size, force=a.force)
     if not a.quiet:
         print(f"wrote {a.num_images} images: {path}")
     return 0
@@ -159,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="carsam-onnx", description=__doc__.splitlines()[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_export, _add_inspect, _add_quantize, _add_eval, _add_data):
+    for add in (_add_export, _add_inspect, _add_quantize, _add_emit, _add_eval, _add_data):
         add(sub)
     return parser
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields, is_dataclass
 
 from .errors import InputError
 
@@ -30,14 +30,6 @@ class BitWidths:
     def quantize_activations(self) -> bool:
         return self.activation < 16
 
-    @property
-    def weight_container_bits(self) -> int:
-        return 4 if self.weight <= 4 else 8
-
-    @property
-    def activation_container_bits(self) -> int:
-        return 4 if self.activation <= 4 else 8
-
     def __str__(self) -> str:
         return f"w{self.weight}a{self.activation}"
 
@@ -54,13 +46,10 @@ class BitWidths:
         return cls(w, a)
 
 
-CALIBRATION_METHODS: tuple[str, ...] = ("minmax", "percentile", "mse")
-
-
 @dataclass(frozen=True)
 class QuantConfig:
     bits: BitWidths = BitWidths(8, 8)
-    method: str = "minmax"                 # minmax | percentile | mse | carsam ...
+    method: str = "minmax"                 # a name of calib/registry.py (checked there: the one list)
     target: str = "ort"                    # ort: asymmetric activations; trt: symmetric, zero-point 0
     block_size: int | None = None          # blocked INT4 weights (None: per output channel)
     percentile: float = 99.99
@@ -71,8 +60,6 @@ class QuantConfig:
     require_attention: bool = False
 
     def __post_init__(self):
-        if self.method not in CALIBRATION_METHODS:
-            raise InputError(f"--method {self.method!r}: choose one of {', '.join(CALIBRATION_METHODS)}")
         if self.target not in ("ort", "trt"):
             raise InputError(f"--target {self.target!r}: choose ort or trt")
         if self.block_size is not None and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
@@ -96,4 +83,50 @@ class ExportConfig:
     multimask: bool = False
     split: bool = False
     force: bool = False
-    extra_parts: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """`carsam-onnx eval`: one box prompt per instance, COCO segm metrics."""
+
+    prompts: str = "gt"                    # gt (ground-truth boxes) or a COCO detection-results JSON
+    min_score: float = 0.0                 # drop detector boxes scoring below this
+    limit: int | None = None               # evaluate the first N images only
+    runtime: str = "ort"                   # a name of runtime/registry.py: ort | torch | registered ones
+    device: str | None = None              # torch device for --runtime torch (cpu, cuda); cuda for ORT's CUDA EP
+
+    def __post_init__(self):
+        if self.limit is not None and self.limit < 1:
+            raise InputError(f"--limit {self.limit}: must be >= 1")
+
+
+def config_to_dict(config) -> dict:
+    """A config dataclass as JSON-ready values (BitWidths as "wXaY", tuples as lists, nested configs as dicts)."""
+    def value(v):
+        if isinstance(v, BitWidths):
+            return str(v)
+        if is_dataclass(v):
+            return config_to_dict(v)
+        if isinstance(v, tuple):
+            return [value(x) for x in v]
+        return v
+    return {f.name: value(getattr(config, f.name)) for f in fields(config)}
+
+
+def config_from_dict(cls, data: dict):
+    """Inverse of config_to_dict; a missing key takes the default, an unknown key is an InputError."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise InputError(f"{cls.__name__} has no setting {', '.join(unknown)} (made by another carsam-onnx version?)")
+    kwargs = {}
+    for name, v in data.items():
+        default = known[name].default
+        if isinstance(default, BitWidths):
+            v = BitWidths.parse(v)
+        elif is_dataclass(default):
+            v = config_from_dict(type(default), v)
+        elif isinstance(default, tuple):
+            v = tuple(v)
+        kwargs[name] = v
+    return cls(**kwargs)

@@ -27,3 +27,7 @@ class UnsupportedOpError(ModelError):
 
 class CalibrationError(CarsamError):
     """Calibration data are missing or invalid (empty folder, NaN, boxes outside the image...)."""
+
+
+class ArtifactError(InputError):
+    """A calibration file is unreadable, of another format version, or made for another model."""

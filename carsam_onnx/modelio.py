@@ -1,6 +1,9 @@
-"""Reading and writing ONNX files safely: clear errors on bad input, atomic writes, external data for >2 GB."""
+"""Reading and writing files safely: clear errors on bad input, atomic writes (a temporary file in the target
+folder, then a rename: `atomic_write` for bytes and text, `save_model` for ONNX with external data past ~1.8 GB)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from contextlib import contextmanager
@@ -94,3 +97,47 @@ def save_model(model: onnx.ModelProto, path: str | Path, force: bool = False) ->
     except OSError as e:
         raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
     return path
+
+
+def atomic_write(path: str | Path, data: bytes | str, force: bool = False) -> Path:
+    """Write `data` (bytes, or text as UTF-8) to `path` via a temporary file in the same folder and a rename."""
+    path = check_writable(path, force)
+    payload = data.encode() if isinstance(data, str) else bytes(data)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+    return path
+
+
+def write_json(path: str | Path, obj, force: bool = False) -> Path:
+    """`obj` as indented JSON, written atomically."""
+    return atomic_write(path, json.dumps(obj, indent=2), force=force)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a model file and, when present, its external data file PATH.data."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for p in (path, path.with_name(path.name + ".data")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+@contextmanager
+def as_external_data_file(model: onnx.ModelProto):
+    """A temporary copy of `model` with its weights in external data, for protos past the 2 GB limit of one
+    serialization; yields the path of the .onnx file (removed afterwards)."""
+    with tempfile.TemporaryDirectory(prefix="carsam-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data", size_threshold=1024)
+        yield path

@@ -1,10 +1,12 @@
 """The quantize pipeline: plan -> calibration data -> calibrate on the torch executor -> emit Q/DQ -> check.
 
     model --plan_quantization--> QuantPlan --calibrate--> CalibrationArtifact --emit_qdq--> Q/DQ model
+
+`quantize` runs it all (optionally saving the artifact); `emit` writes the Q/DQ model from a saved artifact
+without calibrating again, through the same `emit_model`, so both give the same bytes.
 """
 from __future__ import annotations
 
-import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -12,11 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .artifact import CalibrationArtifact, load_artifact, save_artifact
 from .config import QuantConfig
 from .data.builtin import HELDOUT_SEED, builtin_calibration_set
 from .data.prompts import load_calibration_set
-from .errors import CalibrationError
-from .modelio import check_writable, load_model, save_model
+from .errors import ArtifactError
+from .modelio import check_writable, file_sha256, load_model, save_model
+from .qmath import sqnr_db
 
 HELDOUT = 2   # held-out images (one box each) for the output SQNR in the summary
 
@@ -40,7 +44,8 @@ class QuantizeReport:
                 f"{self.kept_float} weight layers kept float",
                 f"activations quantized: {sum(self.activations_by_kind.values())} ({fmt(self.activations_by_kind)})",
                 f"attention sites: {sum(self.attention_by_role.values())} ({fmt(self.attention_by_role)})",
-                "output SQNR vs FP on held-out prompts: " + ", ".join(f"{k} {v:.1f} dB" for k, v in self.sqnr_db.items()),
+                *(["output SQNR vs FP on held-out prompts: " + ", ".join(f"{k} {v:.1f} dB" for k, v in self.sqnr_db.items())]
+                  if self.sqnr_db else []),
                 f"size: {self.output_bytes / 1e6:.1f} MB ({self.output_bytes / max(self.input_bytes, 1):.3f}x of "
                 f"{self.input_bytes / 1e6:.1f} MB) -> {self.output}",
                 "time: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items())]
@@ -64,14 +69,8 @@ def calibration_samples(config: QuantConfig, image_size: int, calib_images, cali
     return samples[: config.num_calib], samples[config.num_calib:]
 
 
-def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
-    noise = float(np.sum((ref.astype(np.float64) - test) ** 2))
-    signal = float(np.sum(ref.astype(np.float64) ** 2))
-    return float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-30) / noise)
-
-
 def output_sqnr(fp_path: Path, q_path: Path, feeds: list[dict]) -> dict[str, float]:
-    from .eval.runner import OrtRuntime
+    from .runtime import OrtRuntime
 
     rt = OrtRuntime()
     fp, q = rt.session(fp_path, "FP model"), rt.session(q_path, "quantized model")
@@ -85,34 +84,51 @@ def output_sqnr(fp_path: Path, q_path: Path, feeds: list[dict]) -> dict[str, flo
             for k in refs}
 
 
-def calibrate(model, plan, config: QuantConfig, feeds: list[dict], progress=None):
-    from .calib.calibrate import METHODS, calibrate_baseline
+def emit_model(model, plan, artifact: CalibrationArtifact, config: QuantConfig):
+    """(Q/DQ model, notes): emission for config.target, then the TensorRT rules for target trt."""
+    from .passes.emit import emit_qdq, target_options
 
-    if config.method in METHODS:
-        return calibrate_baseline(model, plan, config, feeds, progress)
-    raise CalibrationError(f"--method {config.method!r} is not available; choose one of {', '.join(METHODS)}")
+    notes: list[str] = []
+    qmodel = emit_qdq(model, plan, artifact, **target_options(config))
+    if config.target == "trt":
+        from .passes.trt_rules import check_trt, errors, format_report
+
+        violations = check_trt(qmodel)
+        if errors(violations):
+            notes.append("TensorRT rules: " + format_report(violations).replace("\n", "; "))
+            warnings.warn(notes[-1], stacklevel=3)
+    return qmodel, notes
+
+
+def _plan(model, config: QuantConfig):
+    from .passes.plan import plan_quantization
+
+    plan = plan_quantization(model, config)
+    notes = []
+    if not plan.attention:
+        notes.append("no attention block found: quantizing the linear layers only (see `carsam-onnx inspect`)")
+        warnings.warn(notes[-1], stacklevel=3)
+    return plan, notes
 
 
 def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = QuantConfig(), *,
              calib_images: str | Path | None = None, calib_prompts: str | Path | None = None,
              encoder: str | Path | None = None, embeddings: str | Path | None = None,
-             force: bool = False, progress: bool = True) -> QuantizeReport:
+             save_calibration: str | Path | None = None, force: bool = False, progress: bool = True) -> QuantizeReport:
+    """Calibrate `model_path` and write the Q/DQ model to `output` (and the artifact to `save_calibration`)."""
     from tqdm import tqdm
 
     from .calib.feeds import build_feeds, image_size
-    from .passes.emit_qdq import emit_qdq, target_options
-    from .passes.plan import plan_quantization
+    from .calib.registry import check_config
 
+    method = check_config(config)
     model_path, output = Path(model_path), Path(output)
     check_writable(output, force)
+    if save_calibration is not None:
+        check_writable(save_calibration, force)
     clock = _Clock()
     model = load_model(model_path)
-    notes: list[str] = []
-    plan = plan_quantization(model, config)
-    if not plan.attention:
-        msg = "no attention block found: quantizing the linear layers only (see `carsam-onnx inspect`)"
-        warnings.warn(msg, stacklevel=2)
-        notes.append(msg)
+    plan, notes = _plan(model, config)
     size = image_size(model)
     clock.lap("load and plan")
     calib, held = calibration_samples(config, size, calib_images, calib_prompts)
@@ -121,27 +137,16 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
     clock.lap("calibration data")
     with tqdm(total=len(feeds), desc=f"calibrating ({config.method}, {config.bits})", unit="img",
               disable=not progress or None) as bar:
-        artifact = calibrate(model, plan, config, feeds, bar)
+        artifact = method.calibrate(model, plan, config, feeds, bar)
     clock.lap("calibration")
-    qmodel = emit_qdq(model, plan, artifact, **target_options(config))
-    if config.target == "trt":
-        from .passes.trt_rules import check_trt, errors, format_report
-
-        violations = check_trt(qmodel)
-        if errors(violations):
-            notes.append("TensorRT rules: " + format_report(violations).replace("\n", "; "))
-            warnings.warn(notes[-1], stacklevel=2)
+    qmodel, emit_notes = emit_model(model, plan, artifact, config)
     save_model(qmodel, output, force=force)
     clock.lap("emit and save")
-    report = QuantizeReport(
-        output=output,
-        weights_by_kind=dict(Counter(w.kind.value for w in plan.weights)),  # "constant": INT8 position tables
-        activations_by_kind=dict(Counter(a.kind.value for a in plan.activations)),
-        attention_by_role=dict(Counter(s.role.value for s in plan.attention)),
-        kept_float=len(plan.kept_float), sqnr_db={}, input_bytes=file_bytes(model_path),
-        output_bytes=file_bytes(output), warnings=notes)
+    report = _report(model_path, output, plan, notes + emit_notes)
     try:
         report.sqnr_db = output_sqnr(model_path, output, held_feeds)
+        if save_calibration is not None:
+            save_artifact(save_calibration, artifact, config, file_sha256(model_path), force=force)
     except BaseException:   # a command that fails leaves no output behind
         output.unlink(missing_ok=True)
         output.with_name(output.name + ".data").unlink(missing_ok=True)
@@ -149,6 +154,36 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
     clock.lap("held-out SQNR")
     report.seconds = clock.laps
     return report
+
+
+def emit(model_path: str | Path, calibration: str | Path, output: str | Path, *, force: bool = False) -> QuantizeReport:
+    """Write the Q/DQ model of `model_path` from a saved calibration (no calibration run)."""
+    model_path, output = Path(model_path), Path(output)
+    check_writable(output, force)
+    saved = load_artifact(calibration)
+    sha = file_sha256(model_path) if model_path.is_file() else None
+    if sha is not None and sha != saved.model_sha256:
+        raise ArtifactError(f"{calibration} was made for another model (sha256 {saved.model_sha256[:12]}..., "
+                            f"{model_path.name} has {sha[:12]}...); calibrate this model with quantize")
+    clock = _Clock()
+    model = load_model(model_path)
+    plan, notes = _plan(model, saved.config)
+    qmodel, emit_notes = emit_model(model, plan, saved.artifact, saved.config)
+    save_model(qmodel, output, force=force)
+    clock.lap("emit and save")
+    report = _report(model_path, output, plan, notes + emit_notes)
+    report.seconds = clock.laps
+    return report
+
+
+def _report(model_path: Path, output: Path, plan, notes: list[str]) -> QuantizeReport:
+    return QuantizeReport(
+        output=output,
+        weights_by_kind=dict(Counter(w.kind.value for w in plan.weights)),  # "constant": INT8 position tables
+        activations_by_kind=dict(Counter(a.kind.value for a in plan.activations)),
+        attention_by_role=dict(Counter(s.role.value for s in plan.attention)),
+        kept_float=len(plan.kept_float), sqnr_db={}, input_bytes=file_bytes(model_path),
+        output_bytes=file_bytes(output), warnings=notes)
 
 
 class _Clock:

@@ -82,7 +82,8 @@ def format_summary(info: dict) -> str:
     att = info.get("attention")
     if att is not None:
         roles = Counter(a["role"] for a in att)
-        lines.append(f"attention sites: {len(att)}" + (" (" + ", ".join(f"{r} {c}" for r, c in roles.items()) + ")" if att else ""))
+        by_role = " (" + ", ".join(f"{r} {c}" for r, c in roles.items()) + ")" if att else ""
+        lines.append(f"attention sites: {len(att)}{by_role}")
     for rej in info.get("attention_rejected", []):
         lines.append(f"  Softmax {rej['softmax']} is not attention: {rej['reason']}")
     return "\n".join(lines)

@@ -9,7 +9,6 @@ import os
 import warnings
 from pathlib import Path
 
-import onnx
 import torch
 
 from carsam_onnx.export.models import build_sam

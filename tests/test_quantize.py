@@ -29,7 +29,7 @@ def run(capsys, *argv):
 
 def assert_refused(code, err, tmp_out, *words):
     assert code == 2, err
-    lines = [l for l in err.strip().splitlines() if "error:" in l]
+    lines = [line for line in err.strip().splitlines() if "error:" in line]
     assert len(lines) == 1 and "Traceback" not in err, err
     for w in words:
         assert w in lines[0], lines[0]

@@ -14,13 +14,13 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 def readme_commands() -> list[str]:
     blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
-    lines = [l.split("#")[0].strip() for b in blocks for l in b.splitlines()]
-    return [l for l in lines if l.startswith("carsam-onnx ")]
+    lines = [line.split("#")[0].strip() for b in blocks for line in b.splitlines()]
+    return [line for line in lines if line.startswith("carsam-onnx ")]
 
 
 def test_readme_has_examples():
     cmds = readme_commands()
-    assert {c.split()[1] for c in cmds} >= {"export", "inspect", "quantize", "eval", "data"}
+    assert {c.split()[1] for c in cmds} >= {"export", "inspect", "quantize", "emit", "eval", "data"}
 
 
 @pytest.mark.parametrize("line", readme_commands())

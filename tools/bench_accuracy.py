@@ -32,7 +32,6 @@ import platform
 import shlex
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from carsam_onnx.config import BitWidths, QuantConfig  # noqa: E402
 from carsam_onnx.errors import CarsamError, InputError, OutputError  # noqa: E402
+from carsam_onnx.modelio import atomic_write, write_json  # noqa: E402
 
 ROWS = ("w8a8", "w6a6", "w4a4", "w3a3")
 NUM_VAL = 200
@@ -160,10 +160,7 @@ def evaluate_cell(model: Path, val: Path, limit: int | None, progress: bool) -> 
 
 def write_json_atomic(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    write_json(path, obj, force=True)
 
 
 def git_commit() -> str:
@@ -333,13 +330,7 @@ def splice_section(existing: str | None, section: str) -> str:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"cannot write {path}: folder {parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, text, force=True)
 
 
 def computed_by(work: Path, argv) -> dict:
@@ -351,7 +342,8 @@ def computed_by(work: Path, argv) -> dict:
     except (OSError, ValueError, KeyError):
         return {}
     rebuilt = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return {"command": meta["command"], "date": f"{meta['date'].split(' (table rebuilt')[0]} (table rebuilt from its cells on {rebuilt})",
+    date = meta["date"].split(" (table rebuilt")[0]
+    return {"command": meta["command"], "date": f"{date} (table rebuilt from its cells on {rebuilt})",
             "machine": meta["machine"]}
 
 

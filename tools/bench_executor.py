@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from carsam_onnx.calib.executor import OnnxModule  # noqa: E402
+from carsam_onnx.torchexec.module import OnnxModule  # noqa: E402
 from carsam_onnx.export.models import build_sam  # noqa: E402
 from carsam_onnx.export.onnx_export import export_onnx, module_for  # noqa: E402
 

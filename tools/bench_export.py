@@ -9,7 +9,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -90,7 +89,8 @@ def main() -> None:
                  f"Command: `{cmd}` (export = `carsam-onnx export --random-init --split`, dynamo exporter, "
                  "three models per run; latency = median of runs after one warm-up, "
                  f"encoder {args.runs} runs, decoder {args.decoder_runs} runs, box prompt)\n",
-                 "| model | export (s) | peak RSS (GiB) | full (MB) | encoder (MB) | decoder (MB) | encoder ORT (ms) | decoder ORT (ms) |",
+                 "| model | export (s) | peak RSS (GiB) | full (MB) | encoder (MB) | decoder (MB) "
+                 "| encoder ORT (ms) | decoder ORT (ms) |",
                  "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             lines.append(f"| {r['model']} | {r['export_s']} | {r['peak_rss_gib']} | {r['full_mb']} | {r['encoder_mb']} | "

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -369,11 +368,13 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "python": platform.python_version(),
         "init_weights": str(args.init_weights) if args.init_weights else None,
-        "seed": args.seed, "train_data": f"synth seeds ({TRAIN_SEED_BASE + args.seed}, i) for i < {args.steps * args.batch_images}",
+        "seed": args.seed,
+        "train_data": f"synth seeds ({TRAIN_SEED_BASE + args.seed}, i) for i < {args.steps * args.batch_images}",
         "steps": args.steps, "batch_images": args.batch_images, "prompts_per_image": PROMPTS_PER_IMAGE,
         "prompt_mix": "per step: 50% jittered boxes (5% of side), 50% 1-3 points (+padding point)",
         "loss": "BCE x20 + Dice (single output) + same on best multimask output + MSE IoU head",
-        "optimizer": {"name": "AdamW", "max_lr": args.lr, "weight_decay": args.weight_decay, "schedule": "one-cycle cos, 5% warm-up",
+        "optimizer": {"name": "AdamW", "max_lr": args.lr, "weight_decay": args.weight_decay,
+                      "schedule": "one-cycle cos, 5% warm-up",
                       "grad_clip": 1.0, "amp": "bf16" if amp else "fp32"},
         "train_time_s": round(train_s, 1), "total_time_s": round(time.time() - t_start, 1),
         "final_losses": log[-1] if log else None, "log": log,

@@ -15,8 +15,8 @@ from ..errors import CalibrationError, ModelError
 
 
 def model_kind(model: onnx.ModelProto) -> str:
-    """full | encoder | decoder, recognised as evaluation does (eval.runner.inspect_sam_model)."""
-    from ..eval.runner import inspect_sam_model
+    """full | encoder | decoder, recognised by samgraph.inspect_sam_model."""
+    from ..samgraph import inspect_sam_model
 
     kind = inspect_sam_model(model).kind
     if kind == "official_decoder":
@@ -26,7 +26,7 @@ def model_kind(model: onnx.ModelProto) -> str:
 
 
 def image_size(model: onnx.ModelProto) -> int:
-    from ..eval.runner import inspect_sam_model
+    from ..samgraph import inspect_sam_model
 
     size = inspect_sam_model(model).image_size
     if size is None:
@@ -35,7 +35,7 @@ def image_size(model: onnx.ModelProto) -> int:
 
 
 def _embeddings_from_encoder(encoder: str | Path, samples: list[CalibSample]) -> list[np.ndarray]:
-    from ..eval.runner import OrtRuntime
+    from ..runtime import OrtRuntime
     from ..modelio import load_model
 
     if model_kind(load_model(encoder)) != "encoder":

@@ -1,7 +1,7 @@
 """Range observers for activation calibration: MinMax, Percentile, MSE.
 
 Each observer sees the tensors flowing through one ONNX value over the calibration set and returns a
-(lo, hi) real range; `activation_range_to_quant` (passes/bits.py) turns it into scale and zero point.
+(lo, hi) real range; `qmath.activation_quant_from_range` turns it into scale and zero point.
 Percentile and MSE keep the exact min/max plus a bounded uniform random subsample of the values, so
 memory stays fixed however large the activations (vit_h encoder blocks) and however many images.
 """
@@ -10,6 +10,9 @@ from __future__ import annotations
 import math
 
 import torch
+
+from ..qmath import MIN_SCALE, grid
+from ..torchexec.fakequant import fake_quant
 
 SAMPLE_PER_BATCH = 1 << 16
 SAMPLE_CAP = 1 << 21
@@ -82,18 +85,17 @@ class PercentileObserver(_SampledObserver):
 
 
 def fake_quant_error(x: torch.Tensor, lo: float, hi: float, bits: int, symmetric: bool) -> float:
-    """Mean squared error of quantizing x to a `bits` grid spanning [lo, hi]."""
+    """Mean squared error of quantizing x to a `bits` grid spanning [lo, hi] (a search candidate: the scale is
+    not rounded to float32 here, the chosen range is turned into the emitted one by qmath)."""
+    qmin, qmax = grid(bits, symmetric)
     if symmetric:
-        m = max(abs(lo), abs(hi), 1e-12)
-        qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-        scale, zp = m / qmax, 0.0
+        scale, zp = max(abs(lo), abs(hi), MIN_SCALE) / qmax, 0.0
     else:
         lo, hi = min(lo, 0.0), max(hi, 0.0)
-        qmin, qmax = 0, (1 << bits) - 1
-        scale = max(hi - lo, 1e-12) / qmax
+        scale = max(hi - lo, MIN_SCALE) / qmax
         zp = float(min(max(round(-lo / scale), qmin), qmax))
-    q = torch.clamp(torch.round(x / scale) + zp, qmin, qmax)
-    return float(((q - zp) * scale - x).pow(2).mean())
+    s = torch.tensor(scale, dtype=x.dtype)
+    return float((fake_quant(x, s, zp, qmin, qmax) - x).pow(2).mean())
 
 
 class MSEObserver(_SampledObserver):
@@ -119,29 +121,32 @@ class MSEObserver(_SampledObserver):
         return best_lo * lo, best_hi * hi
 
 
+OBSERVERS = {
+    "minmax": lambda percentile, seed: MinMaxObserver(),
+    "percentile": lambda percentile, seed: PercentileObserver(percentile, seed),
+    "mse": lambda percentile, seed: MSEObserver(seed=seed),
+}
+
+
 def make_observer(method: str, percentile: float = 99.99, seed: int = 0):
-    if method == "minmax":
-        return MinMaxObserver()
-    if method == "percentile":
-        return PercentileObserver(percentile, seed)
-    if method == "mse":
-        return MSEObserver(seed=seed)
-    raise ValueError(f"no observer for method {method!r}")
+    if method not in OBSERVERS:
+        raise ValueError(f"no observer for method {method!r}")
+    return OBSERVERS[method](percentile, seed)
 
 
 def weight_channel_absmax(w: torch.Tensor, axis: int, method: str, bits: int, steps: int = 40) -> torch.Tensor:
     """Per-output-channel symmetric clipping value for a weight: absmax, or MSE-searched for `mse`."""
     wc = w.detach().movedim(axis, 0).reshape(w.shape[axis], -1).float()
-    absmax = wc.abs().amax(dim=1).clamp_min(1e-12)
+    absmax = wc.abs().amax(dim=1).clamp_min(MIN_SCALE)
     if method != "mse":
         return absmax
-    qmax = (1 << (bits - 1)) - 1
+    qmin, qmax = grid(bits, True)
     best = absmax.clone()
     best_err = torch.full_like(absmax, math.inf)
     for f in torch.linspace(0.3, 1.0, steps):
         m = absmax * f
         s = (m / qmax)[:, None]
-        err = ((torch.clamp(torch.round(wc / s), -qmax - 1, qmax) * s - wc) ** 2).mean(dim=1)
+        err = ((fake_quant(wc, s, 0, qmin, qmax) - wc) ** 2).mean(dim=1)
         better = err < best_err
         best = torch.where(better, m, best)
         best_err = torch.where(better, err, best_err)

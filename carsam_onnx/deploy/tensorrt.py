@@ -13,15 +13,13 @@ tensorrt is missing. docs/tensorrt.md says what was and was not verified.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 
-from ..errors import CarsamError, InputError, ModelError, OutputError
-from ..modelio import check_writable, load_model
+from ..errors import CarsamError, InputError, ModelError
+from ..modelio import atomic_write, check_writable, load_model
 from ..passes.trt_rules import check_trt, errors
 
 Shape = tuple[int, ...]
@@ -170,17 +168,4 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, strongly_typ
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ModelError(f"TensorRT could not build an engine from {onnx_path} (see the TensorRT log above)")
-    return _write_bytes(engine_path, memoryview(serialized))
-
-
-def _write_bytes(path: Path, data) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
-    return path
+    return atomic_write(engine_path, memoryview(serialized), force=True)

@@ -65,7 +65,8 @@ class ActivationKind(str, Enum):
 class WeightSite:
     node: str                   # the MatMul / Gemm / Conv / ConvTranspose node
     initializer: str            # its float weight initializer
-    axis: int                   # output-channel axis of the initializer (MatMul [K,N]: 1; Gemm transB=1: 0; Conv: 0; ConvTranspose: 1)
+    axis: int                   # output-channel axis of the initializer
+                                # (MatMul [K,N]: 1; Gemm transB=1: 0; Conv: 0; ConvTranspose: 1)
     kind: WeightKind
 
 

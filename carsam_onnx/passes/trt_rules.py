@@ -118,104 +118,183 @@ def _tname(t: int) -> str:
     return TensorProto.DataType.Name(t) if t else "unknown"
 
 
+@dataclass(frozen=True)
+class QdqNode:
+    """One QuantizeLinear / DequantizeLinear as the rules see it."""
+
+    node: onnx.NodeProto
+    is_q: bool
+    data: str                       # the quantized (Q) or dequantized (DQ) tensor
+    scale_name: str
+    zp: str | None
+    const_data: bool                # data is a constant: a weight
+    qtype: int                      # the integer type (Q output / DQ input)
+    shape: tuple | None
+    block: int
+    axis: int
+    scale: np.ndarray | None        # None when the scale is not a build-time constant
+
+    @property
+    def rank(self) -> int | None:
+        return len(self.shape) if self.shape is not None else None
+
+
+def _qdq(G: _Graph, n: onnx.NodeProto) -> QdqNode:
+    is_q = n.op_type == "QuantizeLinear"
+    data = n.input[0]
+    zp = n.input[2] if len(n.input) > 2 and n.input[2] else None
+    qtype = (G.types.get(zp) if zp else (_attr(n, "output_dtype", 0) or TensorProto.UINT8)) if is_q \
+        else G.types.get(data, 0)
+    return QdqNode(n, is_q, data, n.input[1], zp, data in G.consts, qtype, G.shapes.get(data),
+                   _attr(n, "block_size", 0) or 0, _attr(n, "axis", 1), G.value(n.input[1]))
+
+
+# ---- the rules: each yields (rule id, message) for one Q/DQ node ------------------------------------------
+
+def rule_quantized_type(G: _Graph, q: QdqNode):
+    if q.qtype not in _QUANT_TYPES:
+        yield "quantized-type", (f"quantized type is {_tname(q.qtype)}; TensorRT takes INT8, INT4 or FP8 "
+                                 "(use a signed container with zero point 0)")
+
+
+def rule_zero_point(G: _Graph, q: QdqNode):
+    if q.zp:
+        z = G.value(q.zp)
+        if z is None:
+            yield "zero-point", f"zero point {q.zp} is not a constant"
+        elif np.any(z.astype(np.float64) != 0):
+            yield "zero-point", f"zero point {q.zp} is not all zeros (TensorRT quantization is symmetric only)"
+
+
+def rule_scale(G: _Graph, q: QdqNode):
+    s = q.scale
+    if s is None:
+        yield "scale", f"scale {q.scale_name} is not a build-time constant"
+    elif s.size == 0 or not np.all(np.isfinite(s)) or np.any(s <= 0):
+        yield "scale", f"scale {q.scale_name} has values that are not finite and > 0"
+
+
+def rule_activation_per_tensor(G: _Graph, q: QdqNode):
+    if not q.const_data and q.scale is not None and q.scale.size > 1:
+        yield "activation-per-tensor", f"activation {q.data} is quantized with {q.scale.size} scales; use one"
+
+
+def rule_int4_weight_only(G: _Graph, q: QdqNode):
+    if q.is_q and q.qtype == TensorProto.INT4 and not q.const_data:
+        yield "int4-weight-only", (f"activation {q.data} is quantized to INT4; TensorRT has INT4 only for "
+                                   "weights (store activations in INT8 or keep them float)")
+
+
+def rule_int4_even_last_dim(G: _Graph, q: QdqNode):
+    if q.qtype == TensorProto.INT4 and q.shape and q.shape[-1] is not None and q.shape[-1] % 2:
+        yield "int4-even-last-dim", f"INT4 tensor {q.data} has an odd last dimension {q.shape[-1]}"
+
+
+def rule_block_weight_only(G: _Graph, q: QdqNode):
+    if q.block and not (not q.is_q and q.const_data):
+        yield "block-weight-only", f"blocked quantization of {q.data}, which is not a constant weight"
+
+
+def _is_blocked_weight(q: QdqNode) -> bool:
+    return bool(q.block) and not q.is_q and q.const_data
+
+
+def rule_block_shape(G: _Graph, q: QdqNode):
+    if not _is_blocked_weight(q) or q.rank is None:
+        return
+    ax = q.axis % q.rank if q.rank else 0
+    if q.rank != 2:
+        yield "block-shape", f"blocked weight {q.data} has rank {q.rank}; TensorRT blocks 2-D weights"
+    elif ax not in (q.rank - 1, q.rank - 2):
+        yield "block-shape", f"blocked along axis {ax}; TensorRT blocks one of the last two axes"
+    if q.shape[ax] is not None and q.shape[ax] % q.block:
+        yield "block-shape", f"axis {ax} of {q.data} ({q.shape[ax]}) is not divisible by block size {q.block}"
+
+
+def rule_block_type(G: _Graph, q: QdqNode):
+    if _is_blocked_weight(q) and q.qtype == TensorProto.INT8:
+        yield "block-type", "blocked INT8 is documented only in recent TensorRT releases; use INT4"
+
+
+def rule_per_channel_size(G: _Graph, q: QdqNode):
+    s = q.scale
+    if q.block or s is None or s.ndim != 1 or s.size <= 1 or q.rank is None:
+        return
+    ax = q.axis % q.rank if q.rank else 0
+    if q.shape[ax] is not None and q.shape[ax] != s.size:
+        yield "per-channel-size", f"{s.size} scales for axis {ax} of size {q.shape[ax]}"
+
+
+def rule_q_dq_pair(G: _Graph, q: QdqNode):
+    if not q.is_q:
+        return
+    out = q.node.output[0]
+    bad = [r for r in G.consumers.get(out, []) if r.op_type != "DequantizeLinear"]
+    if bad or out in G.outputs:
+        who = bad[0].op_type if bad else "a graph output"
+        yield "q-dq-pair", f"QuantizeLinear output {out} is read by {who}, not a DequantizeLinear"
+
+
+def rule_narrow_grid_clip(G: _Graph, q: QdqNode):
+    src = G.producer.get(q.data) if q.is_q else None
+    if src is not None and src.op_type == "Clip":
+        yield "narrow-grid-clip", f"Clip {src.name} before the Q (narrow grid) runs as its own layer"
+
+
+def _weight_layers(G: _Graph, q: QdqNode) -> tuple[list, list]:
+    """(layers reading this weight DQ as their weight input, other readers); empty unless a weight DQ."""
+    if q.is_q or not q.const_data:
+        return [], []
+    readers = G.consumers.get(q.node.output[0], [])
+    layers = [r for r in readers if r.op_type in _WEIGHT_INPUT and list(r.input).index(q.node.output[0]) == 1]
+    return layers, [r for r in readers if r not in layers]
+
+
+def rule_weight_dq_placement(G: _Graph, q: QdqNode):
+    _, others = _weight_layers(G, q)
+    if others:
+        yield "weight-dq-placement", (f"weight DQ output is read by {others[0].op_type} {others[0].name}; "
+                                      "TensorRT wants the DQ directly on the layer's weight input")
+
+
+def rule_weight_channel_axis(G: _Graph, q: QdqNode):
+    s = q.scale
+    if s is None or s.ndim != 1 or s.size <= 1 or q.block or not q.rank:
+        return
+    for layer in _weight_layers(G, q)[0]:
+        want = _out_channel_axis(layer, q.rank)
+        if want is not None and q.axis % q.rank != want:
+            yield "weight-channel-axis", (f"per-channel axis {q.axis % q.rank} but {layer.op_type} "
+                                          f"{layer.name} has its output channels on axis {want}")
+
+
+def rule_int4_weight_only_layer(G: _Graph, q: QdqNode):
+    if q.qtype != TensorProto.INT4:
+        return
+    for layer in _weight_layers(G, q)[0]:
+        src = G.producer.get(layer.input[0])
+        if src is not None and src.op_type == "DequantizeLinear":
+            yield "int4-weight-only-layer", (f"{layer.op_type} {layer.name} has INT4 weights and a quantized "
+                                             "input; TensorRT runs INT4 as weight-only (float activations)")
+
+
+CHECKS = (rule_quantized_type, rule_zero_point, rule_scale, rule_activation_per_tensor, rule_int4_weight_only,
+          rule_int4_even_last_dim, rule_block_weight_only, rule_block_shape, rule_block_type, rule_per_channel_size,
+          rule_q_dq_pair, rule_narrow_grid_clip, rule_weight_dq_placement, rule_weight_channel_axis,
+          rule_int4_weight_only_layer)
+
+
 def check_trt(model: onnx.ModelProto) -> list[Violation]:
     """Violations of TensorRT's documented Q/DQ rules, in graph order (see RULES and docs/tensorrt.md)."""
     G = _Graph(model)
     found: list[Violation] = []
-
-    def add(node, rule, msg):
-        found.append(Violation(node.name or f"<{node.op_type} {node.output[0]}>", rule, msg))
-
     for n in model.graph.node:
         if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
-        is_q = n.op_type == "QuantizeLinear"
-        data, scale = n.input[0], n.input[1]
-        zp = n.input[2] if len(n.input) > 2 and n.input[2] else None
-        const_data = data in G.consts
-        if is_q:
-            qtype = G.types.get(zp) if zp else (_attr(n, "output_dtype", 0) or TensorProto.UINT8)
-        else:
-            qtype = G.types.get(data, 0)
-        shape = G.shapes.get(data)
-        block = _attr(n, "block_size", 0) or 0
-        axis = _attr(n, "axis", 1)
-
-        if qtype not in _QUANT_TYPES:
-            add(n, "quantized-type", f"quantized type is {_tname(qtype)}; TensorRT takes INT8, INT4 or FP8 "
-                                     "(use a signed container with zero point 0)")
-        if zp:
-            z = G.value(zp)
-            if z is None:
-                add(n, "zero-point", f"zero point {zp} is not a constant")
-            elif np.any(z.astype(np.float64) != 0):
-                add(n, "zero-point", f"zero point {zp} is not all zeros (TensorRT quantization is symmetric only)")
-        s = G.value(scale)
-        if s is None:
-            add(n, "scale", f"scale {scale} is not a build-time constant")
-        elif s.size == 0 or not np.all(np.isfinite(s)) or np.any(s <= 0):
-            add(n, "scale", f"scale {scale} has values that are not finite and > 0")
-        s_size = None if s is None else s.size
-        s_shape = None if s is None else s.shape
-
-        if not const_data and s_size is not None and s_size > 1:
-            add(n, "activation-per-tensor", f"activation {data} is quantized with {s_size} scales; use one")
-        if is_q and qtype == TensorProto.INT4 and not const_data:
-            add(n, "int4-weight-only", f"activation {data} is quantized to INT4; TensorRT has INT4 only for "
-                                       "weights (store activations in INT8 or keep them float)")
-        if qtype == TensorProto.INT4 and shape and shape[-1] is not None and shape[-1] % 2:
-            add(n, "int4-even-last-dim", f"INT4 tensor {data} has an odd last dimension {shape[-1]}")
-
-        rank = len(shape) if shape is not None else None
-        if block and not (not is_q and const_data):
-            add(n, "block-weight-only", f"blocked quantization of {data}, which is not a constant weight")
-        elif block:
-            if rank is not None:
-                ax = axis % rank if rank else 0
-                if rank != 2:
-                    add(n, "block-shape", f"blocked weight {data} has rank {rank}; TensorRT blocks 2-D weights")
-                elif ax not in (rank - 1, rank - 2):
-                    add(n, "block-shape", f"blocked along axis {ax}; TensorRT blocks one of the last two axes")
-                if shape[ax] is not None and shape[ax] % block:
-                    add(n, "block-shape", f"axis {ax} of {data} ({shape[ax]}) is not divisible by block size {block}")
-            if qtype == TensorProto.INT8:
-                add(n, "block-type", "blocked INT8 is documented only in recent TensorRT releases; use INT4")
-        elif s_shape is not None and len(s_shape) == 1 and s_size > 1 and rank is not None:
-            ax = axis % rank if rank else 0
-            if shape[ax] is not None and shape[ax] != s_size:
-                add(n, "per-channel-size", f"{s_size} scales for axis {ax} of size {shape[ax]}")
-
-        if is_q:
-            readers = G.consumers.get(n.output[0], [])
-            bad = [r for r in readers if r.op_type != "DequantizeLinear"]
-            if bad or n.output[0] in G.outputs:
-                who = bad[0].op_type if bad else "a graph output"
-                add(n, "q-dq-pair", f"QuantizeLinear output {n.output[0]} is read by {who}, not a DequantizeLinear")
-            src = G.producer.get(data)
-            if src is not None and src.op_type == "Clip":
-                add(n, "narrow-grid-clip", f"Clip {src.name} before the Q (narrow grid) runs as its own layer")
-            continue
-
-        # DequantizeLinear of a constant: a weight
-        if not const_data:
-            continue
-        readers = G.consumers.get(n.output[0], [])
-        layers = [r for r in readers if r.op_type in _WEIGHT_INPUT and list(r.input).index(n.output[0]) == 1]
-        others = [r for r in readers if r not in layers]
-        if others:
-            add(n, "weight-dq-placement", f"weight DQ output is read by {others[0].op_type} {others[0].name}; "
-                                          "TensorRT wants the DQ directly on the layer's weight input")
-        for layer in layers:
-            if s_shape is not None and len(s_shape) == 1 and s_size > 1 and not block and rank:
-                want = _out_channel_axis(layer, rank)
-                if want is not None and axis % rank != want:
-                    add(n, "weight-channel-axis", f"per-channel axis {axis % rank} but {layer.op_type} "
-                                                  f"{layer.name} has its output channels on axis {want}")
-            if qtype == TensorProto.INT4:
-                src = G.producer.get(layer.input[0])
-                if src is not None and src.op_type == "DequantizeLinear":
-                    add(n, "int4-weight-only-layer", f"{layer.op_type} {layer.name} has INT4 weights and a quantized "
-                                                     "input; TensorRT runs INT4 as weight-only (float activations)")
+        q = _qdq(G, n)
+        name = n.name or f"<{n.op_type} {n.output[0]}>"
+        for check in CHECKS:
+            found.extend(Violation(name, rule, msg) for rule, msg in check(G, q))
     return found
 
 

@@ -13,8 +13,8 @@ from carsam_onnx.artifact import CalibrationArtifact
 from carsam_onnx.deploy.tensorrt import (EngineConfig, build_engine, engine_config, input_dims, shape_profile,
                                          trtexec_command)
 from carsam_onnx.errors import CarsamError, InputError, ModelError, OutputError
-from carsam_onnx.passes import bits as B
-from carsam_onnx.passes.emit_qdq import emit_qdq
+from carsam_onnx import qmath
+from carsam_onnx.passes.emit import emit_qdq
 from carsam_onnx.passes.sites import ActivationKind, ActivationSite, QuantPlan, WeightKind, WeightSite
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -30,8 +30,8 @@ def _qdq_model(symmetric: bool) -> onnx.ModelProto:
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
     plan = QuantPlan((WeightSite("mm", "W", 1, WeightKind.LINEAR),),
                      (ActivationSite("x", ("mm",), ActivationKind.LAYER_INPUT),), ())
-    art = CalibrationArtifact({"x": B.activation_quant_from_range(-1, 1, 8, symmetric)},
-                              {"W": B.weight_quant_from_minmax(W, 1, 8)})
+    art = CalibrationArtifact({"x": qmath.activation_quant_from_range(-1, 1, 8, symmetric)},
+                              {"W": qmath.weight_quant_from_minmax(W, 1, 8)})
     return emit_qdq(model, plan, art)
 
 
@@ -97,7 +97,8 @@ def test_engine_config_and_trtexec_command():
     assert "--minShapes=x:1x1x64" in cmd and "--optShapes=x:1x2x64" in cmd and "--maxShapes=x:1x16x64" in cmd
     assert not any(f in cmd for f in ("--fp16", "--int8"))
     weak = engine_config(model, strongly_typed=False, fp16=True, int8=True)
-    assert {"--fp16", "--int8"} <= set(trtexec_command("a", "b", weak)) and "--stronglyTyped" not in trtexec_command("a", "b", weak)
+    weak_cmd = trtexec_command("a", "b", weak)
+    assert {"--fp16", "--int8"} <= set(weak_cmd) and "--stronglyTyped" not in weak_cmd
     with pytest.raises(InputError, match="strongly typed"):
         engine_config(model, fp16=True)
     with pytest.raises(InputError, match="workspace"):

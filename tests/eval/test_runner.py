@@ -17,10 +17,11 @@ from tiny_sam import tiny_sam_paths  # noqa: E402
 
 from carsam_onnx.data.coco import load_coco_dataset  # noqa: E402
 from carsam_onnx.errors import InputError, ModelError  # noqa: E402
-from carsam_onnx.eval import runner  # noqa: E402
+from carsam_onnx.eval import predictors  # noqa: E402
 from carsam_onnx.eval.metrics import paired_ious  # noqa: E402
-from carsam_onnx.eval.runner import (BoxPredictor, evaluate, inspect_sam_model, run_predictions,  # noqa: E402
-                                     select_prompts)
+from carsam_onnx.eval.predictors import BoxPredictor  # noqa: E402
+from carsam_onnx.eval.runner import evaluate, run_predictions, select_prompts  # noqa: E402
+from carsam_onnx.samgraph import inspect_sam_model  # noqa: E402
 
 KEYS = {"segm_mAP", "AP50", "AP75", "mIoU", "num_instances"}
 
@@ -104,7 +105,7 @@ def test_full_split_pair_and_per_box_agree(ds, tiny, tmp_path, monkeypatch):
 
     def no_split(model, *a, **kw):
         raise ModelError("forced")
-    monkeypatch.setattr(runner, "split_full_model", no_split)
+    monkeypatch.setattr(predictors, "split_full_model", no_split)
     with pytest.warns(UserWarning, match="once per box"):
         per_box = evaluate(tiny["full"], ds, progress=False, limit=2)
     assert "per box" in per_box.model and per_box.num_images == 2 and per_box.num_instances == 4
@@ -191,7 +192,7 @@ def test_bad_eval_arguments(ds, tiny, tmp_path):
 
 
 def test_multimask_outputs_keep_the_best_predicted_mask():
-    from carsam_onnx.eval.runner import _pick_best
+    from carsam_onnx.eval.predictors import _pick_best
     masks = np.stack([np.full((1, 3, 4, 4), v, np.float32) for v in (1.0, 2.0)])  # two prompts, 3 masks each
     masks[0, 0, 2] = 7.0
     masks[1, 0, 0] = 9.0

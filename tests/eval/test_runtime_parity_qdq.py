@@ -25,14 +25,16 @@ from tiny_coco import write_coco  # noqa: E402
 from tiny_sam import tiny_sam_paths  # noqa: E402
 
 from carsam_onnx.artifact import CalibrationArtifact  # noqa: E402
-from carsam_onnx.calib.executor import OnnxModule  # noqa: E402
+from carsam_onnx.torchexec.module import OnnxModule  # noqa: E402
 from carsam_onnx.config import BitWidths, QuantConfig  # noqa: E402
 from carsam_onnx.data.coco import load_coco_dataset  # noqa: E402
 from carsam_onnx.data.prompts import load_calibration_set  # noqa: E402
 from carsam_onnx.eval.metrics import segm_metrics  # noqa: E402
-from carsam_onnx.eval.runner import build_predictor, get_runtime, run_predictions, select_prompts  # noqa: E402
-from carsam_onnx.passes.bits import activation_quant_from_range, weight_quant_from_minmax  # noqa: E402
-from carsam_onnx.passes.emit_qdq import emit_qdq  # noqa: E402
+from carsam_onnx.eval.predictors import build_predictor  # noqa: E402
+from carsam_onnx.eval.runner import run_predictions, select_prompts  # noqa: E402
+from carsam_onnx.runtime import get_runtime  # noqa: E402
+from carsam_onnx.qmath import activation_quant_from_range, weight_quant_from_minmax  # noqa: E402
+from carsam_onnx.passes.emit import emit_qdq  # noqa: E402
 from carsam_onnx.passes.plan import plan_quantization  # noqa: E402
 
 

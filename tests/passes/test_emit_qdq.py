@@ -7,10 +7,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from carsam_onnx.qmath import sqnr_db
 from carsam_onnx.artifact import ActivationQuant, CalibrationArtifact, WeightQuant
 from carsam_onnx.errors import CarsamError, ModelError
-from carsam_onnx.passes import bits as B
-from carsam_onnx.passes.emit_qdq import META_PREFIX, emit_qdq
+from carsam_onnx import qmath
+from carsam_onnx.passes.emit import META_PREFIX, emit_qdq
 from carsam_onnx.passes.sites import ActivationKind, ActivationSite, QuantPlan, WeightKind, WeightSite
 from onnx_graphs import float_input as _vi  # noqa: E402
 from onnx_graphs import make_model as _model  # noqa: E402
@@ -96,9 +97,6 @@ def _act_type(model, value):
     return next(a.i for a in q.attribute if a.name == "output_dtype")
 
 
-def _sqnr_db(ref, x):
-    return 10 * np.log10(np.mean(ref.astype(np.float64) ** 2) / max(np.mean((ref - x).astype(np.float64) ** 2), 1e-30))
-
 
 # ------------------------------------------------------------------------------------- numerics per grid
 
@@ -114,10 +112,10 @@ def test_emitted_model_matches_numpy_fake_quant(graph, wbits, abits, block, sym)
     model, site, layer, W, ref, xshape = GRAPHS[graph]()
     before = model.SerializeToString()
     x = RNG.normal(size=xshape).astype(np.float32)
-    wq = B.weight_quant_from_minmax(W, site.axis, wbits, block)
+    wq = qmath.weight_quant_from_minmax(W, site.axis, wbits, block)
     acts = {}
     if abits < 16:
-        acts["x"] = B.activation_quant_from_range(float(x.min()) * 0.8, float(x.max()) * 0.8, abits, sym)
+        acts["x"] = qmath.activation_quant_from_range(float(x.min()) * 0.8, float(x.max()) * 0.8, abits, sym)
     art = CalibrationArtifact(activations=acts, weights={"W": wq}, info={"bits": f"w{wbits}a{abits}"})
     out = emit_qdq(model, _plan(site, layer, abits < 16), art, float_activations=abits == 16)
 
@@ -140,20 +138,20 @@ def test_emitted_model_matches_numpy_fake_quant(graph, wbits, abits, block, sym)
     assert ops.count("Max") == ops.count("Min") == (1 if narrow and abits < 4 else 0)
     if abits < 16:
         want = {(True, 4): TensorProto.INT4, (True, 8): TensorProto.INT8,
-                (False, 4): TensorProto.UINT4, (False, 8): TensorProto.UINT8}[(sym, B.container_bits(abits))]
+                (False, 4): TensorProto.UINT4, (False, 8): TensorProto.UINT8}[(sym, qmath.container_bits(abits))]
         assert _act_type(out, "x") == want
         q = next(n for n in out.graph.node if n.op_type == "QuantizeLinear")
         assert len(q.input) == (2 if sym else 3)          # symmetric: no zero-point input (zero point 0)
 
     # ORT without graph optimisations = the Q/DQ math exactly
     got = _session(out).run(None, {"x": x})[0]
-    xq = B.fake_quant_activation(x, acts["x"]) if abits < 16 else x
-    Wd = B.dequantize_weight(B.quantize_weight(W, wq), wq)
+    xq = qmath.fake_quant_activation(x, acts["x"]) if abits < 16 else x
+    Wd = qmath.dequantize_weight(qmath.quantize_weight(W, wq), wq)
     want = ref(xq, Wd)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
     # and at the default optimisation level ORT (fusions, MatMulNBits at accuracy level 0) still agrees
     got_opt = _session(out, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, {"x": x})[0]
-    assert _sqnr_db(want, got_opt) > 60
+    assert sqnr_db(want, got_opt) > 60
 
 
 def test_quantization_error_shrinks_with_bits():
@@ -163,10 +161,10 @@ def test_quantization_error_shrinks_with_bits():
     exact = ref(x, W)
     sqnr = {}
     for b in (3, 4, 6, 8):
-        art = CalibrationArtifact(activations={"x": B.activation_quant_from_range(x.min(), x.max(), b, False)},
-                                  weights={"W": B.weight_quant_from_minmax(W, 1, b)})
+        art = CalibrationArtifact(activations={"x": qmath.activation_quant_from_range(x.min(), x.max(), b, False)},
+                                  weights={"W": qmath.weight_quant_from_minmax(W, 1, b)})
         got = _session(emit_qdq(model, _plan(site, layer), art)).run(None, {"x": x})[0]
-        sqnr[b] = _sqnr_db(exact, got)
+        sqnr[b] = sqnr_db(exact, got)
     assert sqnr[8] > 35 and sqnr[3] < sqnr[4] < sqnr[6] < sqnr[8], sqnr
     assert sqnr[8] - sqnr[4] > 18, sqnr
 
@@ -175,8 +173,8 @@ def test_trt_style_containers_keep_low_bit_grids_in_int8():
     """weight/activation_container_bits=8: a w4a4 grid stored in INT8 (TensorRT has INT4 only for weights)."""
     model, site, layer, W, ref, xshape = matmul_model()
     x = RNG.normal(size=xshape).astype(np.float32)
-    aq = B.activation_quant_from_range(x.min(), x.max(), 4, True)
-    wq = B.weight_quant_from_minmax(W, 1, 4)
+    aq = qmath.activation_quant_from_range(x.min(), x.max(), 4, True)
+    wq = qmath.weight_quant_from_minmax(W, 1, 4)
     out = emit_qdq(model, _plan(site, layer), CalibrationArtifact({"x": aq}, {"W": wq}),
                    weight_container_bits=8, activation_container_bits=8)
     wt = _init(out, "W_quantized")
@@ -186,7 +184,7 @@ def test_trt_style_containers_keep_low_bit_grids_in_int8():
     assert _act_type(out, "x") == TensorProto.INT8
     assert sum(n.op_type == "Clip" for n in out.graph.node) == 1     # 4-bit grid inside INT8: a Clip
     got = _session(out).run(None, {"x": x})[0]
-    want = ref(B.fake_quant_activation(x, aq), B.dequantize_weight(B.quantize_weight(W, wq), wq))
+    want = ref(qmath.fake_quant_activation(x, aq), qmath.dequantize_weight(qmath.quantize_weight(W, wq), wq))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
 
 
@@ -195,8 +193,8 @@ def test_trt_style_containers_keep_low_bit_grids_in_int8():
 def test_artifact_integer_values_and_corrected_float_weights_are_used():
     model, site, layer, W, ref, xshape = matmul_model()
     x = RNG.normal(size=xshape).astype(np.float32)
-    wq = B.weight_quant_from_minmax(W, 1, 4)
-    rounded = B.quantize_weight(W, wq)
+    wq = qmath.weight_quant_from_minmax(W, 1, 4)
+    rounded = qmath.quantize_weight(W, wq)
     flipped = np.clip(rounded + RNG.integers(-1, 2, size=rounded.shape), -8, 7).astype(np.int8)  # AdaRound-like
     wq_vals = WeightQuant(wq.scale, wq.axis, wq.bits, values=flipped)
     new_b = np.full((32,), 3.0, np.float32)
@@ -212,16 +210,16 @@ def test_artifact_integer_values_and_corrected_float_weights_are_used():
 def test_corrected_weight_is_quantized_not_the_original():
     model, site, layer, W, ref, xshape = matmul_model()
     W2 = (W * 0.5 + 0.1).astype(np.float32)
-    wq = B.weight_quant_from_minmax(W2, 1, 8)
+    wq = qmath.weight_quant_from_minmax(W2, 1, 8)
     out = emit_qdq(model, _plan(site, layer, False), CalibrationArtifact(weights={"W": wq}, float_weights={"W": W2}),
                    float_activations=True)
     stored = numpy_helper.to_array(_init(out, "W_quantized"))
-    np.testing.assert_array_equal(stored, B.quantize_weight(W2, wq))
+    np.testing.assert_array_equal(stored, qmath.quantize_weight(W2, wq))
 
 
 def test_metadata_records_artifact_info():
     model, site, layer, W, ref, xshape = matmul_model()
-    art = CalibrationArtifact(weights={"W": B.weight_quant_from_minmax(W, 1, 8)},
+    art = CalibrationArtifact(weights={"W": qmath.weight_quant_from_minmax(W, 1, 8)},
                               info={"method": "minmax", "bits": "w8a16"})
     out = emit_qdq(model, _plan(site, layer, False), art, float_activations=True)
     meta = {p.key: p.value for p in out.metadata_props}
@@ -234,8 +232,8 @@ def test_metadata_records_artifact_info():
 def test_unlisted_consumer_keeps_the_float_value():
     model, site, layer, W, ref, xshape = matmul_model(extra_relu=True)
     x = RNG.normal(size=xshape).astype(np.float32)
-    aq = B.activation_quant_from_range(x.min(), x.max(), 4, False)
-    out = emit_qdq(model, _plan(site, layer), CalibrationArtifact({"x": aq}, {"W": B.weight_quant_from_minmax(W, 1, 8)}))
+    aq = qmath.activation_quant_from_range(x.min(), x.max(), 4, False)
+    out = emit_qdq(model, _plan(site, layer), CalibrationArtifact({"x": aq}, {"W": qmath.weight_quant_from_minmax(W, 1, 8)}))
     relu = next(n for n in out.graph.node if n.name == "relu")
     mm = next(n for n in out.graph.node if n.name == "mm")
     assert relu.input[0] == "x"
@@ -251,7 +249,7 @@ def test_weight_shared_with_an_unlisted_layer_stays_float_there():
                     helper.make_node("MatMul", ["a", "W"], ["y"], name="mm2")],
                    [_vi("x", [2, 16])], [_vi("y", [2, 16])], {"W": W})
     plan = QuantPlan((WeightSite("mm1", "W", 1, WeightKind.LINEAR),), (), ())
-    out = emit_qdq(model, plan, CalibrationArtifact(weights={"W": B.weight_quant_from_minmax(W, 1, 8)}))
+    out = emit_qdq(model, plan, CalibrationArtifact(weights={"W": qmath.weight_quant_from_minmax(W, 1, 8)}))
     names = {t.name for t in out.graph.initializer}
     assert {"W", "W_quantized"} <= names
     mm1, mm2 = (next(n for n in out.graph.node if n.name == k) for k in ("mm1", "mm2"))
@@ -269,8 +267,8 @@ def test_generated_names_never_collide_with_existing_ones():
              helper.make_node("Sum", ["h2", "x_scale", "x_zero_point", "W_quantized", "W_scale"], ["y"], name="sum")]
     model = _model(nodes, [_vi("x", [2, 8])], [_vi("y", [2, 8])], {"W": W, **taken})
     x = RNG.normal(size=(2, 8)).astype(np.float32)
-    aq = B.activation_quant_from_range(x.min(), x.max(), 8, False)
-    wq = B.weight_quant_from_minmax(W, 1, 8)
+    aq = qmath.activation_quant_from_range(x.min(), x.max(), 8, False)
+    wq = qmath.weight_quant_from_minmax(W, 1, 8)
     plan = QuantPlan((WeightSite("mm", "W", 1, WeightKind.LINEAR),),
                      (ActivationSite("x", ("mm",), ActivationKind.LAYER_INPUT),), ())
     out = emit_qdq(model, plan, CalibrationArtifact({"x": aq}, {"W": wq}))
@@ -283,8 +281,8 @@ def test_generated_names_never_collide_with_existing_ones():
         np.testing.assert_array_equal(numpy_helper.to_array(_init(out, k)), v)
     assert "x_scale_1" in inits and "W_quantized_1" in inits and "x_QuantizeLinear_1" in node_names
     got = _session(out).run(None, {"x": x})[0]
-    Wd = B.dequantize_weight(B.quantize_weight(W, wq), wq)
-    np.testing.assert_allclose(got, B.fake_quant_activation(x, aq) @ Wd + x + 4.0, rtol=1e-5, atol=1e-4)
+    Wd = qmath.dequantize_weight(qmath.quantize_weight(W, wq), wq)
+    np.testing.assert_allclose(got, qmath.fake_quant_activation(x, aq) @ Wd + x + 4.0, rtol=1e-5, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------- failures
@@ -297,7 +295,7 @@ def test_missing_artifact_entries_are_listed():
 
 def test_float_activations_need_no_activation_entries():
     model, site, layer, W, ref, xshape = matmul_model()
-    art = CalibrationArtifact(weights={"W": B.weight_quant_from_minmax(W, 1, 4)})
+    art = CalibrationArtifact(weights={"W": qmath.weight_quant_from_minmax(W, 1, 4)})
     with pytest.raises(ModelError, match="activation x"):
         emit_qdq(model, _plan(site, layer), art)
     out = emit_qdq(model, _plan(site, layer), art, float_activations=True)
@@ -306,7 +304,7 @@ def test_float_activations_need_no_activation_entries():
 
 def test_plan_that_does_not_match_the_model_is_rejected():
     model, site, layer, W, ref, xshape = matmul_model(extra_relu=True)
-    art = CalibrationArtifact({"x": ActivationQuant(0.1, 0, 8, True)}, {"W": B.weight_quant_from_minmax(W, 1, 8)})
+    art = CalibrationArtifact({"x": ActivationQuant(0.1, 0, 8, True)}, {"W": qmath.weight_quant_from_minmax(W, 1, 8)})
     bad = QuantPlan((site,), (ActivationSite("x", ("add",), ActivationKind.LAYER_INPUT),), ())
     with pytest.raises(ModelError, match="'add' does not read 'x'"):
         emit_qdq(model, bad, art)
@@ -320,14 +318,14 @@ def test_plan_that_does_not_match_the_model_is_rejected():
 def test_invalid_activation_quantization_is_rejected(aq):
     model, site, layer, W, ref, xshape = matmul_model()
     with pytest.raises(ModelError):
-        emit_qdq(model, _plan(site, layer), CalibrationArtifact({"x": aq}, {"W": B.weight_quant_from_minmax(W, 1, 8)}))
+        emit_qdq(model, _plan(site, layer), CalibrationArtifact({"x": aq}, {"W": qmath.weight_quant_from_minmax(W, 1, 8)}))
 
 
 def test_old_opset_is_rejected_with_a_hint():
     model, site, layer, W, ref, xshape = matmul_model()
     model.opset_import[0].version = 17
     with pytest.raises(ModelError, match="opset >= 21"):
-        emit_qdq(model, _plan(site, layer, False), CalibrationArtifact(weights={"W": B.weight_quant_from_minmax(W, 1, 8)}),
+        emit_qdq(model, _plan(site, layer, False), CalibrationArtifact(weights={"W": qmath.weight_quant_from_minmax(W, 1, 8)}),
                  float_activations=True)
 
 
@@ -345,8 +343,8 @@ def test_wrong_scale_shape_is_rejected():
 def test_int4_packing_round_trips_through_onnx(count, signed):
     lo, hi = (-8, 7) if signed else (0, 15)
     vals = RNG.integers(lo, hi + 1, size=count)
-    assert np.array_equal(B.unpack_int4(B.pack_int4(vals), count, signed), vals)
-    t = helper.make_tensor("t", TensorProto.INT4 if signed else TensorProto.UINT4, [count], B.pack_int4(vals), raw=True)
+    assert np.array_equal(qmath.unpack_int4(qmath.pack_int4(vals), count, signed), vals)
+    t = helper.make_tensor("t", TensorProto.INT4 if signed else TensorProto.UINT4, [count], qmath.pack_int4(vals), raw=True)
     assert len(t.raw_data) == (count + 1) // 2
     assert np.array_equal(numpy_helper.to_array(t).astype(np.int16), vals)
 
@@ -354,37 +352,37 @@ def test_int4_packing_round_trips_through_onnx(count, signed):
 def test_weight_quant_from_minmax_per_channel_and_blocked():
     W = RNG.normal(size=(40, 6)).astype(np.float32)
     W[:, 2] = 0.0                                                   # an all-zero channel
-    wq = B.weight_quant_from_minmax(W, 1, 6)
+    wq = qmath.weight_quant_from_minmax(W, 1, 6)
     assert wq.scale.shape == (6,) and wq.bits == 6 and wq.block_size is None
     np.testing.assert_allclose(wq.scale[[0, 1]], np.abs(W[:, [0, 1]]).max(0) / 31, rtol=1e-6)
-    q = B.quantize_weight(W, wq)
+    q = qmath.quantize_weight(W, wq)
     assert q.min() >= -32 and q.max() <= 31 and np.all(q[:, 2] == 0)
-    assert np.all(np.abs(B.dequantize_weight(q, wq) - W) <= wq.scale / 2 + 1e-7)
-    blk = B.weight_quant_from_minmax(W, 1, 4, block_size=16)        # 40 rows -> 3 blocks (last one ragged)
+    assert np.all(np.abs(qmath.dequantize_weight(q, wq) - W) <= wq.scale / 2 + 1e-7)
+    blk = qmath.weight_quant_from_minmax(W, 1, 4, block_size=16)        # 40 rows -> 3 blocks (last one ragged)
     assert blk.scale.shape == (3, 6)
     np.testing.assert_allclose(blk.scale[2, 0], np.abs(W[32:, 0]).max() / 7, rtol=1e-6)
-    err_blk = np.abs(B.dequantize_weight(B.quantize_weight(W, blk), blk) - W).mean()
-    err_ch = np.abs(B.dequantize_weight(B.quantize_weight(W, B.weight_quant_from_minmax(W, 1, 4)),
-                                        B.weight_quant_from_minmax(W, 1, 4)) - W).mean()
+    err_blk = np.abs(qmath.dequantize_weight(qmath.quantize_weight(W, blk), blk) - W).mean()
+    err_ch = np.abs(qmath.dequantize_weight(qmath.quantize_weight(W, qmath.weight_quant_from_minmax(W, 1, 4)),
+                                        qmath.weight_quant_from_minmax(W, 1, 4)) - W).mean()
     assert err_blk < err_ch                                          # finer scales, smaller error
-    gemm = B.weight_quant_from_minmax(W.T.copy(), 0, 4, block_size=16)   # Gemm transB=1: blocks along axis 1
+    gemm = qmath.weight_quant_from_minmax(W.T.copy(), 0, 4, block_size=16)   # Gemm transB=1: blocks along axis 1
     assert gemm.scale.shape == (6, 3)
 
 
 def test_activation_quant_from_range():
-    a = B.activation_quant_from_range(0.5, 2.0, 8, symmetric=False)   # widened to include 0
+    a = qmath.activation_quant_from_range(0.5, 2.0, 8, symmetric=False)   # widened to include 0
     assert (a.zero_point, a.signed) == (0, False) and a.scale == pytest.approx(2.0 / 255)
-    a = B.activation_quant_from_range(-1.0, 3.0, 4, symmetric=False)
+    a = qmath.activation_quant_from_range(-1.0, 3.0, 4, symmetric=False)
     assert a.scale == pytest.approx(4.0 / 15) and a.zero_point == round(1.0 / (4.0 / 15))
-    assert B.fake_quant_activation(np.float32(0.0), a) == 0.0          # zero is exact
-    s = B.activation_quant_from_range(-1.0, 3.0, 6, symmetric=True)
+    assert qmath.fake_quant_activation(np.float32(0.0), a) == 0.0          # zero is exact
+    s = qmath.activation_quant_from_range(-1.0, 3.0, 6, symmetric=True)
     assert (s.zero_point, s.signed, s.qmin, s.qmax) == (0, True, -32, 31) and s.scale == pytest.approx(3.0 / 31)
-    assert B.activation_quant_from_range(0.0, 0.0, 8, False).scale > 0
+    assert qmath.activation_quant_from_range(0.0, 0.0, 8, False).scale > 0
     for bad in ((float("nan"), 1.0), (2.0, 1.0)):
         with pytest.raises(CarsamError):
-            B.activation_quant_from_range(*bad, 8, False)
+            qmath.activation_quant_from_range(*bad, 8, False)
     with pytest.raises(CarsamError):
-        B.activation_quant_from_range(0.0, 1.0, 16, False)
+        qmath.activation_quant_from_range(0.0, 1.0, 16, False)
 
 
 # ---------------------------------------------------------------------------------------- vit_b decoder
@@ -447,8 +445,8 @@ def test_vit_b_decoder_w8a8_every_weight_layer_reads_an_int8_dq(vit_b_decoder, t
     feed = _decoder_feed()
     ranges = _ranges(model, [s.value for s in plan.activations], feed)
     art = CalibrationArtifact(
-        activations={v: B.activation_quant_from_range(lo, hi, 8, False) for v, (lo, hi) in ranges.items()},
-        weights={s.initializer: B.weight_quant_from_minmax(inits[s.initializer], s.axis, 8) for s in plan.weights},
+        activations={v: qmath.activation_quant_from_range(lo, hi, 8, False) for v, (lo, hi) in ranges.items()},
+        weights={s.initializer: qmath.weight_quant_from_minmax(inits[s.initializer], s.axis, 8) for s in plan.weights},
         info={"bits": "w8a8"})
     out = emit_qdq(model, plan, art)
     producers = {o: n for n in out.graph.node for o in n.output}
@@ -467,7 +465,7 @@ def test_vit_b_decoder_w8a8_every_weight_layer_reads_an_int8_dq(vit_b_decoder, t
     f_sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for q, f in zip(q_sess.run(None, feed), f_sess.run(None, feed)):
         assert q.shape == f.shape
-        assert _sqnr_db(f, q) > 25             # random-init SAM, W8A8 MinMax: 32.7 dB masks, 47.8 dB IoU
+        assert sqnr_db(f, q) > 25             # random-init SAM, W8A8 MinMax: 32.7 dB masks, 47.8 dB IoU
     assert p.stat().st_size < 0.3 * path.stat().st_size
 
 
@@ -476,10 +474,10 @@ def test_vit_b_decoder_w4_weights_are_packed(vit_b_decoder, tmp_path):
     path, model = vit_b_decoder
     plan = _weight_layer_plan(model)
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    weights = {s.initializer: B.weight_quant_from_minmax(inits[s.initializer], s.axis, 4) for s in plan.weights}
+    weights = {s.initializer: qmath.weight_quant_from_minmax(inits[s.initializer], s.axis, 4) for s in plan.weights}
     feed = _decoder_feed()
     ranges = _ranges(model, [s.value for s in plan.activations], feed)
-    acts = {v: B.activation_quant_from_range(lo, hi, 4, False) for v, (lo, hi) in ranges.items()}
+    acts = {v: qmath.activation_quant_from_range(lo, hi, 4, False) for v, (lo, hi) in ranges.items()}
     f_out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)
     for name, art, fa in (("w4a16", CalibrationArtifact(weights=weights), True),
                           ("w4a4", CalibrationArtifact(acts, weights), False)):
@@ -489,7 +487,7 @@ def test_vit_b_decoder_w4_weights_are_packed(vit_b_decoder, tmp_path):
         q_out = _session(onnx.load(str(p)), ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, feed)
         assert all(q.shape == f.shape and np.all(np.isfinite(q)) for q, f in zip(q_out, f_out))
         # measured on the masks: W4A16 13.1 dB, W4A4 6.9 dB (random init, MinMax ranges of one input)
-        assert _sqnr_db(f_out[0], q_out[0]) > (9 if fa else 3)
+        assert sqnr_db(f_out[0], q_out[0]) > (9 if fa else 3)
         quant_bytes = sum(len(t.raw_data) for t in out.graph.initializer if t.data_type == TensorProto.INT4)
         n_vals = sum(int(np.prod(t.dims)) for t in out.graph.initializer if t.data_type == TensorProto.INT4)
         assert quant_bytes <= (n_vals + 1) // 2 + len(plan.weights)
@@ -506,9 +504,9 @@ def test_ort_fuses_int4_weights_into_matmulnbits_and_accuracy_level_0_is_exact(b
     into MatMulNBits, whose default accuracy level quantizes activations; level 0 keeps the Q/DQ numbers."""
     model, site, layer, W, ref, xshape = matmul_model(k=256, n=128)
     x = RNG.normal(size=(4, 256)).astype(np.float32)
-    wq = B.weight_quant_from_minmax(W, 1, 4, block)
+    wq = qmath.weight_quant_from_minmax(W, 1, 4, block)
     out = emit_qdq(model, _plan(site, layer, False), CalibrationArtifact(weights={"W": wq}), float_activations=True)
-    want = ref(x, B.dequantize_weight(B.quantize_weight(W, wq), wq))
+    want = ref(x, qmath.dequantize_weight(qmath.quantize_weight(W, wq), wq))
     errs = {}
     for level in (None, "0"):
         so = ort.SessionOptions()
@@ -527,15 +525,15 @@ def test_ort_fuses_int4_weights_into_matmulnbits_and_accuracy_level_0_is_exact(b
     ("trt", "w8a8", TensorProto.INT8, TensorProto.INT8)])
 def test_target_options(target, bits, w_type, a_type):
     from carsam_onnx.config import BitWidths, QuantConfig
-    from carsam_onnx.passes.emit_qdq import target_options
+    from carsam_onnx.passes.emit import target_options
     from carsam_onnx.passes.trt_rules import check_trt, errors
 
     cfg = QuantConfig(bits=BitWidths.parse(bits), target=target)
     model, site, layer, W, ref, xshape = matmul_model()
     acts = {}
     if cfg.bits.quantize_activations:
-        acts["x"] = B.activation_quant_from_range(-2, 2, cfg.bits.activation, cfg.symmetric_activations)
-    art = CalibrationArtifact(acts, {"W": B.weight_quant_from_minmax(W, 1, cfg.bits.weight)})
+        acts["x"] = qmath.activation_quant_from_range(-2, 2, cfg.bits.activation, cfg.symmetric_activations)
+    art = CalibrationArtifact(acts, {"W": qmath.weight_quant_from_minmax(W, 1, cfg.bits.weight)})
     out = emit_qdq(model, _plan(site, layer), art, **target_options(cfg))
     assert _init(out, "W_quantized").data_type == w_type
     if a_type is None:
@@ -547,11 +545,12 @@ def test_target_options(target, bits, w_type, a_type):
 
 def test_models_over_the_protobuf_limit_are_checked_through_a_file(monkeypatch):
     """vit_h-sized outputs (> 2 GB) cannot be checked in memory; the file path must give the same model."""
-    import carsam_onnx.passes.emit_qdq as E
+    import carsam_onnx.passes.emit.graph as E
 
     model, site, layer, W, ref, xshape = matmul_model()
     x = RNG.normal(size=xshape).astype(np.float32)
-    art = CalibrationArtifact({"x": B.activation_quant_from_range(-2, 2, 6, False)}, {"W": B.weight_quant_from_minmax(W, 1, 4)})
+    art = CalibrationArtifact({"x": qmath.activation_quant_from_range(-2, 2, 6, False)},
+                              {"W": qmath.weight_quant_from_minmax(W, 1, 4)})
     inline = emit_qdq(model, _plan(site, layer), art)
     monkeypatch.setattr(E, "MAX_INLINE_BYTES", 0)
     via_file = emit_qdq(model, _plan(site, layer), art)
@@ -568,7 +567,7 @@ def test_models_over_the_protobuf_limit_are_checked_through_a_file(monkeypatch):
 def test_plan_quantization_plus_emit_on_the_vit_b_decoder(vit_b_decoder, bits, target):
     """The planner's sites (keep-float list applied, attention inputs included) emitted for each target."""
     from carsam_onnx.config import BitWidths, QuantConfig
-    from carsam_onnx.passes.emit_qdq import target_options
+    from carsam_onnx.passes.emit import target_options
     from carsam_onnx.passes.plan import plan_quantization
     from carsam_onnx.passes.trt_rules import check_trt, errors
 
@@ -580,9 +579,9 @@ def test_plan_quantization_plus_emit_on_the_vit_b_decoder(vit_b_decoder, bits, t
     ranges = _ranges(model, [s.value for s in plan.activations], feed) if plan.activations else {}
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     art = CalibrationArtifact(
-        {v: B.activation_quant_from_range(lo, hi, cfg.bits.activation, cfg.symmetric_activations)
+        {v: qmath.activation_quant_from_range(lo, hi, cfg.bits.activation, cfg.symmetric_activations)
          for v, (lo, hi) in ranges.items()},
-        {s.initializer: B.weight_quant_from_minmax(inits[s.initializer], s.axis, cfg.bits.weight)
+        {s.initializer: qmath.weight_quant_from_minmax(inits[s.initializer], s.axis, cfg.bits.weight)
          for s in plan.weights})
     out = emit_qdq(model, plan, art, **target_options(cfg))
     meta = {p.key: p.value for p in out.metadata_props}
@@ -595,7 +594,7 @@ def test_plan_quantization_plus_emit_on_the_vit_b_decoder(vit_b_decoder, bits, t
     got = _session(out, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, feed)
     want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)
     assert all(g.shape == w.shape and np.all(np.isfinite(g)) for g, w in zip(got, want))
-    assert _sqnr_db(want[0], got[0]) > {"w8a8": 25, "w4a4": 3, "w3a3": 0, "w4a16": 9}[bits]
+    assert sqnr_db(want[0], got[0]) > {"w8a8": 25, "w4a4": 3, "w3a3": 0, "w4a16": 9}[bits]
     assert (errors(check_trt(out)) == []) == (target == "trt")
 
 
@@ -613,15 +612,15 @@ def test_onnxruntime_clip_quant_fusion_bug_is_avoided():
     has fixed ClipQuantFusion and the workaround can go."""
     model, W = _sin_matmul()
     x = RNG.normal(size=(4, 32)).astype(np.float32)
-    aq = B.activation_quant_from_range(-1.0, 1.0, 3, False)
-    lo, hi = B.clip_range(aq)
+    aq = qmath.activation_quant_from_range(-1.0, 1.0, 3, False)
+    lo, hi = qmath.clip_range(aq)
     g = helper.make_graph(
         [helper.make_node("Sin", ["x"], ["r"]), helper.make_node("Clip", ["r", "lo", "hi"], ["c"]),
          helper.make_node("QuantizeLinear", ["c", "s", "z"], ["q"]),
          helper.make_node("DequantizeLinear", ["q", "s", "z"], ["dq"]), helper.make_node("MatMul", ["dq", "W"], ["y"])],
         "g", [_vi("x", [4, 32])], [_vi("y", [4, 16])],
         [numpy_helper.from_array(np.float32(v), k) for k, v in (("lo", lo), ("hi", hi), ("s", aq.scale))]
-        + [helper.make_tensor("z", TensorProto.UINT4, [], B.pack_int4(np.array([aq.zero_point])), raw=True),
+        + [helper.make_tensor("z", TensorProto.UINT4, [], qmath.pack_int4(np.array([aq.zero_point])), raw=True),
            numpy_helper.from_array(W, "W")])
     clip_model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
     with pytest.raises(Exception, match="y_zero_point"):
@@ -629,7 +628,7 @@ def test_onnxruntime_clip_quant_fusion_bug_is_avoided():
     plan = QuantPlan((), (ActivationSite("r", ("mm",), ActivationKind.LAYER_INPUT),), ())
     out = emit_qdq(model, plan, CalibrationArtifact({"r": aq}))
     got = _session(out, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, {"x": x})[0]
-    np.testing.assert_allclose(got, B.fake_quant_activation(np.sin(x), aq) @ W, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, qmath.fake_quant_activation(np.sin(x), aq) @ W, rtol=1e-5, atol=1e-5)
 
 
 def test_onnxruntime_s8_matmul_add_fusion_bug_is_avoided():
@@ -642,8 +641,8 @@ def test_onnxruntime_s8_matmul_add_fusion_bug_is_avoided():
                     helper.make_node("MatMul", ["r", "W"], ["h"], name="mm"),
                     helper.make_node("Add", ["h", "b"], ["y"], name="add")],
                    [_vi("x", [1, 4, 32])], [_vi("y", [1, 4, 16])], {"W": W, "b": b})
-    aq = B.activation_quant_from_range(-1.0, 1.0, 8, True)
-    wq = B.weight_quant_from_minmax(W, 1, 8)
+    aq = qmath.activation_quant_from_range(-1.0, 1.0, 8, True)
+    wq = qmath.weight_quant_from_minmax(W, 1, 8)
     plan = QuantPlan((WeightSite("mm", "W", 1, WeightKind.LINEAR),),
                      (ActivationSite("r", ("mm",), ActivationKind.LAYER_INPUT),), ())
     out = emit_qdq(model, plan, CalibrationArtifact({"r": aq}, {"W": wq}))
@@ -658,8 +657,8 @@ def test_onnxruntime_s8_matmul_add_fusion_bug_is_avoided():
         _session(with_zp, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     x = RNG.normal(size=(1, 4, 32)).astype(np.float32)
     got = _session(out, ort.GraphOptimizationLevel.ORT_ENABLE_ALL).run(None, {"x": x})[0]
-    want = B.fake_quant_activation(np.sin(x), aq) @ B.dequantize_weight(B.quantize_weight(W, wq), wq) + b
-    assert _sqnr_db(want, got) > 60
+    want = qmath.fake_quant_activation(np.sin(x), aq) @ qmath.dequantize_weight(qmath.quantize_weight(W, wq), wq) + b
+    assert sqnr_db(want, got) > 60
 
 
 @pytest.mark.slow
@@ -682,7 +681,7 @@ def test_vit_b_encoder_w4_file_is_under_0_14_of_fp32(tmp_path):
                   if t.name not in layer_inits and t.name in readers and int(np.prod(t.dims)) >= 4096)
     assert any("pos_embed" in s.initializer for s in extra)
     sites = plan.weights + extra
-    weights = {s.initializer: B.weight_quant_from_minmax(numpy_helper.to_array(
+    weights = {s.initializer: qmath.weight_quant_from_minmax(numpy_helper.to_array(
         next(t for t in model.graph.initializer if t.name == s.initializer)), s.axis, 4) for s in sites}
     out = emit_qdq(model, QuantPlan(sites, (), ()), CalibrationArtifact(weights=weights), float_activations=True)
     del model

@@ -11,10 +11,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from carsam_onnx.artifact import CalibrationArtifact
-from carsam_onnx.passes import bits as B
-from carsam_onnx.passes.emit_qdq import emit_qdq, int_tensor
+from carsam_onnx import qmath
+from carsam_onnx.passes.emit import emit_qdq, int_tensor
 from carsam_onnx.passes.sites import ActivationKind, ActivationSite, QuantPlan, WeightKind, WeightSite
-from carsam_onnx.passes.trt_rules import ERROR, RULES, WARNING, check_trt, errors, format_report
+from carsam_onnx.passes.trt_rules import CHECKS, ERROR, RULES, WARNING, check_trt, errors, format_report
 
 RNG = np.random.default_rng(1)
 
@@ -155,6 +155,11 @@ def test_every_rule_is_exercised():
     assert {sev for sev, _ in RULES.values()} == {ERROR, WARNING}
 
 
+def test_one_check_function_per_rule():
+    """check_trt runs CHECKS; each function is named after the one rule it reports."""
+    assert sorted(c.__name__.removeprefix("rule_").replace("_", "-") for c in CHECKS) == sorted(RULES)
+
+
 # ------------------------------------------------------------------------------------ emitted graphs
 
 def _emitted(bits_w, bits_a, symmetric, containers=None, block=None):
@@ -167,8 +172,8 @@ def _emitted(bits_w, bits_a, symmetric, containers=None, block=None):
     acts = (ActivationSite("x", ("mm",), ActivationKind.LAYER_INPUT),) if bits_a < 16 else ()
     plan = QuantPlan((WeightSite("mm", "W", 1, WeightKind.LINEAR),), acts, ())
     art = CalibrationArtifact(
-        activations={"x": B.activation_quant_from_range(-2.0, 3.0, bits_a, symmetric)} if bits_a < 16 else {},
-        weights={"W": B.weight_quant_from_minmax(W, 1, bits_w, block)})
+        activations={"x": qmath.activation_quant_from_range(-2.0, 3.0, bits_a, symmetric)} if bits_a < 16 else {},
+        weights={"W": qmath.weight_quant_from_minmax(W, 1, bits_w, block)})
     return emit_qdq(model, plan, art, float_activations=bits_a == 16,
                     weight_container_bits=containers, activation_container_bits=containers)
 
@@ -194,12 +199,12 @@ def test_vit_b_decoder_w8a8_symmetric_is_trt_clean():
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     ranges = _ranges(model, [s.value for s in plan.activations], _decoder_feed())
     art = CalibrationArtifact(
-        activations={v: B.activation_quant_from_range(lo, hi, 8, True) for v, (lo, hi) in ranges.items()},
-        weights={s.initializer: B.weight_quant_from_minmax(inits[s.initializer], s.axis, 8) for s in plan.weights})
+        activations={v: qmath.activation_quant_from_range(lo, hi, 8, True) for v, (lo, hi) in ranges.items()},
+        weights={s.initializer: qmath.weight_quant_from_minmax(inits[s.initializer], s.axis, 8) for s in plan.weights})
     found = check_trt(emit_qdq(model, plan, art))
     assert errors(found) == [], format_report(found)
     asym = CalibrationArtifact(
-        activations={v: B.activation_quant_from_range(lo, hi, 8, False) for v, (lo, hi) in ranges.items()},
+        activations={v: qmath.activation_quant_from_range(lo, hi, 8, False) for v, (lo, hi) in ranges.items()},
         weights=art.weights)
     flagged = check_trt(emit_qdq(model, plan, asym))
     assert sum(v.rule == "quantized-type" for v in flagged) == 2 * len(plan.activations)   # each Q and DQ

@@ -16,6 +16,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, numpy_helper
 
+from carsam_onnx.qmath import sqnr_db
 from carsam_onnx.config import BitWidths, QuantConfig
 from carsam_onnx.errors import InputError
 from carsam_onnx.passes.plan import plan_quantization
@@ -28,10 +29,6 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import ort_quantize_static as tool  # noqa: E402
 
-
-def _sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
-    ref = ref.astype(np.float64)
-    return float(10 * np.log10(np.sum(ref ** 2) / max(np.sum((ref - test) ** 2), 1e-30)))
 
 
 def _feed(seed: int) -> dict[str, np.ndarray]:
@@ -75,7 +72,8 @@ def test_w8a8_quantizes_the_plan_int8_per_channel_and_uint8_activations(decoder,
     _, model, _, _ = decoder
     _, q, report = w8a8_minmax
     plan = plan_quantization(model, QuantConfig())
-    assert len(plan.weights) == 32 and len(plan.attention) == 7     # 2 two-way blocks (14 linears, 3 attentions) + final attention
+    # 2 two-way blocks (14 linears, 3 attentions) + final attention
+    assert len(plan.weights) == 32 and len(plan.attention) == 7
     prod, inits = _producers(q), {t.name: t for t in q.graph.initializer}
     by_name = {n.name: n for n in q.graph.node}
     for s in plan.weights:
@@ -127,7 +125,7 @@ def test_ort_rewiring_keeps_quantized_float_consumers(decoder):
 
 def test_minmax_ranges_equal_our_calibrator_on_the_same_feeds(decoder, w8a8_minmax):
     """Same calibration feeds: ORT's MinMax scales and zero points equal those of our torch-side calibrator."""
-    from carsam_onnx.calib.calibrate import calibrate_baseline
+    from carsam_onnx.calib.baseline import calibrate_baseline
     from carsam_onnx.calib.feeds import build_feeds, image_size
     from carsam_onnx.quantize import calibration_samples
 
@@ -157,7 +155,7 @@ def test_w8a8_runs_in_ort_close_to_fp(decoder, w8a8_minmax):
     for a, b in zip(f, qs):
         assert a.shape == b.shape
     # random-init vit_b decoder, W8A8 MinMax on 4 random embeddings: 29.3 dB on the masks, 41.8 dB on the IoU
-    assert _sqnr_db(f[0], qs[0]) > 25
+    assert sqnr_db(f[0], qs[0]) > 25
 
 
 def test_percentile_w4a4_uses_int4_types_and_clips_tighter_than_minmax(decoder, w8a8_minmax):
@@ -180,7 +178,7 @@ def test_percentile_w4a4_uses_int4_types_and_clips_tighter_than_minmax(decoder, 
     f = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
     b = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feed)[0]
     assert b.shape == f.shape and np.isfinite(b).all()
-    assert _sqnr_db(f, b) > 8       # measured 14.6 dB (MinMax W4A4: 11.7 dB); a broken INT4 path gives <= 0 dB
+    assert sqnr_db(f, b) > 8       # measured 14.6 dB (MinMax W4A4: 11.7 dB); a broken INT4 path gives <= 0 dB
 
 
 def test_int4_weights_use_orts_scale_absmax_over_7_5(decoder):

@@ -1,4 +1,4 @@
-"""`--runtime torch`: the same ONNX graph through the project's torch executor (calib/executor.py), on the CPU or
+"""`--runtime torch`: the same ONNX graph through the project's torch executor (torchexec/), on the CPU or
 a GPU (`--device cuda`). Q/DQ nodes execute with ONNX semantics there, so metrics match ORT's.
 
 On a GPU, all prompts of one image go through the prompt part in one call: SAM graphs are exported for one
@@ -19,7 +19,7 @@ import torch
 
 from ..errors import InputError
 from ..modelio import load_model
-from .runner import Runtime, Session
+from .base import Runtime, Session
 
 MAX_VMAP_BATCH = 64          # prompts per vmapped call (bounds activation memory)
 VMAP_CHECK_RTOL = 1e-3       # batched vs per-prompt outputs on the first call, relative to the output's scale
@@ -34,7 +34,7 @@ def _device(device: str | None) -> torch.device:
 
 class TorchSession(Session):
     def __init__(self, model: onnx.ModelProto, device: torch.device, batch_prompts: bool | None = None):
-        from ..calib.executor import OnnxModule
+        from ..torchexec import OnnxModule
 
         self.device = device
         self.module = OnnxModule(model).to(device).eval()

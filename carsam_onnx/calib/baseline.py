@@ -12,16 +12,14 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from ..artifact import CalibrationArtifact, WeightQuant
+from ..artifact import CalibrationArtifact
 from ..config import QuantConfig
 from ..errors import CalibrationError
-from ..passes.bits import activation_quant_from_range, weight_quant_from_minmax
+from ..qmath import WeightQuant, activation_quant_from_range, symmetric_scale, weight_quant_from_minmax
 from ..passes.plan import CONSTANT_BITS
 from ..passes.sites import QuantPlan, WeightKind
-from .executor import OnnxModule
-from .observers import make_observer, weight_channel_absmax
-
-METHODS = ("minmax", "percentile", "mse")
+from ..torchexec import OnnxModule
+from .observers import OBSERVERS, make_observer, weight_channel_absmax
 
 
 def to_torch(feed: dict[str, np.ndarray], device: str) -> dict[str, torch.Tensor]:
@@ -32,7 +30,7 @@ def observe_activations(module: OnnxModule, feeds: Iterable[dict], values: list[
                         progress=None) -> dict:
     """Run the FP graph over `feeds` with an observer hooked on each value; return value -> observer."""
     observers = {v: make_observer(config.method, config.percentile, config.seed) for v in values}
-    hooks = {v: (lambda obs: (lambda t: obs.observe(t)))(obs) for v, obs in observers.items()}
+    hooks = {v: obs.observe for v, obs in observers.items()}
     with torch.no_grad(), module.value_hooks(hooks):
         for feed in feeds:
             module.run(to_torch(feed, config.device))
@@ -53,14 +51,13 @@ def weight_quant(w: np.ndarray, axis: int, config: QuantConfig) -> WeightQuant:
     if config.method != "mse" or config.block_size:
         return weight_quant_from_minmax(w, axis, bits, config.block_size)
     absmax = weight_channel_absmax(torch.from_numpy(w), axis, "mse", bits).numpy()
-    qmax = (1 << (bits - 1)) - 1
-    return WeightQuant(scale=np.maximum(absmax / qmax, 1e-12).astype(np.float32), axis=axis, bits=bits)
+    return WeightQuant(scale=symmetric_scale(absmax, bits), axis=axis, bits=bits)
 
 
 def calibrate_baseline(model: onnx.ModelProto, plan: QuantPlan, config: QuantConfig, feeds: list[dict],
                        progress=None, module: OnnxModule | None = None) -> CalibrationArtifact:
-    if config.method not in METHODS:
-        raise CalibrationError(f"--method {config.method!r}: baseline methods are {', '.join(METHODS)}")
+    if config.method not in OBSERVERS:
+        raise CalibrationError(f"--method {config.method!r}: baseline methods are {', '.join(OBSERVERS)}")
     inits = {t.name: t for t in model.graph.initializer}
     art = CalibrationArtifact(info={"method": config.method, "bits": str(config.bits), "target": config.target,
                                     "num_calib": str(len(feeds))})

@@ -17,8 +17,8 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from carsam_onnx.calib.executor import OnnxModule
-from carsam_onnx.calib.ops import REGISTRY, tensor_from_proto
+from carsam_onnx.torchexec.module import OnnxModule
+from carsam_onnx.torchexec.ops import REGISTRY, tensor_from_proto
 from carsam_onnx.errors import UnsupportedOpError
 
 # Cases of supported ops that are deliberately not passed, with the reason (fnmatch patterns on the case name).

@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_sam import tiny_sam_paths  # noqa: E402
 
 from carsam_onnx.errors import ModelError  # noqa: E402
-from carsam_onnx.eval.runner import OrtRuntime  # noqa: E402
-from carsam_onnx.eval.split import find_boundary, split_full_model  # noqa: E402
+from carsam_onnx.runtime import OrtRuntime  # noqa: E402
+from carsam_onnx.samgraph import find_boundary, split_full_model  # noqa: E402
 
 SMALL = """
 <ir_version: 10, opset_import: ["" : 21]>

@@ -1,5 +1,12 @@
-"""Split a full SAM graph (image + prompts -> masks) into an image part and a prompt part, so that the image
-encoder runs once per image and only the prompt part runs per box.
+"""What SAM graph is this, and how it splits at the image embedding.
+
+Recognition (`inspect_sam_model`) goes by the graph inputs: image, point_coords, point_labels (full model),
+image (encoder), image_embeddings, point_coords, point_labels (decoder), or segment-anything's own decoder
+export (extra inputs mask_input, has_mask_input, orig_im_size). The image size comes from a static image
+input or the carsam.image_size metadata.
+
+Splitting (`split_full_model`): a full SAM graph (image + prompts -> masks) becomes an image part and a prompt
+part, so that the image encoder runs once per image and only the prompt part runs per box.
 
 The rule (exact for any graph, float or Q/DQ): a value is *image-only* when it depends on the `image` input and
 on no prompt input. The boundary is the set of image-only values that a prompt-dependent node consumes, or that
@@ -12,15 +19,95 @@ and value projections...).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import onnx
 from onnx import helper
 
-from ..errors import ModelError
+from .errors import ModelError
 
+META_IMAGE_SIZE = "carsam.image_size"
+OFFICIAL_EXTRA = ("mask_input", "has_mask_input", "orig_im_size")
 IMAGE_INPUT = "image"
 PROMPT_INPUTS = ("point_coords", "point_labels")
 
 
+# ---- what kind of SAM graph is this? ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class SamModelInfo:
+    kind: str                  # full | encoder | decoder | official_decoder
+    image_size: int | None     # S; None when the graph does not tell (decoder without metadata)
+    path: Path | None
+
+
+def _dims(v: onnx.ValueInfoProto) -> list:
+    t = v.type.tensor_type
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim] \
+        if t.HasField("shape") else None
+
+
+def _check_rank(v, rank: int, last: int | None, path) -> list:
+    dims = _dims(v)
+    if dims is not None and (len(dims) != rank or (last is not None and dims[-1] not in (last, None))
+                             or (isinstance(dims[-1], str) and last is not None)):
+        raise ModelError(f"{path}: input {v.name} has shape {dims}; a SAM graph expects rank {rank}"
+                         + (f" with last dimension {last}" if last else ""))
+    return dims or []
+
+
+def inspect_sam_model(model: onnx.ModelProto, path: Path | None = None) -> SamModelInfo:
+    """Recognise a SAM graph by its inputs; ModelError (one line) for anything else."""
+    g = model.graph
+    inits = {t.name for t in g.initializer}
+    inputs = {i.name: i for i in g.input if i.name not in inits}
+    outputs = {o.name for o in g.output}
+    names = set(inputs)
+    where = path or "model"
+    meta = {p.key: p.value for p in model.metadata_props}
+    size = int(meta[META_IMAGE_SIZE]) if meta.get(META_IMAGE_SIZE, "").isdigit() else None
+    if names == {"image"}:
+        kind = "encoder"
+    elif names == {"image", "point_coords", "point_labels"}:
+        kind = "full"
+    elif names == {"image_embeddings", "point_coords", "point_labels"}:
+        kind = "decoder"
+    elif names == {"image_embeddings", "point_coords", "point_labels", *OFFICIAL_EXTRA}:
+        kind = "official_decoder"
+    else:
+        raise ModelError(f"{where} is not a SAM graph: inputs {sorted(names)}; expected image, point_coords, "
+                         "point_labels (full), image (encoder) or image_embeddings, point_coords, point_labels (decoder)")
+    if "image" in inputs:
+        d = _check_rank(inputs["image"], 4, None, where)
+        if len(d) == 4 and d[1] not in (3, None):
+            raise ModelError(f"{where}: input image has {d[1]} channels; SAM takes 3")
+        if len(d) == 4 and isinstance(d[2], int) and d[2] == d[3] and d[2] > 0:
+            size = d[2]
+    if "image_embeddings" in inputs:
+        d = _check_rank(inputs["image_embeddings"], 4, None, where)
+        if size is None and len(d) == 4 and isinstance(d[2], int) and d[2] > 0:
+            size = d[2] * 16
+    if "point_coords" in inputs:
+        _check_rank(inputs["point_coords"], 3, 2, where)
+        _check_rank(inputs["point_labels"], 2, None, where)
+        need = {"low_res_masks", "iou_predictions"}
+        if not need <= outputs:
+            raise ModelError(f"{where}: outputs {sorted(outputs)} lack {', '.join(sorted(need - outputs))}; "
+                             "export with carsam-onnx export")
+    elif len(g.output) != 1:
+        raise ModelError(f"{where}: an image encoder must have one output (the image embedding), found {len(g.output)}")
+    return SamModelInfo(kind, size, path)
+
+
+def sam_image_size(info: SamModelInfo) -> int:
+    """The model's input image size; ModelError when the graph does not tell."""
+    if info.image_size is None:
+        raise ModelError(f"{info.path or 'model'}: cannot tell the input image size (no static image shape and no "
+                         f"{META_IMAGE_SIZE} metadata)")
+    return info.image_size
+
+
+# ---- splitting at the image embedding ------------------------------------------------------------------
 def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
     """Outer-scope names that a node's subgraphs (If/Loop/Scan bodies) read."""
     names: set[str] = set()

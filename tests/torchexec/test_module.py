@@ -10,7 +10,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from carsam_onnx.calib.executor import OnnxModule
+from carsam_onnx.torchexec.module import OnnxModule
 from carsam_onnx.errors import InputError, ModelError, UnsupportedOpError
 
 RNG = np.random.default_rng(0)
@@ -210,7 +210,7 @@ def test_autograd_matches_finite_differences_on_attention():
     weights = [module.param(n) for n in names]
 
     def f(x, *ws):
-        return module.run({"x": x}, replace={n: (lambda w: lambda _: w)(w) for n, w in zip(names, ws)})["y"]
+        return module.run({"x": x}, replace={n: (lambda _, w=w: w) for n, w in zip(names, ws)})["y"]
     assert torch.autograd.gradcheck(f, (x, *[w.detach().clone().requires_grad_(True) for w in weights]),
                                     eps=1e-6, atol=1e-6, rtol=1e-4)
     # and the parameters themselves receive gradients through a plain forward

@@ -1,5 +1,5 @@
-"""Fake quantization with straight-through gradients, in the exact arithmetic of ONNX QuantizeLinear /
-DequantizeLinear (opset 21): q = clamp(round_half_even(x / scale) + zero_point, qmin, qmax),
+"""The torch mirror of qmath.py: fake quantization with straight-through gradients, in the exact arithmetic
+of ONNX QuantizeLinear / DequantizeLinear (opset 21): q = clamp(round_half_even(x / scale) + zero_point, qmin, qmax),
 x' = (q - zero_point) * scale, with x / scale a true division as in ONNX Runtime's CPU kernels. (In a
 deep activation-quantized graph two runtimes still drift apart: a 1-ulp difference of a float value
 next to a .5 tie flips a code, which moves every later layer a little.)
@@ -21,23 +21,10 @@ import math
 
 import torch
 
-# (qmin, qmax) of the integer types of ONNX Q/DQ, keyed by onnx.TensorProto data type.
-QRANGE: dict[int, tuple[int, int]] = {
-    2: (0, 255),            # UINT8
-    3: (-128, 127),         # INT8
-    4: (0, 65535),          # UINT16
-    5: (-32768, 32767),     # INT16
-    6: (-2**31, 2**31 - 1),  # INT32 (DequantizeLinear only)
-    21: (0, 15),            # UINT4
-    22: (-8, 7),            # INT4
-}
+from ..qmath import ONNX_QRANGE
 
-
-def qrange(bits: int, signed: bool, narrow: bool = False) -> tuple[int, int]:
-    """Integer range of a `bits`-bit code; `narrow` drops the most negative signed value (symmetric)."""
-    if signed:
-        return -(1 << (bits - 1)) + int(narrow), (1 << (bits - 1)) - 1
-    return 0, (1 << bits) - 1
+__all__ = ["ONNX_QRANGE", "round_ste", "grad_scale", "lsq_grad_factor", "broadcast_qparam", "quantize",
+           "dequantize", "fake_quant"]
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:

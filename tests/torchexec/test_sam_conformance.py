@@ -15,7 +15,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sam_models import official_decoder_path, sam_onnx_path  # noqa: E402
 
-from carsam_onnx.calib.executor import OnnxModule  # noqa: E402
+from carsam_onnx.qmath import sqnr_db  # noqa: E402
+from carsam_onnx.torchexec.module import OnnxModule  # noqa: E402
 
 RTOL_OF_SCALE = 1e-4
 
@@ -81,8 +82,8 @@ def _emit(model: onnx.ModelProto, bits: str, target: str) -> onnx.ModelProto:
 
     from carsam_onnx.artifact import CalibrationArtifact
     from carsam_onnx.config import BitWidths, QuantConfig
-    from carsam_onnx.passes import bits as B
-    from carsam_onnx.passes.emit_qdq import emit_qdq, target_options
+    from carsam_onnx import qmath
+    from carsam_onnx.passes.emit import emit_qdq, target_options
     from carsam_onnx.passes.plan import plan_quantization
 
     cfg = QuantConfig(bits=BitWidths.parse(bits), target=target)
@@ -93,10 +94,10 @@ def _emit(model: onnx.ModelProto, bits: str, target: str) -> onnx.ModelProto:
                                      capture=[s.value for s in plan.activations])
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     art = CalibrationArtifact(
-        {s.value: B.activation_quant_from_range(float(vals[s.value].min()), float(vals[s.value].max()),
+        {s.value: qmath.activation_quant_from_range(float(vals[s.value].min()), float(vals[s.value].max()),
                                                 cfg.bits.activation, cfg.symmetric_activations)
          for s in plan.activations},
-        {s.initializer: B.weight_quant_from_minmax(inits[s.initializer], s.axis, cfg.bits.weight)
+        {s.initializer: qmath.weight_quant_from_minmax(inits[s.initializer], s.axis, cfg.bits.weight)
          for s in plan.weights})
     return emit_qdq(model, plan, art, **target_options(cfg))
 
@@ -117,9 +118,6 @@ def _ort_values(model: onnx.ModelProto, feed, names: list[str]) -> dict[str, np.
     sess = _session(probe)
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
 
-
-def _sqnr_db(ref: np.ndarray, x: np.ndarray) -> float:
-    return float(10 * np.log10((ref ** 2).sum() / max(((ref - x) ** 2).sum(), 1e-30)))
 
 
 @pytest.mark.parametrize("bits,target", EMITTED)
@@ -149,7 +147,7 @@ def test_emitted_qdq_decoder(float_decoder, bits, target):
             w = ort_vals[o]
             err = float(np.abs(forced[o].numpy() - w).max() / np.abs(w).max())
             assert err <= RTOL_OF_SCALE, (o, err)
-            assert _sqnr_db(w, free[o].numpy()) > 30, o
+            assert sqnr_db(w, free[o].numpy()) > 30, o
 
 
 # ---- encoders (vit_b encoder forward: ~20 s in torch and ~10 s in ORT per run on 2 cores) -------------

@@ -9,8 +9,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from carsam_onnx.calib.executor import OnnxModule
-from carsam_onnx.calib.fakequant import QRANGE, fake_quant, qrange
+from carsam_onnx.torchexec.module import OnnxModule
+from carsam_onnx.qmath import ONNX_QRANGE, grid
+from carsam_onnx.torchexec.fakequant import fake_quant
 
 RNG = np.random.default_rng(0)
 TYPES = {"int8": TensorProto.INT8, "uint8": TensorProto.UINT8, "int4": TensorProto.INT4, "uint4": TensorProto.UINT4}
@@ -24,7 +25,7 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
 
 
 def _qparams(granularity: str, shape, axis: int, block: int, qtype: int):
-    qmin, qmax = QRANGE[qtype]
+    qmin, qmax = ONNX_QRANGE[qtype]
     if granularity == "tensor":
         pshape = []
     elif granularity == "axis":
@@ -40,7 +41,7 @@ def _qparams(granularity: str, shape, axis: int, block: int, qtype: int):
 def qdq_model(qtype: int, granularity: str, x_shape=(4, 6, 8), axis=1, block=4):
     """x -> QuantizeLinear -> (y: integer codes) -> DequantizeLinear -> z, plus a DQ of an integer weight."""
     scale, zp = _qparams(granularity, x_shape, axis, block, qtype)
-    qmin, qmax = QRANGE[qtype]
+    qmin, qmax = ONNX_QRANGE[qtype]
     w = RNG.integers(qmin, qmax + 1, size=x_shape)
     attrs = {} if granularity == "tensor" else {"axis": axis}
     if granularity == "block":
@@ -65,7 +66,7 @@ def qdq_model(qtype: int, granularity: str, x_shape=(4, 6, 8), axis=1, block=4):
 @pytest.mark.parametrize("tname", list(TYPES))
 def test_qdq_matches_onnxruntime(tname, granularity):
     model = qdq_model(TYPES[tname], granularity)
-    qmin, qmax = QRANGE[TYPES[tname]]
+    qmin, qmax = ONNX_QRANGE[TYPES[tname]]
     # values spread over the whole grid and beyond it (saturation), plus exact .5 ties of the code
     x = (RNG.uniform(-1.3, 1.3, size=(4, 6, 8)) * (qmax - qmin) * 0.1).astype(np.float32)
     s0 = numpy_helper.to_array({t.name: t for t in model.graph.initializer}["s"]).reshape(-1)[0]
@@ -145,7 +146,7 @@ def test_fake_quant_as_a_replacement_changes_the_output_like_an_emitted_qdq():
     x = RNG.normal(size=(3, 8)).astype(np.float32)
     want = _session(mk(qdq_g)).run(None, {"x": x})[0]
     module = OnnxModule(mk(float_g))
-    lo, hi = qrange(4, signed=False)
+    lo, hi = grid(4, signed=False)
     got = module.run({"x": torch.from_numpy(x)},
                      replace={"x": lambda v: fake_quant(v, torch.tensor(0.07), 8, lo, hi)})["y"]
     np.testing.assert_allclose(got.detach().numpy(), want, rtol=0, atol=1e-5)

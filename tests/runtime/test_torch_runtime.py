@@ -4,7 +4,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from pycocotools import mask as mask_utils
@@ -16,8 +15,10 @@ from tiny_sam import tiny_sam_paths  # noqa: E402
 from carsam_onnx.data.coco import load_coco_dataset  # noqa: E402
 from carsam_onnx.errors import InputError  # noqa: E402
 from carsam_onnx.eval.metrics import segm_metrics  # noqa: E402
-from carsam_onnx.eval.runner import build_predictor, evaluate, get_runtime, run_predictions, select_prompts  # noqa: E402
-from carsam_onnx.eval.torch_runtime import TorchRuntime  # noqa: E402
+from carsam_onnx.eval.predictors import build_predictor
+from carsam_onnx.eval.runner import evaluate, run_predictions, select_prompts  # noqa: E402
+from carsam_onnx.runtime import get_runtime  # noqa: E402
+from carsam_onnx.runtime.torch_runtime import TorchRuntime  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,10 @@
 """QuantizeLinear / DequantizeLinear (opset 10..21 semantics: per-tensor, per-axis, blocked; 8-, 16- and
-4-bit integers) with straight-through gradients (see calib/fakequant.py for the estimator)."""
+4-bit integers) with straight-through gradients (see torchexec/fakequant.py for the estimator)."""
 from __future__ import annotations
 
 import onnx
 
-from ..fakequant import QRANGE, broadcast_qparam, dequantize, quantize
+from ..fakequant import ONNX_QRANGE, broadcast_qparam, dequantize, quantize
 from . import NodeCtx, register
 
 _T = onnx.TensorProto
@@ -22,9 +22,9 @@ def _quantize_linear(node: NodeCtx):
     if not out_type and node.num_inputs > 2 and node.node.input[2]:
         raise node.unsupported("a zero point of unknown type (give it as an initializer or Constant)")
     out_type = out_type or _T.UINT8
-    if out_type not in QRANGE or out_type == _T.INT32:
+    if out_type not in ONNX_QRANGE or out_type == _T.INT32:
         raise node.unsupported(f"quantization to {_type_name(out_type)}")
-    qmin, qmax = QRANGE[out_type]
+    qmin, qmax = ONNX_QRANGE[out_type]
 
     def quantize_linear(x, scale, zero_point=None):
         s = broadcast_qparam(scale, x.shape, axis, block)
@@ -41,7 +41,7 @@ def _quantize_linear(node: NodeCtx):
 def _dequantize_linear(node: NodeCtx):
     axis, block = node.attr("axis", 1), node.attr("block_size", 0)
     in_type = node.input_types[0] if node.input_types else 0
-    if in_type and in_type not in QRANGE:
+    if in_type and in_type not in ONNX_QRANGE:
         raise node.unsupported(f"dequantization of {_type_name(in_type)}")
 
     def dequantize_linear(x, scale, zero_point=None):

@@ -15,8 +15,9 @@ from tiny_coco import write_coco  # noqa: E402
 from tiny_sam import tiny_sam_paths  # noqa: E402
 
 from carsam_onnx.data.coco import load_coco_dataset  # noqa: E402
-from carsam_onnx.eval import runner  # noqa: E402
-from carsam_onnx.eval.runner import OrtRuntime, Runtime, Session, evaluate, get_runtime  # noqa: E402
+from carsam_onnx.runtime import ort, registry  # noqa: E402
+from carsam_onnx.eval.runner import evaluate  # noqa: E402
+from carsam_onnx.runtime import OrtRuntime, Runtime, Session, get_runtime  # noqa: E402
 
 
 def _int4_matmul(k=64, n=32, block=32, seed=0):
@@ -70,7 +71,7 @@ def test_registered_runtime_gets_one_encoder_run_and_one_batch_per_image(tmp_pat
     write_coco(tmp_path / "ds", num_images=3)
     ds = load_coco_dataset(tmp_path / "ds")
     rt = CountingRuntime()
-    monkeypatch.setitem(runner.RUNTIMES, "counting", lambda device=None: rt)
+    monkeypatch.setitem(registry.RUNTIMES, "counting", lambda device=None: rt)
     assert get_runtime("counting", device="cuda") is rt
     r = evaluate(tiny_sam_paths()["full"], ds, runtime="counting", progress=False)
     assert r.runtime == "counting" and r.num_instances == 6
@@ -101,7 +102,7 @@ def test_models_past_the_protobuf_limit_go_through_external_data(tmp_path, monke
     (forced here by lowering the threshold)."""
     write_coco(tmp_path / "ds", num_images=1)
     ref = evaluate(tiny_sam_paths()["full"], tmp_path / "ds", progress=False)  # a dataset folder is accepted too
-    monkeypatch.setattr(runner, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(ort, "EXTERNAL_DATA_THRESHOLD", 0)
     saved = []
     real_save = onnx.save_model
     monkeypatch.setattr(onnx, "save_model", lambda m, p, **kw: (saved.append(kw), real_save(m, p, **kw))[1])

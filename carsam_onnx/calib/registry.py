@@ -1,0 +1,54 @@
+"""Calibration methods by name: the one list behind `--method` (choices and help) and the config check.
+
+A method is a function (model, plan, config, feeds, progress) -> CalibrationArtifact; adding one is one
+`register_method` call below.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..config import QuantConfig
+from ..errors import InputError
+from .baseline import calibrate_baseline
+
+CalibrateFn = Callable[..., "CalibrationArtifact"]  # noqa: F821 (artifact.CalibrationArtifact)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    calibrate: CalibrateFn
+    help: str
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, calibrate: CalibrateFn, help: str) -> None:
+    """Make `--method NAME` available."""
+    METHODS[name] = Method(name, calibrate, help)
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(METHODS)
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise InputError(f"--method {name!r}: choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def check_config(config: QuantConfig) -> Method:
+    """The method `config` asks for (InputError naming the choices when there is none)."""
+    return get_method(config.method)
+
+
+def methods_help() -> str:
+    return "; ".join(f"{m.name}: {m.help}" for m in METHODS.values())
+
+
+register_method("minmax", calibrate_baseline, "activation ranges from min/max, absmax weight scales")
+register_method("percentile", calibrate_baseline, "activation ranges clipped at --percentile, absmax weight scales")
+register_method("mse", calibrate_baseline, "activation and per-channel weight ranges searched for the least MSE")

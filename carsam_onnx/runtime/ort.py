@@ -1,0 +1,66 @@
+"""ONNX Runtime sessions, set up so that a Q/DQ model computes what its graph says."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+
+from ..errors import ModelError
+from ..modelio import EXTERNAL_DATA_THRESHOLD, as_external_data_file, first_line, initializer_bytes
+from .base import Runtime, Session
+
+
+class OrtSession(Session):
+    def __init__(self, sess):
+        self._sess = sess
+        self.input_names = tuple(i.name for i in sess.get_inputs())
+        self.output_names = tuple(o.name for o in sess.get_outputs())
+
+    def run(self, feeds):
+        outs = self._sess.run(None, {k: v for k, v in feeds.items() if k in self.input_names})
+        return dict(zip(self.output_names, outs))
+
+
+class OrtRuntime(Runtime):
+    """ONNX Runtime on the CPU (or `providers`), at full graph optimisation with two changes so that a Q/DQ
+    model computes what its graph says:
+    - INT4 weight DQ + MatMul fused into MatMulNBits computes at accuracy level 0 (float weights); at ORT's
+      default level the error reaches ~1e-1 (FACTS.md);
+    - the WeightBiasQuantization optimizer is off: after MatMul + Add -> Gemm fusion it rounds a float bias to
+      int32 at scale (input scale x weight scale), which at 4-bit activations moved the tiny SAM's mask logits
+      by ~10% of their range (tests/eval/test_ort_runtime.py, test_runtime_parity_qdq.py).
+    """
+
+    name = "ort"
+    DISABLED_OPTIMIZERS = ("WeightBiasQuantization",)
+
+    def __init__(self, providers: Sequence[str] | None = None, threads: int | None = None):
+        self.providers = list(providers) if providers else ["CPUExecutionProvider"]
+        self.threads = threads
+
+    def session(self, model, what):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        so.log_severity_level = 3
+        so.enable_cpu_mem_arena = False   # the arena grew ~3 GB per vit_b encoder run; plain allocations stay flat
+        if self.threads:
+            so.intra_op_num_threads = self.threads
+        if isinstance(model, (str, Path)):
+            return OrtSession(self._create(ort, str(model), so, what))
+        if initializer_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
+            return OrtSession(self._create(ort, model.SerializeToString(), so, what))
+        # a protobuf cannot serialise past 2 GB: hand ORT a temporary file with external data
+        with as_external_data_file(model) as path:
+            return OrtSession(self._create(ort, str(path), so, what))
+
+    def _create(self, ort, src, so, what):
+        try:
+            return ort.InferenceSession(src, so, providers=self.providers,
+                                        disabled_optimizers=list(self.DISABLED_OPTIMIZERS))
+        except Exception as e:
+            raise ModelError(f"ONNX Runtime cannot load the {what}: {first_line(e)}") from None
+
+
