@@ -53,11 +53,6 @@ def grid(bits: int, signed: bool) -> tuple[int, int]:
     return (-(1 << (b - 1)), (1 << (b - 1)) - 1) if signed else (0, (1 << b) - 1)
 
 
-def is_narrow(bits: int) -> bool:
-    """True when the grid does not fill its container (needs a Clip before the Q)."""
-    return check_bits(bits) != container_bits(bits)
-
-
 def floor_scale(scale):
     """Scales never go below MIN_SCALE (an all-zero channel or tensor then quantizes to 0)."""
     return np.maximum(scale, MIN_SCALE)

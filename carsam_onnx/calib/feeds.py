@@ -12,12 +12,11 @@ import onnx
 
 from ..data.prompts import CalibSample
 from ..errors import CalibrationError, ModelError
+from ..samgraph import inspect_sam_model, sam_image_size
 
 
 def model_kind(model: onnx.ModelProto) -> str:
     """full | encoder | decoder, recognised by samgraph.inspect_sam_model."""
-    from ..samgraph import inspect_sam_model
-
     kind = inspect_sam_model(model).kind
     if kind == "official_decoder":
         raise ModelError("segment-anything's own decoder export (mask_input, orig_im_size inputs) is evaluated but "
@@ -26,12 +25,7 @@ def model_kind(model: onnx.ModelProto) -> str:
 
 
 def image_size(model: onnx.ModelProto) -> int:
-    from ..samgraph import inspect_sam_model
-
-    size = inspect_sam_model(model).image_size
-    if size is None:
-        raise ModelError("cannot tell the model's image size (no carsam.image_size metadata and no static image input)")
-    return size
+    return sam_image_size(inspect_sam_model(model))
 
 
 def _embeddings_from_encoder(encoder: str | Path, samples: list[CalibSample]) -> list[np.ndarray]:

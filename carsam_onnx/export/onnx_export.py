@@ -12,7 +12,6 @@ from .models import BuiltSam
 from .wrappers import FullSam, ImageEncoder, PromptedMaskDecoder
 
 OPSET = 21
-PARTS = ("full", "encoder", "decoder")
 EXPORTERS = ("dynamo", "torchscript")
 TORCHSCRIPT_OPSET = 17  # what torch's TorchScript exporter emits well; upgraded to OPSET afterwards
 META_PREFIX = "carsam."

@@ -284,11 +284,6 @@ def attention_report(model: onnx.ModelProto) -> list[dict]:
     return inspect_attention(model)["attention"]
 
 
-def rejection_report(model: onnx.ModelProto) -> list[dict]:
-    """One JSON-ready object per Softmax not taken as attention: `{"softmax": name, "reason": why}`."""
-    return inspect_attention(model)["attention_rejected"]
-
-
 def _site_dict(m: AttentionMatch) -> dict:
     s = m.site
     return {"role": s.role.value, "block": s.block, "pair": s.pair,
