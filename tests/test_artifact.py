@@ -32,7 +32,7 @@ def refused(code, err, out):
         not [p for p in out.parent.iterdir() if p.name.startswith("." + out.name)]
 
 
-@pytest.fixture(scope="module", params=[("w8a8", "minmax"), ("w4a4", "mse")], ids=["w8a8-minmax", "w4a4-mse"])
+@pytest.fixture(scope="module", params=[("w8a8", "minmax"), ("w4a4", "percentile")], ids=["w8a8-minmax", "w4a4-percentile"])
 def quantized(request, tmp_path_factory):
     """(bits, method, FP model, quantized model, calibration file) from one quantize --save-calibration run."""
     bits, method = request.param
