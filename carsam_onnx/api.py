@@ -16,7 +16,7 @@ def split_paths(out: Path) -> dict[str, Path]:
     return {"full": out, "encoder": out.with_name(f"{stem}.encoder.onnx"), "decoder": out.with_name(f"{stem}.decoder.onnx")}
 
 
-def export(output: str | Path, config: ExportConfig = ExportConfig()) -> dict[str, Path]:
+def export(output: str | Path, config: ExportConfig = ExportConfig(), progress: bool = False) -> dict[str, Path]:
     """Build SAM (checkpoint, random init or bundled reference) and write ONNX; returns part -> path."""
     from .export.models import build_sam
     from .export.onnx_export import EXPORTERS, export_onnx
@@ -28,10 +28,19 @@ def export(output: str | Path, config: ExportConfig = ExportConfig()) -> dict[st
         targets = {"full": targets["full"]}
     for path in targets.values():        # fail before the long export, never half-way
         check_writable(path, config.force)
-    built = build_sam(config.model_type, checkpoint=config.checkpoint, seed=config.seed)
-    models = {part: export_onnx(built, part, config.exporter, config.multimask) for part in targets}
-    for part, model in models.items():
-        save_model(model, targets[part], force=config.force)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=1 + 2 * len(targets), desc="export", unit="step", disable=not progress or None) as bar:
+        built = build_sam(config.model_type, checkpoint=config.checkpoint, seed=config.seed)
+        bar.update(1)
+        models = {}
+        for part in targets:
+            bar.set_postfix_str(part)
+            models[part] = export_onnx(built, part, config.exporter, config.multimask)
+            bar.update(1)
+        for part, model in models.items():
+            save_model(model, targets[part], force=config.force)
+            bar.update(1)
     return targets
 
 
@@ -85,3 +94,50 @@ def synth_dataset(output, num_images: int, seed: int, image_size: int | None = N
 
     size = {} if image_size is None else {"image_size": image_size}
     return write_synthetic_coco(output, num_images, seed, force=force, **size)
+
+
+# ---- deployment (issue 13) ------------------------------------------------------------------------------------
+def predict(model, image, *, boxes=None, points=None, labels=None, output, overlay=None, multimask: bool = False,
+            runtime: str = "ort", device=None, provider=None, force: bool = False):
+    """Masks for the prompts on one image; writes a mask PNG (and an overlay PNG). See deploy/predict_cli.py."""
+    from .deploy.predict_cli import predict_to_files
+
+    return predict_to_files(model, image, boxes=boxes, points=points, labels=labels, output=output,
+                            overlay=overlay, multimask=multimask, runtime=runtime, device=device,
+                            provider=provider, force=force)
+
+
+def split(model_path, output=None, *, force: bool = False) -> dict[str, Path]:
+    """A full SAM graph (FP or Q/DQ) -> encoder + decoder cut at the image embedding; returns part -> path."""
+    from .deploy.split_export import split_at_embedding
+    from .samgraph import inspect_sam_model, sam_image_size
+
+    model_path = Path(model_path)
+    targets = split_paths(Path(output) if output else model_path)
+    targets.pop("full")
+    for path in targets.values():
+        check_writable(path, force)
+    model = load_model(model_path)
+    encoder, decoder, _ = split_at_embedding(model, sam_image_size(inspect_sam_model(model)))
+    save_model(encoder, targets["encoder"], force=force)
+    save_model(decoder, targets["decoder"], force=force)
+    return targets
+
+
+def check_trt(model_path):
+    """TensorRT Q/DQ rule violations of a model (passes/trt_rules.py)."""
+    from .passes.trt_rules import check_trt as run_check
+
+    return run_check(load_model(model_path))
+
+
+def build_engine(model_path, output, *, fp16: bool = False, workspace_gb: float = 4.0, force: bool = False):
+    """A serialized TensorRT engine (deploy/tensorrt.py). Default: a strongly typed network (the Q/DQ graph fixes
+    every precision, float layers in FP32), as TensorRT recommends for explicit quantization. fp16: a weakly
+    typed network with the FP16 and INT8 builder flags, so TensorRT may run the float layers in FP16 (the Q/DQ
+    pairs still fix the quantized layers); TensorRT 10 deprecates weak typing, but it is the only way to get FP16
+    float layers from an FP32 Q/DQ graph without rewriting it."""
+    from .deploy.tensorrt import build_engine as run_build
+
+    return run_build(model_path, output, strongly_typed=not fp16, fp16=fp16, int8=fp16, workspace_gb=workspace_gb,
+                     force=force)

@@ -36,7 +36,7 @@ def _add_export(sub):
 def _run_export(a) -> int:
     cfg = ExportConfig(model_type=a.model_type, checkpoint=a.checkpoint, seed=a.seed if a.random_init else None,
                        exporter=a.exporter, multimask=a.multimask, split=a.split, force=a.force)
-    written = api.export(a.output, cfg)
+    written = api.export(a.output, cfg, progress=not a.quiet)
     if not a.quiet:
         for part, path in written.items():
             print(f"wrote {part}: {path}")
@@ -87,6 +87,9 @@ def _add_quantize(sub):
     p.add_argument("--save-calibration", metavar="FILE",
                    help="also write the calibration result here (for `carsam-onnx emit`)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    _add_provider(p, "for the held-out SQNR check")
+    p.add_argument("--report", metavar="DIR", help="write report.md and PNGs (per-layer SQNR, FP vs quantized "
+                                                   "mask overlays) into DIR")
     p.set_defaults(run=_run_quantize)
 
 
@@ -97,7 +100,7 @@ def _run_quantize(a) -> int:
                       device=a.device, require_attention=a.require_attention)
     report = api.quantize(a.model, a.output, cfg, calib_images=a.calib_images, calib_prompts=a.calib_prompts,
                           encoder=a.encoder, embeddings=a.embeddings, save_calibration=a.save_calibration,
-                          force=a.force, progress=not a.quiet)
+                          force=a.force, progress=not a.quiet, provider=a.provider, report_dir=a.report)
     if not a.quiet:
         print("\n".join(report.lines()))
     return 0
@@ -133,6 +136,7 @@ def _add_eval(sub):
     p.add_argument("--runtime", choices=sorted(RUNTIMES), default=_default(EvalConfig, "runtime"),
                    help="ort: ONNX Runtime; torch: the project's torch executor (same Q/DQ semantics), e.g. on a GPU")
     p.add_argument("--device", default=_default(EvalConfig, "device"), help="torch device for --runtime torch (cpu, cuda)")
+    _add_provider(p)
     p.add_argument("--json", dest="json_out", help="write the metrics as JSON here")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.set_defaults(run=_run_eval)
@@ -141,7 +145,12 @@ def _add_eval(sub):
 def _run_eval(a) -> int:
     from .modelio import check_writable
 
-    cfg = EvalConfig(prompts=a.prompts, min_score=a.min_score, limit=a.limit, runtime=a.runtime, device=a.device)
+    if a.provider is not None:   # an unavailable provider fails before anything is loaded
+        from .runtime.providers import ort_providers
+
+        ort_providers(a.provider)
+    cfg = EvalConfig(prompts=a.prompts, min_score=a.min_score, limit=a.limit, runtime=a.runtime, device=a.device,
+                     provider=a.provider)
     if a.json_out:
         check_writable(a.json_out, a.force)
     model = a.model[0] if len(a.model) == 1 else a.model
@@ -172,11 +181,127 @@ def _run_synth(a) -> int:
     return 0
 
 
+def _add_provider(p, what: str = ""):
+    p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"],
+                   help="ONNX Runtime execution provider " + (what + " " if what else "")
+                        + "(default cpu; cuda/tensorrt need onnxruntime-gpu)")
+
+
+class _PromptAction(argparse.Action):
+    """--box / --point / --label in command-line order: a --label applies to the --point just before it."""
+
+    def __call__(self, parser, ns, values, option_string=None):
+        items = getattr(ns, "prompt_items", None) or []
+        if option_string == "--label":
+            if not items or items[-1][0] != "point" or items[-1][2] is not None:
+                parser.error("--label must follow a --point")
+            items[-1] = ("point", items[-1][1], values)
+        else:
+            items.append(("box" if option_string == "--box" else "point", values, None))
+        ns.prompt_items = items
+
+
+def _add_predict(sub):
+    p = sub.add_parser("predict", help="masks for box / point prompts on one image -> mask PNG (+ overlay PNG)")
+    p.add_argument("model", nargs="+", help="a full model, or an encoder and a decoder model (any order; the "
+                                             "decoder may be segment-anything's own export)")
+    p.add_argument("image", help="image file (RGB or gray)")
+    p.add_argument("--box", nargs=4, type=float, action=_PromptAction, metavar=("X0", "Y0", "X1", "Y1"),
+                   help="a box prompt in image pixels (repeatable: one prompt per box)")
+    p.add_argument("--point", nargs=2, type=float, action=_PromptAction, metavar=("X", "Y"),
+                   help="a point in image pixels (repeatable; all points form one prompt)")
+    p.add_argument("--label", type=int, choices=[0, 1], action=_PromptAction,
+                   help="label of the --point before it: 1 foreground (default), 0 background")
+    p.add_argument("-o", "--output", required=True, help="mask PNG (255/0; with several prompts: prompt index)")
+    p.add_argument("--overlay", help="also write the image with the masks and prompts drawn on it")
+    p.add_argument("--multimask", action="store_true", help="ask for all masks, keep the best by predicted IoU")
+    p.add_argument("--runtime", choices=["ort", "torch"], default="ort")
+    p.add_argument("--device", help="torch device for --runtime torch (cpu, cuda)")
+    _add_provider(p)
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.set_defaults(run=_run_predict, prompt_items=None)
+
+
+def _run_predict(a) -> int:
+    from .errors import InputError
+
+    items = a.prompt_items or []
+    if not items:
+        raise InputError("give at least one --box X0 Y0 X1 Y1 or --point X Y")
+    boxes = [v for kind, v, _ in items if kind == "box"] or None
+    points = [v for kind, v, _ in items if kind == "point"] or None
+    labels = [1 if lab is None else lab for kind, _, lab in items if kind == "point"] or None
+    model = a.model[0] if len(a.model) == 1 else a.model
+    out = api.predict(model, a.image, boxes=boxes, points=points, labels=labels, output=a.output,
+                      overlay=a.overlay, multimask=a.multimask, runtime=a.runtime, device=a.device,
+                      provider=a.provider, force=a.force)
+    if not a.quiet:
+        for i, (q, n) in enumerate(zip(out.scores, out.areas)):
+            print(f"prompt {i + 1}: predicted IoU {q:.3f}, {n} px")
+        print(f"wrote mask: {out.mask_path}" + (f", overlay: {out.overlay_path}" if out.overlay_path else ""))
+    return 0
+
+
+def _add_split(sub):
+    p = sub.add_parser("split", help="full model (FP or Q/DQ) -> encoder + decoder cut at the image embedding")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", help="name stem: writes STEM.encoder.onnx and STEM.decoder.onnx "
+                                          "(default: beside MODEL)")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.set_defaults(run=_run_split)
+
+
+def _run_split(a) -> int:
+    written = api.split(a.model, a.output, force=a.force)
+    if not a.quiet:
+        for part, path in written.items():
+            print(f"wrote {part}: {path}")
+    return 0
+
+
+def _add_check_trt(sub):
+    p = sub.add_parser("check-trt", help="check a Q/DQ model against TensorRT's Q/DQ rules (exit 1 on errors)")
+    p.add_argument("model")
+    p.set_defaults(run=_run_check_trt)
+
+
+def _run_check_trt(a) -> int:
+    from .passes.trt_rules import errors
+
+    found = api.check_trt(a.model)
+    for v in found:
+        print(v)
+    bad = errors(found)
+    if not a.quiet:
+        print(f"{a.model}: {len(bad)} errors, {len(found) - len(bad)} warnings"
+              + ("" if bad else " - conforms to TensorRT's documented Q/DQ rules (static check, not a build)"))
+    return 1 if bad else 0
+
+
+def _add_build_engine(sub):
+    p = sub.add_parser("build-engine", help="build a TensorRT engine from a Q/DQ model (needs tensorrt)")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="serialized engine (.plan)")
+    p.add_argument("--fp16", action="store_true", help="weakly typed build with FP16 for the float layers "
+                                                        "(default: strongly typed, precisions from the graph)")
+    p.add_argument("--workspace", type=float, default=4.0, metavar="GB", help="workspace memory pool (GB)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing engine")
+    p.set_defaults(run=_run_build_engine)
+
+
+def _run_build_engine(a) -> int:
+    path = api.build_engine(a.model, a.output, fp16=a.fp16, workspace_gb=a.workspace, force=a.force)
+    if not a.quiet:
+        print(f"wrote engine: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="carsam-onnx", description=__doc__.splitlines()[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_export, _add_inspect, _add_quantize, _add_emit, _add_eval, _add_data):
+    for add in (_add_export, _add_inspect, _add_quantize, _add_emit, _add_eval, _add_data, _add_predict, _add_split,
+                _add_check_trt, _add_build_engine):
         add(sub)
     return parser
 

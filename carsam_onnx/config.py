@@ -94,6 +94,7 @@ class EvalConfig:
     limit: int | None = None               # evaluate the first N images only
     runtime: str = "ort"                   # a name of runtime/registry.py: ort | torch | registered ones
     device: str | None = None              # torch device for --runtime torch (cpu, cuda); cuda for ORT's CUDA EP
+    provider: str | None = None            # ONNX Runtime execution provider: cpu | cuda | tensorrt (runtime/providers.py)
 
     def __post_init__(self):
         if self.limit is not None and self.limit < 1:

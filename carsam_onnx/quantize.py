@@ -69,10 +69,11 @@ def calibration_samples(config: QuantConfig, image_size: int, calib_images, cali
     return samples[: config.num_calib], samples[config.num_calib:]
 
 
-def output_sqnr(fp_path: Path, q_path: Path, feeds: list[dict]) -> dict[str, float]:
+def output_sqnr(fp_path: Path, q_path: Path, feeds: list[dict], provider: str | None = None) -> dict[str, float]:
     from .runtime import OrtRuntime
+    from .runtime.providers import ort_runtime_for
 
-    rt = OrtRuntime()
+    rt = ort_runtime_for(provider) if provider is not None else OrtRuntime()
     fp, q = rt.session(fp_path, "FP model"), rt.session(q_path, "quantized model")
     refs, tests = {}, {}
     for feed in feeds:
@@ -101,21 +102,29 @@ def emit_model(model, plan, artifact: CalibrationArtifact, config: QuantConfig):
 
 
 def _plan(model, config: QuantConfig):
+    """(model at a Q/DQ-capable opset, plan, notes)."""
+    from .deploy.official import to_quantizable_opset
     from .passes.plan import plan_quantization
 
-    plan = plan_quantization(model, config)
     notes = []
+    model, converted = to_quantizable_opset(model)   # segment-anything's own decoder export is opset 17
+    if converted:
+        notes.append(converted)
+        warnings.warn(converted, stacklevel=3)
+    plan = plan_quantization(model, config)
     if not plan.attention:
         notes.append("no attention block found: quantizing the linear layers only (see `carsam-onnx inspect`)")
         warnings.warn(notes[-1], stacklevel=3)
-    return plan, notes
+    return model, plan, notes
 
 
 def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = QuantConfig(), *,
              calib_images: str | Path | None = None, calib_prompts: str | Path | None = None,
              encoder: str | Path | None = None, embeddings: str | Path | None = None,
-             save_calibration: str | Path | None = None, force: bool = False, progress: bool = True) -> QuantizeReport:
-    """Calibrate `model_path` and write the Q/DQ model to `output` (and the artifact to `save_calibration`)."""
+             save_calibration: str | Path | None = None, force: bool = False, progress: bool = True,
+             provider: str | None = None, report_dir: str | Path | None = None) -> QuantizeReport:
+    """Calibrate `model_path` and write the Q/DQ model to `output` (and the artifact to `save_calibration`);
+    `provider`: ONNX Runtime provider of the held-out check; `report_dir`: also write deploy/report.py's report."""
     from tqdm import tqdm
 
     from .calib.feeds import build_feeds, image_size
@@ -126,9 +135,17 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
     check_writable(output, force)
     if save_calibration is not None:
         check_writable(save_calibration, force)
+    if provider is not None:   # an unavailable provider fails before any long work
+        from .runtime.providers import ort_providers
+
+        ort_providers(provider)
+    if report_dir is not None:
+        from .deploy.report import check_report_dir
+
+        check_report_dir(report_dir, force)
     clock = _Clock()
     model = load_model(model_path)
-    plan, notes = _plan(model, config)
+    model, plan, notes = _plan(model, config)
     size = image_size(model)
     clock.lap("load and plan")
     calib, held = calibration_samples(config, size, calib_images, calib_prompts)
@@ -144,7 +161,7 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
     clock.lap("emit and save")
     report = _report(model_path, output, plan, notes + emit_notes)
     try:
-        report.sqnr_db = output_sqnr(model_path, output, held_feeds)
+        report.sqnr_db = output_sqnr(model_path, output, held_feeds, provider)
         if save_calibration is not None:
             save_artifact(save_calibration, artifact, config, file_sha256(model_path), force=force)
     except BaseException:   # a command that fails leaves no output behind
@@ -152,6 +169,12 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
         output.with_name(output.name + ".data").unlink(missing_ok=True)
         raise
     clock.lap("held-out SQNR")
+    if report_dir is not None:
+        from .deploy.report import write_quant_report
+
+        write_quant_report(report_dir, model_path, output, model, qmodel, plan, artifact, held_feeds, report,
+                           held_samples=held, provider=provider, progress=progress)
+        clock.lap("report")
     report.seconds = clock.laps
     return report
 
@@ -167,7 +190,7 @@ def emit(model_path: str | Path, calibration: str | Path, output: str | Path, *,
                             f"{model_path.name} has {sha[:12]}...); calibrate this model with quantize")
     clock = _Clock()
     model = load_model(model_path)
-    plan, notes = _plan(model, saved.config)
+    model, plan, notes = _plan(model, saved.config)
     qmodel, emit_notes = emit_model(model, plan, saved.artifact, saved.config)
     save_model(qmodel, output, force=force)
     clock.lap("emit and save")

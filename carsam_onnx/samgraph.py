@@ -228,3 +228,14 @@ def split_full_model(model: onnx.ModelProto, image: str = IMAGE_INPUT,
     dec_inputs = [infos[b] if b != image else graph_inputs[image] for b in boundary] + [graph_inputs[p] for p in prompts]
     decoder = _submodel(model, dec_nodes, dec_inputs, list(g.output), g.name + "_prompt")
     return encoder, decoder, boundary
+
+
+def no_mask_inputs(image_size: int, original_hw: tuple[int, int] | None = None) -> dict:
+    """segment-anything's decoder export's extra inputs (OFFICIAL_EXTRA) for a prompt without a mask (SAM's ONNX
+    convention): mask_input zeros, has_mask_input 0, orig_im_size the original image (default S x S)."""
+    import numpy as np
+
+    s = image_size // 4
+    hw = original_hw if original_hw is not None else (image_size, image_size)
+    return {"mask_input": np.zeros((1, 1, s, s), np.float32), "has_mask_input": np.zeros((1,), np.float32),
+            "orig_im_size": np.asarray(hw, np.float32)}

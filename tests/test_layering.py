@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("torchexec",),                                          # ONNX -> torch executor (engine)
     ("runtime",),                                            # sessions: ONNX Runtime, torch executor, registry
     ("calib",),                                              # calibration policy
-    ("deploy",),                                             # TensorRT
+    ("deploy",),                                             # predictor, TensorRT, report
     ("eval",),                                               # evaluation loop, metrics
     ("quantize", "api", "summary"),                          # the pipeline and the Python API
     ("cli", "__main__"),                                     # command line

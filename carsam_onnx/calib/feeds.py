@@ -12,16 +12,13 @@ import onnx
 
 from ..data.prompts import CalibSample
 from ..errors import CalibrationError, ModelError
-from ..samgraph import inspect_sam_model, sam_image_size
+from ..samgraph import inspect_sam_model, no_mask_inputs, sam_image_size
 
 
 def model_kind(model: onnx.ModelProto) -> str:
-    """full | encoder | decoder, recognised by samgraph.inspect_sam_model."""
-    kind = inspect_sam_model(model).kind
-    if kind == "official_decoder":
-        raise ModelError("segment-anything's own decoder export (mask_input, orig_im_size inputs) is evaluated but "
-                         "not quantized here; export the decoder with `carsam-onnx export --split`")
-    return kind
+    """full | encoder | decoder | official_decoder (segment-anything's SamOnnxModel export), recognised by
+    samgraph.inspect_sam_model."""
+    return inspect_sam_model(model).kind
 
 
 def image_size(model: onnx.ModelProto) -> int:
@@ -64,5 +61,6 @@ def build_feeds(model: onnx.ModelProto, samples: list[CalibSample], encoder: str
                                "to make its calibration embeddings")
     embs = (_embeddings_from_encoder(encoder, samples) if encoder is not None
             else _embeddings_from_npz(embeddings, len(samples)))
-    return [{"image_embeddings": e, "point_coords": s.point_coords, "point_labels": s.point_labels}
+    extra = no_mask_inputs(image_size(model)) if kind == "official_decoder" else {}   # SAM's "no mask" convention
+    return [{"image_embeddings": e, "point_coords": s.point_coords, "point_labels": s.point_labels, **extra}
             for e, s in zip(embs, samples)]

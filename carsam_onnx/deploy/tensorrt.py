@@ -113,7 +113,8 @@ def import_tensorrt():
     try:
         import tensorrt  # noqa: PLC0415 - optional, heavy, GPU-only
     except ImportError:
-        raise CarsamError("TensorRT is not installed: install NVIDIA's tensorrt Python package (>= 10) on a machine "
+        raise CarsamError("TensorRT is not installed: pip install tensorrt (NVIDIA's package, >= 10; on a Jetson use "
+                          "JetPack's python3-libnvinfer) on a machine "
                           "with an NVIDIA GPU to build engines") from None
     return tensorrt
 

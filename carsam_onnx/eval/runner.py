@@ -16,13 +16,13 @@ import numpy as np
 
 from ..config import EvalConfig
 from ..data.coco import CocoDataset, load_coco_dataset
-from ..data.preprocess import postprocess_masks, preprocess_image
-from ..data.prompts import BoxPrompt, box_inputs, gt_box_prompts, load_detection_prompts
+from ..data.prompts import BoxPrompt, gt_box_prompts, load_detection_prompts
+from ..deploy.engines import BoxPredictor, build_predictor
+from ..deploy.predictor import SamOnnxPredictor
 from ..errors import InputError
 from ..modelio import write_json
 from ..runtime import Runtime, get_runtime
 from .metrics import Prediction, encode_masks, segm_metrics
-from .predictors import BoxPredictor, build_predictor
 
 
 # ---- evaluation -----------------------------------------------------------------------------------------------
@@ -71,10 +71,14 @@ def select_prompts(dataset: CocoDataset, prompts: str | Path, limit: int | None,
     return {i: by_image[i] for i in ids if i in by_image}, ids, label
 
 
-def run_predictions(predictor: BoxPredictor, dataset: CocoDataset, by_image: dict[int, list[BoxPrompt]],
-                    progress: bool = True) -> tuple[list[Prediction], list[dict]]:
-    """Masks for every prompt: encoder once per image, all its boxes through the decoder."""
+def run_predictions(predictor: SamOnnxPredictor | BoxPredictor, dataset: CocoDataset,
+                    by_image: dict[int, list[BoxPrompt]], progress: bool = True) -> tuple[list[Prediction], list[dict]]:
+    """Masks for every prompt: encoder once per image, all its boxes through the decoder. `predictor`: a
+    deploy.SamOnnxPredictor (a BoxPredictor is wrapped in one): the same pre/postprocessing as `predict`."""
     from tqdm.auto import tqdm
+
+    if isinstance(predictor, BoxPredictor):
+        predictor = SamOnnxPredictor.from_engine(predictor)
 
     preds: list[Prediction] = []
     per_image: list[dict] = []
@@ -83,18 +87,13 @@ def run_predictions(predictor: BoxPredictor, dataset: CocoDataset, by_image: dic
     bar = tqdm(ids, desc="eval", unit="img", disable=None if progress else True, leave=False)
     for image_id in bar:
         prompts = by_image[image_id]
-        image, geo = preprocess_image(dataset.read_image(image_id), predictor.image_size)
-        enc_s = predictor.set_image(image, geo)
-        coords, labels = box_inputs(np.array([p.box_xyxy for p in prompts]), geo)
+        predictor.set_image(dataset.read_image(image_id))
+        out = predictor.predict(boxes=np.array([p.box_xyxy for p in prompts]))
         t0 = time.perf_counter()
-        low_res, iou = predictor.predict(coords, labels)
-        dec_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        rles = []
-        for start in range(0, len(prompts), 16):  # bounded memory: 16 full-size masks at a time
-            rles.extend(encode_masks(postprocess_masks(low_res[start:start + 16], geo)))
-        post_s = time.perf_counter() - t0
-        for p, rle, q in zip(prompts, rles, iou):
+        rles = encode_masks(out.masks)
+        t = predictor.timings
+        enc_s, dec_s, post_s = t["encoder_s"], t["decoder_s"], t["post_s"] + time.perf_counter() - t0
+        for p, rle, q in zip(prompts, rles, out.scores):
             score = p.score if p.score is not None else float(q)
             preds.append(Prediction(image_id, p.category_id, rle, score, p.ann_id))
         per_image.append({"image_id": image_id, "num_prompts": len(prompts), "encoder_s": round(enc_s, 4),
@@ -129,8 +128,9 @@ def evaluate(model: str | Path | Sequence[str | Path], dataset: CocoDataset | st
     if not isinstance(dataset, CocoDataset):
         dataset = load_coco_dataset(dataset)
     by_image, ids, label = select_prompts(dataset, config.prompts, config.limit, config.min_score)
-    rt = runtime if isinstance(runtime, Runtime) else get_runtime(config.runtime, config.device)
-    predictor = build_predictor(model, rt)
+    rt = (runtime if isinstance(runtime, Runtime)
+          else get_runtime(config.runtime, config.device, provider=config.provider))
+    predictor = SamOnnxPredictor.from_engine(build_predictor(model, rt))
     preds, per_image = run_predictions(predictor, dataset, by_image, progress)
     metrics = segm_metrics(dataset, preds, ids)
     return EvalResult(metrics["segm_mAP"], metrics["AP50"], metrics["AP75"], metrics["mIoU"], len(preds), len(ids),

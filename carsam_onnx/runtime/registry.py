@@ -36,7 +36,12 @@ def register_runtime(name: str, factory: Callable[..., Runtime]) -> None:
     RUNTIMES[name] = factory
 
 
-def get_runtime(runtime: str | Runtime, device: str | None = None) -> Runtime:
+def get_runtime(runtime: str | Runtime, device: str | None = None, provider: str | None = None) -> Runtime:
+    """A Runtime by name; `provider` (cpu | cuda | tensorrt) picks ONNX Runtime's execution provider."""
+    if provider is not None:
+        from .providers import ort_runtime_for
+
+        return ort_runtime_for(provider, runtime, device)
     if isinstance(runtime, Runtime):
         return runtime
     if runtime not in RUNTIMES:

@@ -17,9 +17,9 @@ from tiny_sam import tiny_sam_paths  # noqa: E402
 
 from carsam_onnx.data.coco import load_coco_dataset  # noqa: E402
 from carsam_onnx.errors import InputError, ModelError  # noqa: E402
-from carsam_onnx.eval import predictors  # noqa: E402
+from carsam_onnx.deploy import engines as predictors  # noqa: E402
 from carsam_onnx.eval.metrics import paired_ious  # noqa: E402
-from carsam_onnx.eval.predictors import BoxPredictor  # noqa: E402
+from carsam_onnx.deploy.engines import BoxPredictor  # noqa: E402
 from carsam_onnx.eval.runner import evaluate, run_predictions, select_prompts  # noqa: E402
 from carsam_onnx.samgraph import inspect_sam_model  # noqa: E402
 
@@ -192,7 +192,7 @@ def test_bad_eval_arguments(ds, tiny, tmp_path):
 
 
 def test_multimask_outputs_keep_the_best_predicted_mask():
-    from carsam_onnx.eval.predictors import _pick_best
+    from carsam_onnx.deploy.engines import _pick_best
     masks = np.stack([np.full((1, 3, 4, 4), v, np.float32) for v in (1.0, 2.0)])  # two prompts, 3 masks each
     masks[0, 0, 2] = 7.0
     masks[1, 0, 0] = 9.0

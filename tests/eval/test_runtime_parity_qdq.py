@@ -30,7 +30,7 @@ from carsam_onnx.config import BitWidths, QuantConfig  # noqa: E402
 from carsam_onnx.data.coco import load_coco_dataset  # noqa: E402
 from carsam_onnx.data.prompts import load_calibration_set  # noqa: E402
 from carsam_onnx.eval.metrics import segm_metrics  # noqa: E402
-from carsam_onnx.eval.predictors import build_predictor  # noqa: E402
+from carsam_onnx.deploy.engines import build_predictor  # noqa: E402
 from carsam_onnx.eval.runner import run_predictions, select_prompts  # noqa: E402
 from carsam_onnx.runtime import get_runtime  # noqa: E402
 from carsam_onnx.qmath import activation_quant_from_range, weight_quant_from_minmax  # noqa: E402

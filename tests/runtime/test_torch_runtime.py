@@ -15,7 +15,7 @@ from tiny_sam import tiny_sam_paths  # noqa: E402
 from carsam_onnx.data.coco import load_coco_dataset  # noqa: E402
 from carsam_onnx.errors import InputError  # noqa: E402
 from carsam_onnx.eval.metrics import segm_metrics  # noqa: E402
-from carsam_onnx.eval.predictors import build_predictor
+from carsam_onnx.deploy.engines import build_predictor
 from carsam_onnx.eval.runner import evaluate, run_predictions, select_prompts  # noqa: E402
 from carsam_onnx.runtime import get_runtime  # noqa: E402
 from carsam_onnx.runtime.torch_runtime import TorchRuntime  # noqa: E402

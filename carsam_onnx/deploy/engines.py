@@ -1,4 +1,6 @@
-"""Box predictors over runtime sessions: SamPredictor's shape (set_image once, then all the image's boxes).
+"""Engines of deploy.SamOnnxPredictor: runtime sessions that take the preprocessed image [1, 3, S, S] and
+model-frame prompts (set_image once, then all the image's prompts; SamPredictor's shape). SamOnnxPredictor
+(deploy/predictor.py) does the pre- and postprocessing; evaluation runs through it.
 
 Models accepted (recognised by their inputs, see samgraph.inspect_sam_model):
 - a full model: image, point_coords, point_labels -> low_res_masks, iou_predictions. It is split
@@ -25,7 +27,8 @@ from ..data.preprocess import Geometry
 from ..errors import InputError, ModelError
 from ..modelio import load_model
 from ..runtime import Runtime, Session
-from ..samgraph import OFFICIAL_EXTRA, SamModelInfo, inspect_sam_model, sam_image_size, split_full_model
+from ..samgraph import (OFFICIAL_EXTRA, SamModelInfo, inspect_sam_model, no_mask_inputs, sam_image_size,
+                        split_full_model)
 
 
 class BoxPredictor(ABC):
@@ -42,6 +45,10 @@ class BoxPredictor(ABC):
     def predict(self, coords: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """k prompts (coords [k, n, 2], labels [k, n]) -> (low-res logits [k, S/4, S/4], predicted IoU [k]);
         with several masks per prompt, the one with the highest predicted IoU."""
+
+    def run_prompts(self, coords: np.ndarray, labels: np.ndarray) -> list[dict[str, np.ndarray]]:
+        """The graph's raw outputs per prompt (every mask of a multimask model)."""
+        raise NotImplementedError(f"{type(self).__name__} gives only its best mask per prompt")
 
 
 def _pick_best(outs: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -75,16 +82,16 @@ class SplitPredictor(BoxPredictor):
         out = self.encoder.run({"image": image})
         self._state = {self._rename.get(k, k): v for k, v in out.items()}
         if self.official:
-            s = geo.image_size // 4
-            self._state.update(mask_input=np.zeros((1, 1, s, s), np.float32),
-                               has_mask_input=np.zeros((1,), np.float32),
-                               orig_im_size=np.asarray(geo.original_hw, np.float32))
+            self._state.update(no_mask_inputs(geo.image_size, geo.original_hw))
         return time.perf_counter() - t0
 
-    def predict(self, coords, labels):
+    def run_prompts(self, coords, labels):
         feeds = [{**self._state, "point_coords": coords[i:i + 1], "point_labels": labels[i:i + 1]}
                  for i in range(len(coords))]
-        return _pick_best(self.decoder.run_many(feeds))
+        return self.decoder.run_many(feeds)
+
+    def predict(self, coords, labels):
+        return _pick_best(self.run_prompts(coords, labels))
 
 
 class FullPredictor(BoxPredictor):
@@ -98,10 +105,13 @@ class FullPredictor(BoxPredictor):
         self._image = image
         return 0.0
 
-    def predict(self, coords, labels):
+    def run_prompts(self, coords, labels):
         feeds = [{"image": self._image, "point_coords": coords[i:i + 1], "point_labels": labels[i:i + 1]}
                  for i in range(len(coords))]
-        return _pick_best(self.full.run_many(feeds))
+        return self.full.run_many(feeds)
+
+    def predict(self, coords, labels):
+        return _pick_best(self.run_prompts(coords, labels))
 
 
 def _load(path: Path) -> tuple[onnx.ModelProto, SamModelInfo]:

@@ -1,0 +1,43 @@
+"""segment-anything's own decoder export (``SamOnnxModel`` from its scripts/export_onnx_model.py).
+
+Interface (kept as is when quantized): inputs ``image_embeddings [1,256,h,w]``, ``point_coords [1,N,2]``,
+``point_labels [1,N]``, ``mask_input [1,1,4h,4w]``, ``has_mask_input [1]``, ``orig_im_size [2]``; outputs
+``masks`` (logits upsampled to orig_im_size), ``iou_predictions``, ``low_res_masks``. Prompt convention as the
+project's own graphs (labels 1/0, -1 padding, 2/3 box corners), coordinates in the S x S model frame.
+
+The official export is TorchScript at opset 17. Q/DQ emission needs opset 21 (INT4 QuantizeLinear, the
+``output_dtype`` attribute of symmetric Q), so `to_quantizable_opset` converts the graph with ONNX's
+version converter (ReduceMean axes -> input and the like; the outputs are unchanged to float rounding, tested)
+before planning. Calibration feeds it "no mask": ``mask_input`` zeros and ``has_mask_input`` 0, and
+``orig_im_size`` = (S, S) (it only sizes the ``masks`` output, which no quantized layer reads); see
+samgraph.no_mask_inputs.
+"""
+from __future__ import annotations
+
+import onnx
+
+from ..errors import ModelError
+
+QDQ_OPSET = 21
+
+
+def opset_of(model: onnx.ModelProto) -> int | None:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def to_quantizable_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str | None]:
+    """(model at opset >= 21, a note saying what was converted or None)."""
+    from onnx import version_converter
+
+    opset = opset_of(model)
+    if opset is None or opset >= QDQ_OPSET:
+        return model, None
+    meta = list(model.metadata_props)
+    try:
+        converted = version_converter.convert_version(model, QDQ_OPSET)
+    except Exception as e:
+        raise ModelError(f"cannot convert the model from opset {opset} to {QDQ_OPSET} for Q/DQ emission: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    del converted.metadata_props[:]
+    converted.metadata_props.extend(meta)
+    return converted, f"converted from opset {opset} to {QDQ_OPSET} (ONNX version converter) for Q/DQ emission"

@@ -1,0 +1,133 @@
+"""check-trt / build-engine / --provider / quantize --report / the official decoder export, through the CLI,
+on the tiny SAM's decoder (calibrated on 2 images so that the many quantizations stay fast)."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from carsam_onnx.cli import main
+from tiny_sam import tiny_sam_paths
+
+HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
+HAVE_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_sam_paths()
+
+
+@pytest.fixture(scope="module")
+def emb(tmp_path_factory, tiny):
+    """Image embeddings of 4 random images from the tiny encoder (enough for calibration + held-out)."""
+    sess = ort.InferenceSession(str(tiny["encoder"]))
+    rng = np.random.default_rng(0)
+    e = np.concatenate([sess.run(None, {"image": rng.normal(size=(1, 3, 128, 128)).astype(np.float32)})[0]
+                        for _ in range(4)])
+    path = tmp_path_factory.mktemp("emb") / "emb.npz"
+    np.savez(path, image_embeddings=e)
+    return path
+
+
+def _quantize(tiny, emb, out, *args, model="decoder"):
+    argv = ["-q", "quantize", str(tiny[model]), "-o", str(out), "--embeddings", str(emb), "--num-calib", "2",
+            "--force", *args]
+    assert main(argv) == 0, argv
+    return out
+
+
+@pytest.mark.parametrize("bits,block", [("w8a8", None), ("w4a8", None), ("w4a16", None), ("w4a16", 32),
+                                        ("w8a16", 32), ("w4a4", 16)])
+def test_check_trt_passes_every_trt_target_model(tiny, emb, tmp_path, capsys, bits, block):
+    extra = ["--block-size", str(block)] if block else []
+    q = _quantize(tiny, emb, tmp_path / "q.onnx", "--bits", bits, "--target", "trt", *extra)
+    assert main(["check-trt", str(q)]) == 0
+    assert "0 errors" in capsys.readouterr().out
+
+
+def test_check_trt_fails_on_an_ort_asymmetric_model(tiny, emb, tmp_path, capsys):
+    q = _quantize(tiny, emb, tmp_path / "q.onnx", "--bits", "w8a8", "--target", "ort")
+    assert main(["check-trt", str(q)]) == 1
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("error: ")]
+    assert lines and all("[quantized-type]" in ln or "[zero-point]" in ln for ln in lines)
+    node_names = {n.name for n in onnx.load(str(q)).graph.node}
+    assert all(ln.split(": ")[1] in node_names for ln in lines)      # each violation names its node
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="tensorrt is installed here; the missing-package exit cannot be exercised")
+def test_build_engine_without_tensorrt_exits_2_with_a_hint(tiny, emb, tmp_path, capsys):
+    q = _quantize(tiny, emb, tmp_path / "q.onnx", "--bits", "w8a8", "--target", "trt")
+    assert main(["build-engine", str(q), "-o", str(tmp_path / "q.plan"), "--workspace", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "TensorRT is not installed" in err and "pip install" in err
+    assert not (tmp_path / "q.plan").exists()
+
+
+@pytest.mark.skipif(HAVE_CUDA_EP, reason="onnxruntime-gpu is installed here: --provider cuda is available")
+def test_unavailable_provider_is_one_line_exit_2(tiny, emb, tmp_path, capsys):
+    for argv in (["eval", str(tiny["full"]), "--dataset", str(tmp_path), "--provider", "cuda"],
+                 ["predict", str(tiny["full"]), "x.png", "--box", "1", "1", "5", "5", "-o",
+                  str(tmp_path / "m.png"), "--provider", "tensorrt"],
+                 ["quantize", str(tiny["decoder"]), "-o", str(tmp_path / "q.onnx"), "--embeddings", str(emb),
+                  "--provider", "cuda"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "--provider" in err and "onnxruntime-gpu" in err
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_quantize_report_writes_valid_pngs_named_in_the_report(tiny, emb, tmp_path):
+    _quantize(tiny, emb, tmp_path / "q.onnx", "--bits", "w4a8", "--report", str(tmp_path / "rep"))
+    rep = tmp_path / "rep"
+    text = (rep / "report.md").read_text()
+    pngs = sorted(p.name for p in rep.glob("*.png"))
+    assert pngs == ["activation_sqnr.png", "masks_fp_vs_quantized.png", "weight_sqnr.png"]
+    for name in pngs:
+        with Image.open(rep / name) as im:
+            im.verify()
+        with Image.open(rep / name) as im:
+            assert im.format == "PNG" and min(im.size) >= 200
+        assert f"]({name})" in text                       # embedded
+    assert "*weight_sqnr.png: SQNR of each quantized weight" in text
+    assert "*activation_sqnr.png: SQNR of each quantized activation" in text
+    assert "*masks_fp_vs_quantized.png: for each held-out image" in text and "mask IoU, quantized vs FP" in text
+    ious = [float(ln.split("|")[2]) for ln in text.splitlines() if ln.startswith("| 0000")]
+    assert len(ious) == 2 and all(0.5 < v <= 1.0 for v in ious)    # W4A8 on the tiny model: close to FP
+    assert main(["-q", "quantize", str(tiny["decoder"]), "-o", str(tmp_path / "q2.onnx"), "--embeddings",
+                 str(emb), "--num-calib", "2", "--report", str(rep)]) == 2        # report.md exists: --force
+    assert not (tmp_path / "q2.onnx").exists()
+
+
+def test_official_decoder_export_quantizes_with_its_interface(tiny, emb, tmp_path, capsys):
+    """segment-anything's SamOnnxModel export (opset 17) -> Q/DQ at opset 21, same inputs and outputs; its
+    quantized masks stay close to the project's own decoder quantized the same way on the same weights."""
+    off = _quantize(tiny, emb, tmp_path / "off.onnx", "--bits", "w8a8", "--method", "mse",
+                    model="official_decoder")
+    own = _quantize(tiny, emb, tmp_path / "own.onnx", "--bits", "w8a8", "--method", "mse")
+    src, q = onnx.load(str(tiny["official_decoder"])), onnx.load(str(off))
+    assert [i.name for i in q.graph.input] == [i.name for i in src.graph.input]
+    assert [o.name for o in q.graph.output] == ["masks", "iou_predictions", "low_res_masks"]
+    assert next(o.version for o in q.opset_import if o.domain == "") == 21
+    assert sum(n.op_type == "QuantizeLinear" for n in q.graph.node) > 40
+    e = np.load(emb)["image_embeddings"][3:4]
+    pc, pl = np.array([[[20.0, 30.0], [100.0, 90.0]]], np.float32), np.array([[2.0, 3.0]], np.float32)
+    feed = {"image_embeddings": e, "point_coords": pc, "point_labels": pl,
+            "mask_input": np.zeros((1, 1, 32, 32), np.float32), "has_mask_input": np.zeros(1, np.float32),
+            "orig_im_size": np.array([100.0, 150.0], np.float32)}
+    fp_off = ort.InferenceSession(str(tiny["official_decoder"])).run(["low_res_masks"], feed)[0]
+    q_off = ort.InferenceSession(str(off)).run(["low_res_masks"], feed)[0]
+    snr = 10 * np.log10((fp_off ** 2).sum() / ((fp_off - q_off) ** 2).sum())
+    assert snr > 15, snr                                  # W8A8 keeps the official decoder's output
+    # predicted with, as an encoder + decoder pair
+    img = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (100, 150, 3)).astype(np.uint8)).save(img)
+    assert main(["predict", str(tiny["encoder"]), str(off), str(img), "--box", "10", "10", "90", "60", "-o",
+                 str(tmp_path / "m.png")]) == 0
+    assert main(["predict", str(tiny["encoder"]), str(own), str(img), "--box", "10", "10", "90", "60", "-o",
+                 str(tmp_path / "m_own.png")]) == 0
