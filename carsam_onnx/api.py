@@ -30,8 +30,15 @@ def export(output: str | Path, config: ExportConfig = ExportConfig()) -> dict[st
         check_writable(path, config.force)
     built = build_sam(config.model_type, checkpoint=config.checkpoint, seed=config.seed)
     models = {part: export_onnx(built, part, config.exporter, config.multimask) for part in targets}
-    for part, model in models.items():
-        save_model(model, targets[part], force=config.force)
+    written = []
+    try:
+        for part, model in models.items():
+            written.append(save_model(model, targets[part], force=config.force))
+    except BaseException:   # failed or interrupted half-way through the parts: no incomplete set is left
+        for path in written:
+            path.unlink(missing_ok=True)
+            path.with_name(path.name + ".data").unlink(missing_ok=True)
+        raise
     return targets
 
 

@@ -69,11 +69,12 @@ def calibration_samples(config: QuantConfig, image_size: int, calib_images, cali
     return samples[: config.num_calib], samples[config.num_calib:]
 
 
-def output_sqnr(fp_path: Path, q_path: Path, feeds: list[dict]) -> dict[str, float]:
+def output_sqnr(fp_path: Path, q_model, feeds: list[dict]) -> dict[str, float]:
+    """SQNR of each output of `q_model` (a path or a ModelProto) against the FP model at `fp_path`."""
     from .runtime import OrtRuntime
 
     rt = OrtRuntime()
-    fp, q = rt.session(fp_path, "FP model"), rt.session(q_path, "quantized model")
+    fp, q = rt.session(fp_path, "FP model"), rt.session(q_model, "quantized model")
     refs, tests = {}, {}
     for feed in feeds:
         for k, v in fp.run(feed).items():
@@ -118,8 +119,9 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
     """Calibrate `model_path` and write the Q/DQ model to `output` (and the artifact to `save_calibration`)."""
     from tqdm import tqdm
 
-    from .calib.feeds import build_feeds, image_size
+    from .calib.feeds import build_feeds, image_size, model_kind
     from .calib.registry import check_config
+    from .passes.emit import check_opset
 
     method = check_config(config)
     model_path, output = Path(model_path), Path(output)
@@ -128,6 +130,8 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
         check_writable(save_calibration, force)
     clock = _Clock()
     model = load_model(model_path)
+    model_kind(model, model_path)   # a graph that is not SAM, or an opset Q/DQ cannot be written at: refused before any work
+    check_opset(model)
     plan, notes = _plan(model, config)
     size = image_size(model)
     clock.lap("load and plan")
@@ -140,18 +144,20 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
         artifact = method.calibrate(model, plan, config, feeds, bar)
     clock.lap("calibration")
     qmodel, emit_notes = emit_model(model, plan, artifact, config)
+    clock.lap("emit")
+    sqnr = output_sqnr(model_path, qmodel, held_feeds)   # before the output exists: nothing to undo if this fails
+    clock.lap("held-out SQNR")
     save_model(qmodel, output, force=force)
-    clock.lap("emit and save")
-    report = _report(model_path, output, plan, notes + emit_notes)
     try:
-        report.sqnr_db = output_sqnr(model_path, output, held_feeds)
         if save_calibration is not None:
             save_artifact(save_calibration, artifact, config, file_sha256(model_path), force=force)
     except BaseException:   # a command that fails leaves no output behind
         output.unlink(missing_ok=True)
         output.with_name(output.name + ".data").unlink(missing_ok=True)
         raise
-    clock.lap("held-out SQNR")
+    clock.lap("save")
+    report = _report(model_path, output, plan, notes + emit_notes)
+    report.sqnr_db = sqnr
     report.seconds = clock.laps
     return report
 

@@ -15,9 +15,9 @@ from ..errors import CalibrationError, ModelError
 from ..samgraph import inspect_sam_model, sam_image_size
 
 
-def model_kind(model: onnx.ModelProto) -> str:
+def model_kind(model: onnx.ModelProto, path: Path | None = None) -> str:
     """full | encoder | decoder, recognised by samgraph.inspect_sam_model."""
-    kind = inspect_sam_model(model).kind
+    kind = inspect_sam_model(model, path).kind
     if kind == "official_decoder":
         raise ModelError("segment-anything's own decoder export (mask_input, orig_im_size inputs) is evaluated but "
                          "not quantized here; export the decoder with `carsam-onnx export --split`")
