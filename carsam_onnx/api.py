@@ -30,6 +30,7 @@ def export(output: str | Path, config: ExportConfig = ExportConfig(), progress: 
         check_writable(path, config.force)
     from tqdm.auto import tqdm
 
+    written = []
     with tqdm(total=1 + 2 * len(targets), desc="export", unit="step", disable=not progress or None) as bar:
         built = build_sam(config.model_type, checkpoint=config.checkpoint, seed=config.seed)
         bar.update(1)
@@ -38,9 +39,15 @@ def export(output: str | Path, config: ExportConfig = ExportConfig(), progress: 
             bar.set_postfix_str(part)
             models[part] = export_onnx(built, part, config.exporter, config.multimask)
             bar.update(1)
-        for part, model in models.items():
-            save_model(model, targets[part], force=config.force)
-            bar.update(1)
+        try:
+            for part, model in models.items():
+                written.append(save_model(model, targets[part], force=config.force))
+                bar.update(1)
+        except BaseException:   # failed or interrupted half-way through the parts: no incomplete set is left
+            for path in written:
+                path.unlink(missing_ok=True)
+                path.with_name(path.name + ".data").unlink(missing_ok=True)
+            raise
     return targets
 
 

@@ -316,14 +316,56 @@ def _one_line_warnings(command: str, quiet: bool) -> None:
     warnings.showwarning = show
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _one_line_warnings(args.command, args.quiet)
+class _Signalled(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised in the main thread: `finally` blocks and the atomic writers clean up on the way
+    out exactly as for Ctrl-C (a KeyboardInterrupt subclass, so `except Exception` never swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _run_guarded(args) -> int:
+    """Run the command. Bad input (CarsamError) -> one line on stderr, exit 2. SIGINT / SIGTERM -> the command
+    unwinds (temporary files removed, no output renamed into place), one line on stderr, exit 128 + signal
+    (130 / 143). A second signal while unwinding is ignored, so the cleanup finishes."""
+    import signal
+    import threading
+
+    def on_signal(signum, frame):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+        raise _Signalled(signum)
+
+    def message(text: str) -> None:
+        try:
+            print(f"carsam-onnx {args.command}: {text}", file=sys.stderr, flush=True)
+        except (OSError, ValueError):  # stderr closed (a pipe whose reader left): the exit code still says it
+            pass
+
+    main_thread = threading.current_thread() is threading.main_thread()   # signal handlers: main thread only
+    previous = {}
+    for s in (signal.SIGINT, signal.SIGTERM) if main_thread else ():
+        if signal.getsignal(s) is not signal.SIG_IGN:     # started with the signal ignored (nohup, &): keep it so
+            previous[s] = signal.signal(s, on_signal)
     try:
         return args.run(args)
     except CarsamError as e:
-        print(f"carsam-onnx {args.command}: error: {e}", file=sys.stderr)
+        message(f"error: {e}")
         return 2
+    except KeyboardInterrupt as e:     # _Signalled, or a KeyboardInterrupt raised before our handler was in place
+        signum = getattr(e, "signum", signal.SIGINT)
+        message(f"interrupted by {signal.Signals(signum).name}; nothing half-written was left")
+        return 128 + signum
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _one_line_warnings(args.command, args.quiet)
+    return _run_guarded(args)
 
 
 if __name__ == "__main__":

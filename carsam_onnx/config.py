@@ -64,6 +64,9 @@ class QuantConfig:
             raise InputError(f"--target {self.target!r}: choose ort or trt")
         if self.block_size is not None and (self.block_size < 16 or self.block_size & (self.block_size - 1)):
             raise InputError(f"--block-size {self.block_size}: use a power of two >= 16")
+        if self.block_size is not None and self.bits.weight > 4:   # docs/quantization_format.md, ORT notes
+            raise InputError(f"--block-size is for 2-4-bit weights (INT4 blocks); --bits {self.bits} has "
+                             f"{self.bits.weight}-bit weights, which are quantized per output channel")
         if not 0 < self.percentile <= 100:
             raise InputError(f"--percentile {self.percentile}: must be in (0, 100]")
         if self.num_calib < 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,10 +39,10 @@ def first_line(e: Exception) -> str:
 def check_writable(path: str | Path, force: bool) -> Path:
     """Fail early (before any long work) if `path` cannot be written."""
     path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{path} is a directory, not a file path")
     if path.exists() and not force:
         raise OutputError(f"{path} exists; pass --force to overwrite it")
-    if path.exists() and path.is_dir():
-        raise OutputError(f"{path} is a directory, not a file path")
     parent = path.parent if str(path.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
         raise OutputError(f"cannot write {path}: {parent} is a file, not a folder")
@@ -71,9 +72,7 @@ def _tempdir_beside(path: Path):
     try:
         yield Path(tmp)
     finally:
-        for p in Path(tmp).iterdir():
-            p.unlink()
-        os.rmdir(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_model(model: onnx.ModelProto, path: str | Path, force: bool = False) -> Path:
@@ -91,9 +90,14 @@ def save_model(model: onnx.ModelProto, path: str | Path, force: bool = False) ->
                 onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
                                 location=data_name, size_threshold=1024)
                 os.replace(tmp / data_name, path.parent / data_name)
+                try:
+                    os.replace(tmp_model, path)
+                except BaseException:   # interrupted between the two renames: no data file without its model
+                    (path.parent / data_name).unlink(missing_ok=True)
+                    raise
             else:
                 onnx.save_model(model, str(tmp_model))
-            os.replace(tmp_model, path)
+                os.replace(tmp_model, path)
     except OSError as e:
         raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
     return path
@@ -108,10 +112,12 @@ def atomic_write(path: str | Path, data: bytes | str, force: bool = False) -> Pa
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:      # an error or an interruption leaves no temporary file
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
     return path
 
 

@@ -69,12 +69,13 @@ def calibration_samples(config: QuantConfig, image_size: int, calib_images, cali
     return samples[: config.num_calib], samples[config.num_calib:]
 
 
-def output_sqnr(fp_path: Path, q_path: Path, feeds: list[dict], provider: str | None = None) -> dict[str, float]:
+def output_sqnr(fp_path: Path, q_model, feeds: list[dict], provider: str | None = None) -> dict[str, float]:
+    """SQNR of each output of `q_model` (a path or a ModelProto) against the FP model at `fp_path`."""
     from .runtime import OrtRuntime
     from .runtime.providers import ort_runtime_for
 
     rt = ort_runtime_for(provider) if provider is not None else OrtRuntime()
-    fp, q = rt.session(fp_path, "FP model"), rt.session(q_path, "quantized model")
+    fp, q = rt.session(fp_path, "FP model"), rt.session(q_model, "quantized model")
     refs, tests = {}, {}
     for feed in feeds:
         for k, v in fp.run(feed).items():
@@ -127,8 +128,9 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
     `provider`: ONNX Runtime provider of the held-out check; `report_dir`: also write deploy/report.py's report."""
     from tqdm import tqdm
 
-    from .calib.feeds import build_feeds, image_size
+    from .calib.feeds import build_feeds, image_size, model_kind
     from .calib.registry import check_config
+    from .passes.emit import check_opset
 
     method = check_config(config)
     model_path, output = Path(model_path), Path(output)
@@ -145,7 +147,9 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
         check_report_dir(report_dir, force)
     clock = _Clock()
     model = load_model(model_path)
+    model_kind(model, model_path)   # a graph that is not SAM: refused before any work
     model, plan, notes = _plan(model, config)
+    check_opset(model)              # an opset Q/DQ cannot be written at (after any conversion in _plan)
     size = image_size(model)
     clock.lap("load and plan")
     calib, held = calibration_samples(config, size, calib_images, calib_prompts)
@@ -157,18 +161,20 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
         artifact = method.calibrate(model, plan, config, feeds, bar)
     clock.lap("calibration")
     qmodel, emit_notes = emit_model(model, plan, artifact, config)
+    clock.lap("emit")
+    sqnr = output_sqnr(model_path, qmodel, held_feeds, provider)   # before the output exists: nothing to undo if this fails
+    clock.lap("held-out SQNR")
     save_model(qmodel, output, force=force)
-    clock.lap("emit and save")
-    report = _report(model_path, output, plan, notes + emit_notes)
     try:
-        report.sqnr_db = output_sqnr(model_path, output, held_feeds, provider)
         if save_calibration is not None:
             save_artifact(save_calibration, artifact, config, file_sha256(model_path), force=force)
     except BaseException:   # a command that fails leaves no output behind
         output.unlink(missing_ok=True)
         output.with_name(output.name + ".data").unlink(missing_ok=True)
         raise
-    clock.lap("held-out SQNR")
+    clock.lap("save")
+    report = _report(model_path, output, plan, notes + emit_notes)
+    report.sqnr_db = sqnr
     if report_dir is not None:
         from .deploy.report import write_quant_report
 

@@ -15,10 +15,10 @@ from ..errors import CalibrationError, ModelError
 from ..samgraph import inspect_sam_model, no_mask_inputs, sam_image_size
 
 
-def model_kind(model: onnx.ModelProto) -> str:
+def model_kind(model: onnx.ModelProto, path: Path | None = None) -> str:
     """full | encoder | decoder | official_decoder (segment-anything's SamOnnxModel export), recognised by
     samgraph.inspect_sam_model."""
-    return inspect_sam_model(model).kind
+    return inspect_sam_model(model, path).kind
 
 
 def image_size(model: onnx.ModelProto) -> int:

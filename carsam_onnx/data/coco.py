@@ -46,6 +46,25 @@ def _read_json(path: Path, what: str):
         raise InputError(f"{what} {path} is not valid JSON ({str(e).splitlines()[0]})") from None
 
 
+BOX_TOLERANCE_PX = 1.0   # a box may poke this far outside its image (rounding in tools' outputs)
+
+
+def _check_bbox(src: Path, i: int, bbox, info: ImageInfo) -> None:
+    """An annotation's "bbox" [x, y, w, h]: four finite numbers, no negative size, inside the image."""
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        raise InputError(f"{src}: annotations[{i}] has a bbox {bbox!r}; expected [x, y, width, height]") from None
+    if not all(np.isfinite([x, y, w, h])):
+        raise InputError(f"{src}: annotations[{i}] has a non-finite bbox {bbox!r}")
+    if w < 0 or h < 0:
+        raise InputError(f"{src}: annotations[{i}] has a bbox of negative size {bbox!r}")
+    t = BOX_TOLERANCE_PX
+    if x < -t or y < -t or x + w > info.width + t or y + h > info.height + t:
+        raise InputError(f"{src}: annotations[{i}] bbox {bbox!r} lies outside image {info.id} "
+                         f"({info.width}x{info.height})")
+
+
 def _quiet(fn, *args):
     """pycocotools prints progress lines; keep them off the user's stdout."""
     with contextlib.redirect_stdout(io.StringIO()):
@@ -94,12 +113,20 @@ class CocoDataset:
         if not images:
             raise InputError(f"{src} lists no images")
         anns = []
+        ann_ids: dict = {}
         for i, a in enumerate(data["annotations"]):
             if not isinstance(a, dict) or "image_id" not in a or "category_id" not in a or "segmentation" not in a:
                 raise InputError(f"{src}: annotations[{i}] needs image_id, category_id and segmentation")
             if a["image_id"] not in images:
                 raise InputError(f"{src}: annotations[{i}] refers to image id {a['image_id']}, "
                                  "which is not in 'images'")
+            if "bbox" in a:
+                _check_bbox(src, i, a["bbox"], images[a["image_id"]])
+            if "id" in a and a["id"] in ann_ids:
+                raise InputError(f"{src}: annotation id {a['id']} appears twice (annotations[{ann_ids[a['id']]}] "
+                                 f"and annotations[{i}])")
+            if "id" in a:
+                ann_ids[a["id"]] = i
             anns.append(dict(a))
         categories = data.get("categories")
         if not isinstance(categories, list) or not categories:

@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CalibrationError, InputError
-from .coco import ANNOTATIONS_NAME, IMAGES_DIRNAME, CocoDataset, read_image_file
+from .coco import ANNOTATIONS_NAME, BOX_TOLERANCE_PX, IMAGES_DIRNAME, CocoDataset, read_image_file
 from .preprocess import Geometry, preprocess_image, transform_coords
 
 BOX_LABELS = np.array([2.0, 3.0], dtype=np.float32)
-BOX_TOLERANCE_PX = 1.0   # a box may poke this far outside the image (rounding in detectors' outputs)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 

@@ -294,6 +294,13 @@ def _check_output_dir(out: Path, force: bool) -> None:
         raise OutputError(f"output {out} exists and is not a folder; choose another path")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise OutputError(f"output folder {out} is not empty; choose another path or pass --force")
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:   # missing folders above `out` are created
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"cannot write {out}: folder {parent} is not writable")
 
 
 def write_synthetic_coco(out_dir: str | Path, num_images: int, seed: int, image_size: int = 256,
@@ -309,8 +316,11 @@ def write_synthetic_coco(out_dir: str | Path, num_images: int, seed: int, image_
         raise InputError(f"--seed must be a non-negative integer (got {seed})")
     out = Path(out_dir)
     _check_output_dir(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
     try:
         (tmp / "images").mkdir()
         images, anns = [], []

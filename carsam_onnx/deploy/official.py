@@ -19,6 +19,7 @@ import onnx
 from ..errors import ModelError
 
 QDQ_OPSET = 21
+OLDEST_OPSET = 17          # the oldest opset converted (segment-anything's export and our TorchScript export use 17)
 
 
 def opset_of(model: onnx.ModelProto) -> int | None:
@@ -32,6 +33,9 @@ def to_quantizable_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str |
     opset = opset_of(model)
     if opset is None or opset >= QDQ_OPSET:
         return model, None
+    if opset < OLDEST_OPSET:
+        raise ModelError(f"the model has opset {opset}, older than {OLDEST_OPSET}, the oldest converted for Q/DQ "
+                         f"emission; export it at opset {OLDEST_OPSET} or newer")
     meta = list(model.metadata_props)
     try:
         converted = version_converter.convert_version(model, QDQ_OPSET)

@@ -68,6 +68,9 @@ def select_prompts(dataset: CocoDataset, prompts: str | Path, limit: int | None,
         by_image = load_detection_prompts(prompts, dataset, min_score)
         ids = dataset.image_ids[:limit]
         label = Path(prompts).name
+        if not any(i in by_image for i in ids):
+            raise InputError(f"prompts file {prompts} has no boxes for the {len(ids)} images evaluated "
+                             f"(ids {ids[0]}..{ids[-1]})" + (f" with score >= {min_score}" if min_score else ""))
     return {i: by_image[i] for i in ids if i in by_image}, ids, label
 
 

@@ -6,8 +6,12 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+if TYPE_CHECKING:  # segment-anything imports torchvision (~3 s): only when a model is built
+    from segment_anything.modeling import Sam
 
 from ..errors import CheckpointError, InputError
 
@@ -41,6 +45,8 @@ REFERENCE_WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "referen
 
 def build_sam_arch(arch: SamArch) -> Sam:
     """A SAM with segment-anything's own classes and its default initialisation."""
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
     embed = arch.prompt_embed_dim
     grid = arch.image_size // arch.patch_size
     encoder = ImageEncoderViT(
@@ -115,17 +121,29 @@ def guess_model_type(sd: dict[str, torch.Tensor]) -> str | None:
     return by_dim.get(int(w.shape[0]))
 
 
-def load_checkpoint_into(sam: Sam, model_type: str, path: Path) -> None:
-    sd = read_state_dict(path)
-    own = sam.state_dict()
-    missing = sorted(set(own) - set(sd))
-    mismatched = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+def check_state_dict(sd: dict[str, torch.Tensor], own_shapes: dict[str, tuple], model_type: str, path: Path) -> None:
+    """CheckpointError (one line) unless `sd` holds every tensor of the model with its shape."""
+    missing = sorted(set(own_shapes) - set(sd))
+    mismatched = [k for k in own_shapes if k in sd and tuple(sd[k].shape) != tuple(own_shapes[k])]
     if mismatched or missing:
         guess = guess_model_type(sd)
         hint = f" (it looks like a {guess} checkpoint)" if guess and guess != model_type else ""
         what = (f"{len(mismatched)} tensors of the wrong shape, e.g. {mismatched[0]} {tuple(sd[mismatched[0]].shape)} "
-                f"vs {tuple(own[mismatched[0]].shape)}") if mismatched else f"{len(missing)} missing tensors, e.g. {missing[0]}"
+                f"vs {tuple(own_shapes[mismatched[0]])}") if mismatched else f"{len(missing)} missing tensors, e.g. {missing[0]}"
         raise CheckpointError(f"checkpoint {path} does not fit --model-type {model_type}: {what}{hint}")
+
+
+def arch_shapes(arch: SamArch) -> dict[str, tuple]:
+    """Parameter and buffer shapes of a SAM of `arch`, without allocating or initialising it (meta device)."""
+    with torch.device("meta"):
+        sam = build_sam_arch(arch)
+    return {k: tuple(v.shape) for k, v in sam.state_dict().items()}
+
+
+def load_checkpoint_into(sam: Sam, model_type: str, path: Path, sd: dict[str, torch.Tensor] | None = None) -> None:
+    sd = read_state_dict(path) if sd is None else sd
+    own = sam.state_dict()
+    check_state_dict(sd, {k: tuple(v.shape) for k, v in own.items()}, model_type, path)
     sam.load_state_dict({k: sd[k] for k in own}, strict=True)
 
 
@@ -150,12 +168,16 @@ def build_sam(model_type: str, checkpoint: str | Path | None = None, seed: int |
     if checkpoint is None and seed is None:
         raise InputError(f"--model-type {model_type} needs --checkpoint PATH (official sam_{model_type}_*.pth) "
                          "or --random-init --seed N")
+    sd = None
+    if checkpoint is not None:   # a bad checkpoint fails before the (large) model is built
+        sd = read_state_dict(Path(checkpoint))
+        check_state_dict(sd, arch_shapes(arch), model_type, Path(checkpoint))
     if seed is not None:
         torch.manual_seed(seed)
     sam = build_sam_arch(arch)
     if checkpoint is not None:
         path = Path(checkpoint)
-        load_checkpoint_into(sam, model_type, path)
+        load_checkpoint_into(sam, model_type, path, sd)
         prov = {"checkpoint": path.name, "checkpoint_sha256": sha256_of(path)}
     else:
         randomize_zero_initialised(sam, seed)

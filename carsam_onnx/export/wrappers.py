@@ -7,9 +7,13 @@ No mask input: the dense prompt is SAM's no-mask embedding.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
-from segment_anything.modeling import Sam
+
+if TYPE_CHECKING:
+    from segment_anything.modeling import Sam
 
 
 class PromptedMaskDecoder(nn.Module):
