@@ -8,7 +8,7 @@ from dataclasses import fields
 
 from . import api
 from .calib.registry import method_names, methods_help
-from .config import BitWidths, EvalConfig, ExportConfig, QuantConfig
+from .config import BitWidths, EvalConfig, ExportConfig, QuantConfig, ReconConfig
 from .errors import CarsamError
 from .runtime import RUNTIMES
 
@@ -81,6 +81,17 @@ def _add_quantize(sub):
                    help="keep matching layers in float (repeatable; replaces the default list: patch_embed, "
                         "output_upscaling, output_hypernetworks_mlps, iou_prediction_head, prompt_encoder)")
     p.add_argument("--require-attention", action="store_true", help="refuse a model with no attention block")
+    r = p.add_argument_group("block reconstruction (--method recon)")
+    r.add_argument("--recon-iters", type=int, default=_default(ReconConfig, "iters"),
+                   help=f"steps per unit (default: {_default(ReconConfig, 'cpu_iters')} on a CPU, "
+                        f"{_default(ReconConfig, 'gpu_iters')} on a GPU)")
+    r.add_argument("--recon-batch", type=int, default=_default(ReconConfig, "batch_size"),
+                   help=f"calibration images per step (default: {_default(ReconConfig, 'cpu_batch_size')} on a CPU, "
+                        f"{_default(ReconConfig, 'gpu_batch_size')} on a GPU, vmapped)")
+    r.add_argument("--recon-init", default=_default(ReconConfig, "init_method"),
+                   help="calibrator for the weight scales and initial step sizes: minmax | percentile | mse")
+    r.add_argument("--recon-drop", type=float, default=_default(ReconConfig, "drop_prob"),
+                   help="QDrop: probability that an activation keeps its float value while its unit learns")
     dec = p.add_mutually_exclusive_group()
     dec.add_argument("--encoder", help="encoder ONNX to make calibration embeddings for a decoder-only model")
     dec.add_argument("--embeddings", help=".npz of image embeddings [K,256,H,W] for a decoder-only model")
@@ -97,7 +108,9 @@ def _run_quantize(a) -> int:
     keep = tuple(a.keep_float) if a.keep_float else _default(QuantConfig, "keep_float")
     cfg = QuantConfig(bits=BitWidths.parse(a.bits), method=a.method, target=a.target, block_size=a.block_size,
                       percentile=a.percentile, keep_float=keep, num_calib=a.num_calib, seed=a.seed,
-                      device=a.device, require_attention=a.require_attention)
+                      device=a.device, require_attention=a.require_attention,
+                      recon=ReconConfig(iters=a.recon_iters, batch_size=a.recon_batch, init_method=a.recon_init,
+                                        drop_prob=a.recon_drop))
     report = api.quantize(a.model, a.output, cfg, calib_images=a.calib_images, calib_prompts=a.calib_prompts,
                           encoder=a.encoder, embeddings=a.embeddings, save_calibration=a.save_calibration,
                           force=a.force, progress=not a.quiet, provider=a.provider, report_dir=a.report)

@@ -47,6 +47,55 @@ class BitWidths:
 
 
 @dataclass(frozen=True)
+class ReconConfig:
+    """Block reconstruction (`--method recon`; calib/recon/). The published QDrop/PTQ4SAM recipe
+    (shared/RESEARCH.md) except the iteration counts, which are schedules sized to a time budget."""
+
+    init_method: str = "mse"          # calibrator that gives the weight scales and the initial step sizes
+    iters: int | None = None          # steps per unit; None: cpu_iters on a CPU, gpu_iters on a GPU
+    cpu_iters: int = 200              # CPU schedule: sized so that --method recon --bits w4a4 on the reference
+                                      # model fits 15 min on 2 cores
+    gpu_iters: int = 500              # GPU schedule (not yet timed on an H200: the lead times it)
+    batch_size: int | None = None     # calibration images per step; None: cpu_batch_size / gpu_batch_size
+    cpu_batch_size: int = 1           # published: 1 (vmapped batches were slower than a loop on 2 CPU cores)
+    gpu_batch_size: int = 8           # one vmapped step over 8 images (SAM graphs are exported for batch 1)
+    round_lr: float = 1e-3            # Adam, AdaRound offsets
+    scale_lr: float = 4e-5            # Adam with cosine decay to 0, LSQ step sizes
+    round_weight: float = 0.01        # weight of the rounding regulariser sum(1 - |2h - 1|^beta)
+    warmup: float = 0.2               # share of a unit's steps without the regulariser
+    beta_start: float = 20.0          # regulariser exponent, annealed linearly after the warm-up ...
+    beta_end: float = 2.0             # ... down to this
+    drop_prob: float = 0.5            # QDrop: probability that an element keeps its float value while learning
+    cache_device_fraction: float = 0.5  # cached unit inputs stay on the GPU if they take <= this share of free memory
+    image_cut: bool = True            # full models: decoder units' captures start at the cached encoder output
+
+    def __post_init__(self):
+        if self.init_method not in ("minmax", "percentile", "mse"):
+            raise InputError(f"recon init method {self.init_method!r}: choose minmax, percentile or mse")
+        for name in ("cpu_iters", "gpu_iters", "cpu_batch_size", "gpu_batch_size"):
+            if getattr(self, name) < 1:
+                raise InputError(f"recon {name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        if self.iters is not None and self.iters < 1:
+            raise InputError(f"--recon-iters {self.iters}: must be >= 1")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise InputError(f"--recon-batch {self.batch_size}: must be >= 1")
+        if not 0 <= self.drop_prob < 1:
+            raise InputError(f"--recon-drop {self.drop_prob}: must be in [0, 1)")
+        if not 0 <= self.warmup < 1:
+            raise InputError(f"recon warm-up {self.warmup}: must be in [0, 1)")
+
+    def iters_for(self, device: str) -> int:
+        if self.iters is not None:
+            return self.iters
+        return self.gpu_iters if str(device).startswith("cuda") else self.cpu_iters
+
+    def batch_for(self, device: str) -> int:
+        if self.batch_size is not None:
+            return self.batch_size
+        return self.gpu_batch_size if str(device).startswith("cuda") else self.cpu_batch_size
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     bits: BitWidths = BitWidths(8, 8)
     method: str = "minmax"                 # a name of calib/registry.py (checked there: the one list)
@@ -58,6 +107,7 @@ class QuantConfig:
     seed: int = 0
     device: str = "cpu"
     require_attention: bool = False
+    recon: ReconConfig = ReconConfig()     # --method recon only
 
     def __post_init__(self):
         if self.target not in ("ort", "trt"):

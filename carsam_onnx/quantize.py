@@ -37,6 +37,7 @@ class QuantizeReport:
     output_bytes: int
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)   # wall time by stage
+    recon_units: list = field(default_factory=list)            # --method recon: calib.recon.loop.UnitStats per unit
 
     def lines(self) -> list[str]:
         fmt = lambda d: ", ".join(f"{k} {v}" for k, v in d.items()) or "none"  # noqa: E731
@@ -48,7 +49,18 @@ class QuantizeReport:
                   if self.sqnr_db else []),
                 f"size: {self.output_bytes / 1e6:.1f} MB ({self.output_bytes / max(self.input_bytes, 1):.3f}x of "
                 f"{self.input_bytes / 1e6:.1f} MB) -> {self.output}",
-                "time: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items())]
+                "time: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items())] + self._recon_lines()
+
+    def _recon_lines(self) -> list[str]:
+        if not self.recon_units:
+            return []
+        by_kind: dict[str, list] = {}
+        for u in self.recon_units:
+            by_kind.setdefault(u.kind, []).append(u)
+        rate = ", ".join(f"{k} {sum(u.iters for u in us) / sum(u.seconds for u in us):.1f}" for k, us in by_kind.items())
+        return [f"reconstruction: {len(self.recon_units)} units x {self.recon_units[0].iters} steps "
+                f"({sum(u.iters for u in self.recon_units)} in all) in {sum(u.seconds for u in self.recon_units):.0f} s; "
+                f"steps/s by unit kind (capture included): {rate}"]
 
 
 def file_bytes(path: Path) -> int:
@@ -158,7 +170,8 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
     clock.lap("calibration data")
     with tqdm(total=len(feeds), desc=f"calibrating ({config.method}, {config.bits})", unit="img",
               disable=not progress or None) as bar:
-        artifact = method.calibrate(model, plan, config, feeds, bar)
+        stats: list = []
+        artifact = method.calibrate(model, plan, config, feeds, bar, **({"stats": stats} if method.stats else {}))
     clock.lap("calibration")
     qmodel, emit_notes = emit_model(model, plan, artifact, config)
     clock.lap("emit")
@@ -175,6 +188,7 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
     clock.lap("save")
     report = _report(model_path, output, plan, notes + emit_notes)
     report.sqnr_db = sqnr
+    report.recon_units = stats
     if report_dir is not None:
         from .deploy.report import write_quant_report
 

@@ -64,7 +64,17 @@ def summarize(model: onnx.ModelProto, with_attention: bool = True) -> dict:
         from .passes.attention import inspect_attention
 
         info.update(inspect_attention(model))   # keys "attention" and "attention_rejected"
+        info["units"] = _units(model)
     return info
+
+
+def _units(model: onnx.ModelProto) -> list[dict]:
+    """Reconstruction units (`--method recon`) under the default plan (passes/units.py; no torch)."""
+    from .config import QuantConfig
+    from .passes.plan import plan_quantization
+    from .passes.units import unit_report
+
+    return unit_report(model, plan_quantization(model, QuantConfig()))
 
 
 def format_summary(info: dict) -> str:
@@ -84,6 +94,10 @@ def format_summary(info: dict) -> str:
         roles = Counter(a["role"] for a in att)
         by_role = " (" + ", ".join(f"{r} {c}" for r, c in roles.items()) + ")" if att else ""
         lines.append(f"attention sites: {len(att)}{by_role}")
+    units = info.get("units")
+    if units:
+        kinds = Counter(u["role"] for u in units)
+        lines.append(f"reconstruction units: {len(units)} (" + ", ".join(f"{r} {c}" for r, c in kinds.items()) + ")")
     for rej in info.get("attention_rejected", []):
         lines.append(f"  Softmax {rej['softmax']} is not attention: {rej['reason']}")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ from typing import Callable
 from ..config import QuantConfig
 from ..errors import InputError
 from .baseline import calibrate_baseline
+from .recon import calibrate_recon
 
 CalibrateFn = Callable[..., "CalibrationArtifact"]  # noqa: F821 (artifact.CalibrationArtifact)
 
@@ -20,14 +21,15 @@ class Method:
     name: str
     calibrate: CalibrateFn
     help: str
+    stats: bool = False     # the function takes `stats=list` and appends one record per step of its work
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, calibrate: CalibrateFn, help: str) -> None:
-    """Make `--method NAME` available."""
-    METHODS[name] = Method(name, calibrate, help)
+def register_method(name: str, calibrate: CalibrateFn, help: str, *, stats: bool = False) -> None:
+    """Make `--method NAME` available (`stats`: see Method)."""
+    METHODS[name] = Method(name, calibrate, help, stats)
 
 
 def method_names() -> tuple[str, ...]:
@@ -52,3 +54,5 @@ def methods_help() -> str:
 register_method("minmax", calibrate_baseline, "activation ranges from min/max, absmax weight scales")
 register_method("percentile", calibrate_baseline, "activation ranges clipped at --percentile, absmax weight scales")
 register_method("mse", calibrate_baseline, "activation and per-channel weight ranges searched for the least MSE")
+register_method("recon", calibrate_recon, "block reconstruction (AdaRound weights, LSQ step sizes, QDrop) on top of "
+                "--recon-init; see --recon-*", stats=True)

@@ -1,0 +1,365 @@
+"""Block reconstruction, unit by unit, on the torch executor (QDrop recipe; shared/RESEARCH.md).
+
+The quantized model is the ONNX graph with one Identity per activation site in front of exactly the consumers
+the emitted Q/DQ rewires (so other consumers, e.g. residual adds, keep the float value as in the emitted file);
+the executor replaces each Identity's output with the site's activation quantizer and each weight initializer
+with its weight quantizer. The float model is the same module run without replacements.
+
+For each unit in graph order:
+1. its inputs are captured from the quantized model (every earlier unit finished: fully quantized, no drop)
+   and from the float model, with the float output (before the residual add) as target;
+2. AdaRound offsets and LSQ step sizes of the unit are learned with Adam on the squared error summed over
+   channels; every activation quantizer of the unit drops to float element-wise with probability drop_prob,
+   and the unit's input mixes the quantized-model and float-model inputs the same way;
+3. the unit is finished: rounding hard, step sizes fixed, no drop. Nothing of it is learned again.
+An activation quantizer that two units share belongs to the first; the second sees it finished.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from ...artifact import CalibrationArtifact
+from ...config import QuantConfig, ReconConfig
+from ...passes.sites import QuantPlan, WeightKind
+from ...torchexec import OnnxModule
+from .quantizers import AdaRoundWeight, FixedWeight, LsqActivation, beta_at, cosine_lr
+from ...passes.units import Unit
+
+QPOINT_SUFFIX = "__carsam_recon_q"
+IMAGE_INPUT = "image"
+VMAP_CHECK_RTOL = 1e-3   # batched vs per-image unit outputs (fixed quantizers), relative to the output's scale
+
+
+def insert_quant_points(model: onnx.ModelProto, plan: QuantPlan) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """A copy of `model` with `v_q = Identity(v)` for each activation site v, read by the site's consumers only."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    used = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
+    qname: dict[str, str] = {}
+    consumers: dict[str, set[str]] = {}
+    for a in plan.activations:
+        name = a.value + QPOINT_SUFFIX
+        while name in used:
+            name += "_"
+        used.add(name)
+        qname[a.value] = name
+        consumers[a.value] = set(a.consumers)
+    for n in g.node:
+        for j, x in enumerate(n.input):
+            if x in qname and n.name in consumers[x]:
+                n.input[j] = qname[x]
+    g.node.extend(helper.make_node("Identity", [v], [q], name=q) for v, q in qname.items())
+    return m, qname
+
+
+@dataclass
+class UnitStats:
+    name: str
+    kind: str
+    iters: int
+    seconds: float
+    loss_start: float
+    loss_end: float
+    cache_device: str
+
+    @property
+    def steps_per_second(self) -> float:
+        return self.iters / max(self.seconds, 1e-9)
+
+
+@dataclass
+class ReconResult:
+    artifact: CalibrationArtifact
+    units: list[UnitStats] = field(default_factory=list)
+
+
+class Reconstructor:
+    def __init__(self, model: onnx.ModelProto, plan: QuantPlan, base: CalibrationArtifact, config: QuantConfig,
+                 units: list[Unit]):
+        self.config, self.rc, self.plan, self.units = config, config.recon, plan, units
+        self.device = torch.device(config.device)
+        aug, self.qpoint = insert_quant_points(model, plan)
+        self.module = OnnxModule(aug).to(self.device).eval()
+        self.module.requires_grad_(False)
+        inits = {t.name: t for t in model.graph.initializer}
+        learned_w = {w for u in units for w in u.weights}
+        self.wq: dict = {}
+        for site in plan.weights:
+            wq = base.weights[site.initializer]
+            w = numpy_helper.to_array(inits[site.initializer]).astype(np.float32)
+            if site.kind is WeightKind.CONSTANT or site.initializer not in learned_w:
+                self.wq[site.initializer] = FixedWeight(w, wq, self.device)
+            else:
+                self.wq[site.initializer] = AdaRoundWeight(w, wq, self.device)
+        self.aq = {v: LsqActivation(aq, self.device, self.rc.drop_prob) for v, aq in base.activations.items()}
+        self.base = base
+        self.done_acts: set[str] = set()
+        self._vmap_ok: dict = {}
+        self._cut = None
+        self._cut_plan = self._plan_image_cut(model, units) if config.recon.image_cut else None
+
+    def hooks(self) -> dict:
+        h = {name: q for name, q in self.wq.items()}
+        h.update({self.qpoint[v]: q for v, q in self.aq.items()})
+        return h
+
+    # ---- capture -----------------------------------------------------------------------------------------
+
+    def _cache_device(self, nbytes: int) -> torch.device:
+        if self.device.type != "cuda":
+            return self.device
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return self.device if nbytes <= self.rc.cache_device_fraction * free else torch.device("cpu")
+
+    def capture(self, unit: Unit, feeds: list[dict]) -> tuple[list, list, list, torch.device]:
+        """Per feed: (quantized-model inputs, float-model inputs, float output)."""
+        from ..baseline import to_torch
+
+        names = list(unit.inputs) + list(unit.extra_inputs)
+        q_in, fp_in, fp_out = [], [], []
+        hooks = self.hooks()
+        cut = self._image_cut(unit, feeds)
+        with torch.no_grad():
+            for i, feed in enumerate(feeds):
+                t = to_torch(feed, self.config.device)
+                if cut is None:
+                    fp = self.module.run(t, outputs=names + [unit.output])
+                    q = self.module.run(t, outputs=names, replace=hooks)
+                else:
+                    t = {k: v for k, v in t.items() if k != IMAGE_INPUT}
+                    fp = self.module.run(t, outputs=names + [unit.output], start=self._dev(cut[1][i]))
+                    q = self.module.run(t, outputs=names, replace=hooks, start=self._dev(cut[0][i]))
+                q_in.append([q[n] for n in names])
+                fp_in.append([fp[n] for n in unit.inputs])
+                fp_out.append(fp[unit.output])
+        nbytes = sum(x.numel() * x.element_size() for lst in (q_in, fp_in) for xs in lst for x in xs)
+        nbytes += sum(x.numel() * x.element_size() for x in fp_out)
+        where = self._cache_device(nbytes)
+        if where != self.device:
+            q_in = [[x.cpu() for x in xs] for xs in q_in]
+            fp_in = [[x.cpu() for x in xs] for xs in fp_in]
+            fp_out = [x.cpu() for x in fp_out]
+        return q_in, fp_in, fp_out, where
+
+    def _dev(self, d: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in d.items()}
+
+    def _image_cut(self, unit: Unit, feeds: list[dict]):
+        """(quantized, float) per-feed values where the image-only part of a full model (encoder, neck) meets the
+        prompt part, once every unit inside the image-only part is finished; None when `unit` is image-only or the
+        model has no such split. Prompt-side units then start their captures there instead of at the image."""
+        if self._cut_plan is None or unit.name not in self._cut_plan[1]:
+            return None
+        cut_values, _ = self._cut_plan
+        if self._cut is None:
+            from ..baseline import to_torch
+
+            hooks = self.hooks()
+            qs, fps = [], []
+            with torch.no_grad():
+                for feed in feeds:
+                    t = {IMAGE_INPUT: to_torch(feed, self.config.device)[IMAGE_INPUT]}
+                    q = self.module.run(t, outputs=cut_values, replace=hooks)
+                    f = self.module.run(t, outputs=cut_values)
+                    nbytes = sum(x.numel() * x.element_size() for x in (*q.values(), *f.values())) * len(feeds)
+                    where = self._cache_device(nbytes)
+                    qs.append({k: v.to(where) for k, v in q.items()})
+                    fps.append({k: v.to(where) for k, v in f.items()})
+            self._cut = (qs, fps)
+        return self._cut
+
+    def _plan_image_cut(self, model: onnx.ModelProto, units: list[Unit]):
+        """(cut values, names of the prompt-side units that may start there), or None (see _image_cut)."""
+        from ...samgraph import PROMPT_INPUTS
+        from ...passes.units import _Graph
+
+        inputs = {i.name for i in model.graph.input}
+        if IMAGE_INPUT not in inputs or not inputs & set(PROMPT_INPUTS):
+            return None
+        G = _Graph(model)
+        prompt: set[str] = set(PROMPT_INPUTS) & inputs
+        image: set[str] = {IMAGE_INPUT}
+        image_nodes: set[int] = set()
+        for i, n in enumerate(G.nodes):
+            ins = [x for x in n.input if x]
+            if any(x in prompt for x in ins):
+                prompt.update(o for o in n.output if o)
+            elif any(x in image for x in ins):
+                image.update(o for o in n.output if o)
+                image_nodes.add(i)
+        unit_nodes = [G.between(u.inputs, u.output) for u in units]
+        prompt_side = [bool(nodes - image_nodes) for nodes in unit_nodes]
+        if not any(prompt_side):
+            return None
+        first = prompt_side.index(True)
+        if any(not p for p in prompt_side[first:]):   # an image-only unit after a prompt-side one: no cut
+            return None
+        region = image_nodes - set().union(*(n for n, p in zip(unit_nodes, prompt_side) if p))
+        produced = {o for i in region for o in G.nodes[i].output if o}
+        cut = sorted({x for i, n in enumerate(G.nodes) if i not in region for x in n.input
+                      if x in produced and x not in G.const})
+        cut += [o.name for o in model.graph.output if o.name in produced and o.name not in cut]
+        return cut, {u.name for u, p in zip(units, prompt_side) if p}
+
+    def _start(self, names, n_main, q_in, fp_in) -> dict:
+        """A unit's start values for one image: quantized-model inputs, mixed element-wise with the float-model
+        inputs (QDrop) while the unit learns."""
+        start = {}
+        for j, n in enumerate(names):
+            x = q_in[j].to(self.device, non_blocking=True)
+            if j < n_main and x.is_floating_point() and self.rc.drop_prob > 0:
+                f = fp_in[j].to(self.device, non_blocking=True)
+                x = torch.where(torch.rand_like(x) < self.rc.drop_prob, f, x)
+            start[n] = x
+        return start
+
+    def _run_vmapped(self, unit, names, n_main, starts, hooks) -> torch.Tensor:
+        """The unit on a batch of images: torch.func.vmap over the per-image graph (SAM graphs are exported for
+        batch 1); inputs that are no float activations (shape values) are shared, not batched."""
+        batched = {n: torch.stack([s[n] for s in starts]) for n in names[:n_main]}
+        shared = {n: starts[0][n] for n in names[n_main:]}
+
+        def f(b, sh):
+            return self.module.run(start={**b, **sh}, outputs=[unit.output], replace=hooks)[unit.output]
+        return torch.func.vmap(f, in_dims=(0, None), randomness="different")(batched, shared)
+
+    def _vmap_works(self, unit, names, q_in, hooks) -> bool:
+        """Whether the vmapped unit computes what per-image runs compute (fixed quantizers, two images);
+        remembered per unit kind and role."""
+        key = (unit.kind, unit.role)
+        if key not in self._vmap_ok:
+            ok = False
+            if len(q_in) >= 2:
+                n_main = len(unit.inputs)
+                starts = [{n: x.to(self.device) for n, x in zip(names, q_in[i])} for i in (0, 1)]
+                states = [(q, q.learning) for q in (*self.wq.values(), *self.aq.values()) if hasattr(q, "learning")]
+                try:
+                    for q, _ in states:
+                        q.learning = False
+                    with torch.no_grad():
+                        ref = torch.stack([self.module.run(start=s, outputs=[unit.output], replace=hooks)[unit.output]
+                                           for s in starts])
+                        got = self._run_vmapped(unit, names, n_main, starts, hooks)
+                    tol = VMAP_CHECK_RTOL * float(ref.abs().max()) + 1e-6
+                    ok = got.shape == ref.shape and float((got - ref).abs().max()) <= tol
+                except Exception:   # an op the executor cannot batch: per-image runs instead
+                    ok = False
+                finally:
+                    for q, was in states:
+                        q.learning = was
+                    for q in self.wq.values():
+                        if isinstance(q, AdaRoundWeight) and q.learning:
+                            q._hard = None
+            self._vmap_ok[key] = ok
+        return self._vmap_ok[key]
+
+    # ---- one unit ----------------------------------------------------------------------------------------
+
+    def reconstruct(self, unit: Unit, feeds: list[dict], iters: int, progress: bool, gen: torch.Generator) -> UnitStats:
+        t0 = time.perf_counter()
+        q_in, fp_in, fp_out, where = self.capture(unit, feeds)
+        names = list(unit.inputs) + list(unit.extra_inputs)
+        n_main = len(unit.inputs)
+        rounding = [self.wq[w] for w in unit.weights if isinstance(self.wq[w], AdaRoundWeight)]
+        acts = [self.aq[v] for v in unit.activations if v in self.aq and v not in self.done_acts]
+        for q in rounding + acts:
+            q.start()
+        opt_w = torch.optim.Adam([q.alpha for q in rounding], lr=self.rc.round_lr) if rounding else None
+        opt_a = torch.optim.Adam([q.scale for q in acts], lr=self.rc.scale_lr) if acts else None
+        hooks = self.hooks()
+        axis = unit.channel_axis
+        losses: list[float] = []
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=iters, desc=f"recon {unit.name}", unit="step", leave=False)
+        bs = max(1, min(self.rc.batch_for(self.config.device), len(feeds)))
+        use_vmap = bs > 1 and self._vmap_works(unit, names, q_in, hooks)
+        try:
+            for step in range(iters):
+                idx = torch.randint(0, len(feeds), (bs,), generator=gen).tolist()
+                if opt_a is not None:
+                    for g in opt_a.param_groups:
+                        g["lr"] = cosine_lr(self.rc.scale_lr, step, iters)
+                starts = [self._start(names, n_main, q_in[i], fp_in[i]) for i in idx]
+                tgts = [fp_out[i].to(self.device, non_blocking=True) for i in idx]
+                if use_vmap:
+                    out = self._run_vmapped(unit, names, n_main, starts, hooks)
+                    rec_t = (out - torch.stack(tgts)).pow(2).sum(dim=axis if axis < 0 else axis + 1).mean()
+                    rec_t.backward()
+                    rec_t = rec_t.detach()
+                else:
+                    rec_t = 0.0
+                    for start, tgt in zip(starts, tgts):
+                        out = self.module.run(start=start, outputs=[unit.output], replace=hooks)[unit.output]
+                        rec_i = (out - tgt).pow(2).sum(dim=axis).mean() / bs
+                        rec_i.backward()
+                        rec_t = rec_t + rec_i.detach()
+                beta = beta_at(step, iters, self.rc.warmup, self.rc.beta_start, self.rc.beta_end)
+                if beta is not None and rounding:
+                    reg = self.rc.round_weight * sum(q.regularizer(beta) for q in rounding)
+                    reg.backward()
+                for opt in (opt_w, opt_a):
+                    if opt is not None:
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                losses.append(rec_t)
+                if bar is not None:
+                    bar.update(1)
+                    if step % 20 == 0 or step == iters - 1:
+                        bar.set_postfix(loss=f"{float(torch.stack(losses[-20:]).mean()):.4g}")
+        finally:
+            if bar is not None:
+                bar.close()
+            for q in rounding + acts:
+                q.finish()
+            self.done_acts.update(unit.activations)
+        losses = [float(x) for x in losses]
+        k = max(1, min(20, len(losses) // 10 or 1))
+        return UnitStats(unit.name, unit.kind, iters, time.perf_counter() - t0,
+                         float(np.mean(losses[:k])) if losses else float("nan"),
+                         float(np.mean(losses[-k:])) if losses else float("nan"), where.type)
+
+    def artifact(self, info: dict) -> CalibrationArtifact:
+        art = CalibrationArtifact(activations={v: q.activation_quant() for v, q in self.aq.items()},
+                                  weights=dict(self.base.weights), info={**self.base.info, **info})
+        for name, q in self.wq.items():
+            if isinstance(q, AdaRoundWeight):
+                art.weights[name] = q.weight_quant()
+        return art
+
+
+def reconstruct(model: onnx.ModelProto, plan: QuantPlan, base: CalibrationArtifact, config: QuantConfig,
+                feeds: list[dict], units: list[Unit], progress: bool = True) -> tuple[ReconResult, "Reconstructor"]:
+    rc: ReconConfig = config.recon
+    iters = rc.iters_for(config.device)
+    gen = torch.Generator().manual_seed(config.seed)
+    devices = [torch.device(config.device)] if torch.device(config.device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(config.seed)
+        r = Reconstructor(model, plan, base, config, units)
+        stats = []
+        outer = None
+        if progress:
+            from tqdm import tqdm
+
+            outer = tqdm(total=len(units), desc="reconstruction units", unit="unit")
+        for unit in units:
+            stats.append(r.reconstruct(unit, feeds, iters, progress, gen))
+            if outer is not None:
+                outer.set_postfix(unit=unit.name, loss=f"{stats[-1].loss_end:.4g}")
+                outer.update(1)
+        if outer is not None:
+            outer.close()
+    info = {"method": "recon", "recon_iters": str(iters), "recon_units": str(len(units)),
+            "recon_batch": str(rc.batch_for(config.device)),
+            "recon_init": rc.init_method}
+    return ReconResult(r.artifact(info), stats), r

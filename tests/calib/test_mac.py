@@ -1,0 +1,226 @@
+"""MAC (calib/mac.py): the closed-form solves checked against their equations and against independent
+least-squares solves of the objectives; on the bundled reference model, MAC lowers no decoder site's
+held-out Q.K^T error."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from carsam_onnx.calib import mac
+
+D64 = torch.float64
+
+
+def _qk_problem(seed, samples=1, n=5, p=9, m=7, d=3, heads=2, noise=0.3, shared_keys=False):
+    """Random per-sample (x, fp target factors, quantized keys); x has n < p rows (rank-deficient G)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(heads, p, d, generator=g, dtype=D64)
+    out = []
+    K = torch.randn(heads, m, d, generator=g, dtype=D64)
+    Kh = K + noise * torch.randn(heads, m, d, generator=g, dtype=D64)
+    for _ in range(samples):
+        x = torch.randn(n, p, generator=g, dtype=D64)
+        if not shared_keys:
+            K = torch.randn(heads, m, d, generator=g, dtype=D64)
+            Kh = K + noise * torch.randn(heads, m, d, generator=g, dtype=D64)
+        out.append((x, x @ W, K, Kh))        # Q = x W per head (broadcast over heads)
+    return W, out
+
+
+def _stats(samples, keep=False):
+    st = mac.QKStats(keep_samples=keep)
+    for x, q, k, kh in samples:
+        st.add(x, q, k, kh)
+    return st
+
+
+def test_sylvester_solution_satisfies_its_equation():
+    W, samples = _qk_problem(0, samples=1)
+    st = _stats(samples)
+    lam = st.lam(1e-2)
+    dW = mac.solve_qk(st, W, lam)
+    x, _, k, kh = samples[0]
+    G, B = x.T @ x, kh.transpose(1, 2) @ kh
+    C = -G @ W @ (kh - k).transpose(1, 2) @ kh           # the derived right side, dK = K^ - K
+    lhs = G @ dW @ B + lam.reshape(-1, 1, 1) * dW
+    assert torch.linalg.norm(lhs - C) / torch.linalg.norm(C) < 1e-5
+    # The paper's form A dW + dW B = C~ with A = lam G^-1, C~ = -W dK^T K^, where G is invertible
+    # (more tokens than inputs), against scipy's Bartels-Stewart solver.
+    W2, samples2 = _qk_problem(1, samples=1, n=20)
+    st2 = _stats(samples2)
+    lam2 = st2.lam(1e-2)
+    dW2 = mac.solve_qk(st2, W2, lam2)
+    x, _, k, kh = samples2[0]
+    G = (x.T @ x).numpy()
+    for h in range(W2.shape[0]):
+        B = (kh[h].T @ kh[h]).numpy()
+        Ct = (-W2[h] @ (kh[h] - k[h]).T @ kh[h]).numpy()
+        ref = scipy.linalg.solve_sylvester(float(lam2[h]) * np.linalg.inv(G), B, Ct)
+        assert np.linalg.norm(dW2[h].numpy() - ref) / np.linalg.norm(ref) < 1e-5
+
+
+def _lstsq_qk(W, samples):
+    """min-norm argmin_D sum_s ||T_s - x_s (W + D) Kh_s^T||^2 per head, by lstsq on vec(D) (column-major:
+    vec(x D Kh^T) = (Kh kron x) vec(D))."""
+    out = []
+    for h in range(W.shape[0]):
+        A = np.concatenate([np.kron(kh[h].numpy(), x.numpy()) for x, q, k, kh in samples])
+        r = np.concatenate([((q[h] @ k[h].T) - x @ W[h] @ kh[h].T).numpy().reshape(-1, order="F")
+                            for x, q, k, kh in samples])
+        sol = np.linalg.lstsq(A, r, rcond=1e-10)[0]
+        out.append(sol.reshape(W.shape[1], W.shape[2], order="F"))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("samples,method", [(1, "factored"), (4, "exact"), (4, "factored-shared")])
+def test_qk_correction_reaches_least_squares_optimum_as_lam_vanishes(samples, method):
+    shared = method == "factored-shared"   # one image's keys, several prompts: factored == exact
+    W, data = _qk_problem(2, samples=samples, shared_keys=shared)
+    ref = _lstsq_qk(W, data)
+    solve = "exact" if method == "exact" else "factored"
+    st = _stats(data, keep=solve == "exact")
+    dW = mac.solve_qk(st, W, st.lam(1e-11, solve), method=solve).numpy()
+    assert np.linalg.norm(dW - ref) / np.linalg.norm(ref) < 1e-4
+    # and the corrected weight lowers the objective below the uncorrected one
+    def obj(D):
+        return sum(float(((q[h] @ k[h].T) - x @ (W[h] + D[h]) @ kh[h].T).pow(2).sum())
+                   for x, q, k, kh in data for h in range(W.shape[0]))
+    assert obj(torch.from_numpy(dW)) < 0.9 * obj(torch.zeros_like(W))
+
+
+def test_factored_solve_differs_from_exact_with_distinct_keys():
+    """Several images: the factored solve optimises the all-pairs surrogate, not the per-sample objective
+    (documents why the exact solve exists)."""
+    W, data = _qk_problem(3, samples=4)
+    ref = _lstsq_qk(W, data)
+    st = _stats(data)
+    dW = mac.solve_qk(st, W, st.lam(1e-11)).numpy()
+    assert np.linalg.norm(dW - ref) / np.linalg.norm(ref) > 1e-3
+
+
+def test_v_ridge_matches_direct_solve():
+    g = torch.Generator().manual_seed(4)
+    heads, nq, nk, p, d = 2, 6, 5, 8, 3
+    W = torch.randn(heads, p, d, generator=g, dtype=D64)
+    st = mac.VStats()
+    Zs, Ts = [[] for _ in range(heads)], [[] for _ in range(heads)]
+    for _ in range(3):
+        x = torch.randn(nk, p, generator=g, dtype=D64)
+        a = torch.softmax(torch.randn(heads, nq, nk, generator=g, dtype=D64), -1)
+        ah = (a * 16).round() / 16
+        v = x @ W
+        st.add(x, a, ah, v)
+        for h in range(heads):
+            Zs[h].append((ah[h] @ x).numpy())
+            Ts[h].append((a[h] @ v[h]).numpy())
+    for rel in (1e-2, 1e-9):
+        lam = st.lam(rel)
+        dW = mac.solve_v(st, W, lam).numpy()
+        for h in range(heads):
+            Z, T = np.concatenate(Zs[h]), np.concatenate(Ts[h])
+            direct = np.linalg.solve(Z.T @ Z + float(lam[h]) * np.eye(p), Z.T @ (T - Z @ W[h].numpy()))
+            assert np.linalg.norm(dW[h] - direct) / np.linalg.norm(direct) < 1e-5
+    # lam -> 0: the least-squares optimum (the stacked problem has full column rank here)
+    dW = mac.solve_v(st, W, st.lam(1e-12)).numpy()
+    for h in range(heads):
+        Z, T = np.concatenate(Zs[h]), np.concatenate(Ts[h])
+        ref = np.linalg.lstsq(Z, T - Z @ W[h].numpy(), rcond=None)[0]
+        assert np.linalg.norm(dW[h] - ref) / np.linalg.norm(ref) < 1e-4
+
+
+def test_heads_columns_and_augmentation():
+    w, b = torch.randn(4, 6, dtype=D64), torch.randn(6, dtype=D64)
+    x = torch.randn(3, 4, dtype=D64)
+    wa = mac.augmented_weight(w, b)
+    assert torch.allclose(mac.augment(x) @ wa, x @ w + b)
+    cols = mac.head_columns(2, 3)
+    hw = mac.heads_of(wa, cols)
+    assert torch.equal(hw[1], wa[:, 3:6])
+    fused = mac.head_columns(2, 1, offset=2)       # k of a fused qkv with C = 2
+    assert [c.tolist() for c in fused] == [[2], [3]]
+    out = mac.scatter_heads(wa, cols, torch.ones(2, 5, 3, dtype=D64))
+    assert torch.allclose(out - wa, torch.ones_like(wa))
+
+
+# ------------------------------------------------------------------------------ bundled reference model
+
+@pytest.fixture(scope="module")
+def reference_decoder():
+    """The trained reference model's decoder ONNX (cached on disk) and decoder feeds: calibration images
+    from the built-in set (seed 1), held-out images from validation seed 2; embeddings from the torch
+    encoder (what the exported encoder computes)."""
+    import hashlib
+
+    from sam_models import CACHE, _code_hash
+
+    from carsam_onnx.data.builtin import VALIDATION_SEED, builtin_calibration_set
+    from carsam_onnx.export.models import REFERENCE_WEIGHTS, build_sam
+    from carsam_onnx.export.onnx_export import export_onnx
+    from carsam_onnx.modelio import load_model, save_model
+
+    if not REFERENCE_WEIGHTS.exists():
+        pytest.skip(f"bundled reference weights not present at {REFERENCE_WEIGHTS}")
+    built = build_sam("reference")
+    tag = hashlib.sha256(REFERENCE_WEIGHTS.read_bytes()).hexdigest()[:10]
+    path = CACHE / f"reference_trained_decoder_{tag}_{_code_hash()}.onnx"
+    if not path.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        save_model(export_onnx(built, part="decoder"), path, force=True)
+    size = built.sam.image_encoder.img_size
+    calib = builtin_calibration_set(4, 0, size, warn=False)
+    held = builtin_calibration_set(3, 0, size, data_seed=VALIDATION_SEED, warn=False)
+
+    def feeds(samples):
+        with torch.no_grad():
+            return [{"image_embeddings": built.sam.image_encoder(torch.from_numpy(s.image)).numpy(),
+                     "point_coords": s.point_coords, "point_labels": s.point_labels} for s in samples]
+    return load_model(path), feeds(calib), feeds(held)
+
+
+# CI cost: the decoder export, 7 encoder runs and MAC on the three sites of decoder layer 0. 2026-12-02 on the
+# shared 2-core dev host at load average ~10: 120 s with the decoder export cached (85 s fixture, 35 s test),
+# about 65 s more for the export; the all-site form took 5-9 min there
+@pytest.mark.slow
+def test_mac_lowers_heldout_qk_error_on_reference_decoder(reference_decoder):
+    """W4A4 MinMax baseline, MAC (defaults) calibrated on 4 images on the three attention sites of decoder
+    layer 0 (self, token->image, image->token), Q.K^T error on 3 held-out images of validation seed 2. A site's
+    error depends only on corrections at or before it, so these are the same figures as with MAC on all seven
+    sites: measured 2026-12-02, 0.1693 -> 0.1359, 0.2547 -> 0.2528, 0.3126 -> 0.2818 (sum -9%).
+
+    On all seven decoder sites (the old, minutes-long form of this test; tools/mac_qk_sweep.py) the summed error
+    falls 11% (1.719 -> 1.527); six of the seven sites improve, the final token->image attention rises
+    0.185 -> 0.196 (its own correction is small at this lam; the rise comes with the upstream corrections). The
+    issue's "never raises a site's error" is therefore NOT asserted: the bound below is the measured one, and
+    the acceptance line stays open."""
+    from carsam_onnx.calib.baseline import calibrate_baseline
+    from carsam_onnx.calib.mac_site import MacConfig, mac_sites, qk_error
+    from carsam_onnx.config import BitWidths, QuantConfig
+    from carsam_onnx.passes.plan import plan_quantization
+    from carsam_onnx.passes.sites import Role
+    from carsam_onnx.torchexec import OnnxModule
+
+    model, calib, held = reference_decoder
+    config = QuantConfig(bits=BitWidths(4, 4), method="minmax")
+    plan = plan_quantization(model, config)
+    module = OnnxModule(model).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    artifact = calibrate_baseline(model, plan, config, calib, module=module)
+    decoder = [s for s in plan.attention if s.role.value.startswith("decoder")]
+    assert len(decoder) == 7 and {s.role for s in decoder} >= {Role.DECODER_SELF, Role.DECODER_TOKEN_TO_IMAGE}
+    layer0 = [s for s in decoder if s.block == 0]
+    assert len(layer0) == 3
+    before = qk_error(model, plan, artifact, held, sites=layer0, module=module)
+    fw = mac_sites(model, plan, artifact, calib, MacConfig(), sites=layer0, module=module)
+    # corrected weights and biases, by initializer name, in the model's shapes
+    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    assert fw and all(tuple(v.shape) == inits[k] and np.isfinite(v).all() for k, v in fw.items())
+    artifact.float_weights.update(fw)
+    artifact.check_names(model)
+    after = qk_error(model, plan, artifact, held, fw, sites=layer0, module=module)
+    for site in layer0:
+        b, a = before[site.qk_matmul], after[site.qk_matmul]
+        assert a <= 1.1 * b, f"{site.role.value} (block {site.block}): held-out Q.K^T error {b:.4f} -> {a:.4f}"
+    assert sum(after.values()) < 0.95 * sum(before.values())
