@@ -8,7 +8,7 @@ from dataclasses import fields
 
 from . import api
 from .calib.registry import method_names, methods_help
-from .config import BitWidths, EvalConfig, ExportConfig, QuantConfig, ReconConfig
+from .config import INT8_WEIGHT_FORMATS, BitWidths, EvalConfig, ExportConfig, QuantConfig, ReconConfig
 from .errors import CarsamError
 from .runtime import RUNTIMES
 
@@ -70,6 +70,11 @@ def _add_quantize(sub):
                    help="clip percentile for --method percentile")
     p.add_argument("--target", choices=["ort", "trt"], default=_default(QuantConfig, "target"),
                    help="ort: asymmetric activations; trt: symmetric, zero point 0, INT8 activation containers")
+    p.add_argument("--int8-weights", choices=list(INT8_WEIGHT_FORMATS), default=_default(QuantConfig, "int8_weights"),
+                   help="8-bit weights that meet quantized activations: u8 = UINT8 with zero point 128 "
+                        "(--target ort only), s7 = INT8 in [-64, 63]: both exact in ONNX Runtime on every x86 CPU; "
+                        "s8 = full INT8 (ONNX Runtime saturates it on x86 CPUs without VNNI); auto = u8 for ort, "
+                        "s7 for trt")
     p.add_argument("--block-size", type=int, default=_default(QuantConfig, "block_size"),
                    help="blocked weights (INT4) with this many input channels per scale")
     p.add_argument("--device", default=_default(QuantConfig, "device"), help="torch device for calibration (cpu, cuda)")
@@ -108,7 +113,7 @@ def _run_quantize(a) -> int:
     keep = tuple(a.keep_float) if a.keep_float else _default(QuantConfig, "keep_float")
     cfg = QuantConfig(bits=BitWidths.parse(a.bits), method=a.method, target=a.target, block_size=a.block_size,
                       percentile=a.percentile, keep_float=keep, num_calib=a.num_calib, seed=a.seed,
-                      device=a.device, require_attention=a.require_attention,
+                      device=a.device, require_attention=a.require_attention, int8_weights=a.int8_weights,
                       recon=ReconConfig(iters=a.recon_iters, batch_size=a.recon_batch, init_method=a.recon_init,
                                         drop_prob=a.recon_drop))
     report = api.quantize(a.model, a.output, cfg, calib_images=a.calib_images, calib_prompts=a.calib_prompts,

@@ -46,6 +46,21 @@ class BitWidths:
         return cls(w, a)
 
 
+# Integer layout of 8-bit weights in layers whose weights meet quantized activations (docs/quantization_format.md,
+# "Integer formats and the host's instruction set"):
+#   s8: INT8 in [-128, 127]. ONNX Runtime's U8S8 kernels on x86 CPUs without VNNI (VPMADDUBSW) add pairs of
+#       uint8 x int8 products in saturating int16 (255 * 127 * 2 > 32767): results depend on the host;
+#   s7: INT8 in [-64, 63] (7-bit weights, "reduce range"): 255 * 64 * 2 = 32640 fits int16 on every x86 CPU;
+#   u8: UINT8 with zero point 128 (full 8-bit grid; ONNX Runtime runs U8U8 kernels, which widen to int16 first);
+#       --target ort only (TensorRT takes INT8 weights);
+#   auto: u8 for --target ort, s7 for --target trt.
+# Chosen by docs/results.md "W8A8 by integer format" (2026-12-02): both u8 and s7 are exact in a default ORT
+# session on an AVX2-only CPU (emulated); u8 keeps the 8-bit grid (random-init vit_b decoder 32.1 dB vs s7 28.7 dB;
+# reference model default-session segm mAP 79.97 vs s7 79.89, s8 80.1) at the same latency on this VNNI CPU
+# (encoder 192 vs 190 ms CPU time).
+INT8_WEIGHT_FORMATS: tuple[str, ...] = ("auto", "s8", "s7", "u8")
+
+
 @dataclass(frozen=True)
 class ReconConfig:
     """Block reconstruction (`--method recon`; calib/recon/). The published QDrop/PTQ4SAM recipe
@@ -108,6 +123,7 @@ class QuantConfig:
     device: str = "cpu"
     require_attention: bool = False
     recon: ReconConfig = ReconConfig()     # --method recon only
+    int8_weights: str = "auto"             # INT8_WEIGHT_FORMATS: u8 (ort) / s7 (trt); figures beside the tuple
 
     def __post_init__(self):
         if self.target not in ("ort", "trt"):
@@ -121,10 +137,36 @@ class QuantConfig:
             raise InputError(f"--percentile {self.percentile}: must be in (0, 100]")
         if self.num_calib < 1:
             raise InputError(f"--num-calib {self.num_calib}: must be >= 1")
+        if self.int8_weights not in INT8_WEIGHT_FORMATS:
+            raise InputError(f"--int8-weights {self.int8_weights!r}: choose one of {', '.join(INT8_WEIGHT_FORMATS)}")
+        if self.int8_weights == "u8" and self.target == "trt":
+            raise InputError("--int8-weights u8 needs --target ort (TensorRT takes INT8 weights only)")
 
     @property
     def symmetric_activations(self) -> bool:
         return self.target == "trt"
+
+    @property
+    def int8_format_applies(self) -> bool:
+        """True when int8_weights shapes the weights: 8-bit weights that meet quantized activations."""
+        return self.bits.weight == 8 and self.bits.quantize_activations
+
+    @property
+    def int8_weight_format(self) -> str:
+        """int8_weights with "auto" resolved for the target: u8 (ort) or s7 (trt)."""
+        if self.int8_weights != "auto":
+            return self.int8_weights
+        return "s7" if self.target == "trt" else "u8"
+
+    @property
+    def layer_weight_bits(self) -> int:
+        """Grid width of the weights of quantized layers (not of position tables): 7 under format "s7"."""
+        return 7 if self.int8_format_applies and self.int8_weight_format == "s7" else self.bits.weight
+
+    @property
+    def unsigned_weights(self) -> bool:
+        """Layer weights stored UINT8 with zero point 128 (format "u8")."""
+        return self.int8_format_applies and self.int8_weight_format == "u8"
 
 
 @dataclass(frozen=True)

@@ -292,3 +292,32 @@ def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
     noise = float(np.sum((ref - test) ** 2))
     signal = float(np.sum(ref ** 2))
     return float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-30) / noise)
+
+
+# ---------------------------------------------------------------------------------- x86 int16 pair sums
+
+INT16_MIN, INT16_MAX = -(1 << 15), (1 << 15) - 1
+
+
+def vpmaddubsw(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """What x86 VPMADDUBSW computes (ONNX Runtime's U8S8 kernels on CPUs without VNNI): unsigned bytes `a` times
+    signed bytes `b`, adjacent pairs summed and saturated to int16. a, b: [..., 2n] -> [..., n] int16."""
+    a = np.asarray(a).astype(np.int32)
+    b = np.asarray(b).astype(np.int32)
+    if a.shape[-1] % 2 or np.any((a < 0) | (a > 255)) or np.any((b < -128) | (b > 127)):
+        raise InputError("vpmaddubsw takes an even number of uint8 x int8 values")
+    p = a * b
+    return np.clip(p[..., 0::2] + p[..., 1::2], INT16_MIN, INT16_MAX).astype(np.int16)
+
+
+def u8s8_pair_sum_range(q: np.ndarray, axis: int, act_max: int = 255) -> tuple[int, int]:
+    """Extreme pair sums a0*w0 + a1*w1 over uint8 activations in [0, act_max] and ANY two weights of one output
+    channel (whatever order a kernel packs them in): per channel the two largest positive weights times act_max,
+    and the two most negative. Both within [-32768, 32767] means VPMADDUBSW cannot saturate on this layer."""
+    w = np.moveaxis(np.asarray(q).astype(np.int64), axis % np.ndim(q), 0).reshape(np.shape(q)[axis], -1)
+    if w.shape[1] < 2:
+        w = np.concatenate([w, np.zeros_like(w)], axis=1)
+    s = np.sort(w, axis=1)
+    hi = act_max * np.maximum(s[:, -2:], 0).sum(axis=1)
+    lo = act_max * np.minimum(s[:, :2], 0).sum(axis=1)
+    return int(lo.min()), int(hi.max())

@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from carsam_onnx.config import BitWidths, QuantConfig  # noqa: E402
 from carsam_onnx.errors import CarsamError, InputError, OutputError  # noqa: E402
 from carsam_onnx.modelio import atomic_write, write_json  # noqa: E402
+from carsam_onnx.runtime.ort_settings import host_isa_flags  # noqa: E402
 
 ROWS = ("w8a8", "w6a6", "w4a4", "w3a3")
 NUM_VAL = 200
@@ -440,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         meta = {
             "command": "python tools/bench_accuracy.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:])),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.processor() or platform.system()}",
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.processor() or platform.system()}, "
+                       f"CPU flags: {host_isa_flags()}",
             **(computed_by(work, argv) if a.table_only else {}),
             "model": fp_desc, "fp_hash": fp_hash, "ort": ort.__version__,
             "val": f"synthetic set seed 2, {n_img} of {a.num_val} images, {n_inst} instances",

@@ -37,7 +37,9 @@ def machine(device: str) -> str:
         import torch
 
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    from carsam_onnx.runtime.ort_settings import host_isa_flags
+
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU flags: {host_isa_flags()}"
 
 
 def export(tmp: Path, model_type: str) -> Path:

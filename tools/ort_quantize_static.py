@@ -14,7 +14,8 @@ It is set up so that a comparison with `carsam-onnx quantize` differs only in th
   hypernetwork MLPs, IoU head). `--all-matmuls` drops `nodes_to_quantize` and lets ORT take every node of the
   four op types except the excluded ones: it then also quantizes, as activations, both inputs of every other
   MatMul whose two inputs are computed (in SAM the mask head's hyper_in @ upscaled-embedding product);
-- the same grids at 8 bits: weights symmetric per output channel, QInt8 with scale absmax / 127 (as ours),
+- the same grids at 8 bits: weights symmetric per output channel, QInt8 with reduce_range (scale absmax / 64,
+  values in [-64, 64]; reduce_range_for; ours by default: UINT8 with zero point 128, scale absmax / 127),
   activations per tensor asymmetric (QUInt8 / QUInt4) with 0 in the range (as ours);
 - MinMax: ORT's MinMaxCalibrater, global min / max over all calibration runs (no moving average), as ours.
 - Percentile: ORT's PercentileCalibrater (2048-bin histogram). ORT's default for it is a symmetric range on
@@ -241,6 +242,14 @@ def inspect_quantized(q: onnx.ModelProto, requested: list[str]) -> tuple[int, in
     return w_dq, a_q, left, float_consumers
 
 
+def reduce_range_for(bits: BitWidths) -> bool:
+    """quantize_static's reduce_range (INT8 weights in [-64, 64], ONNX Runtime's own remedy) where 8-bit weights
+    meet quantized activations: its U8S8 kernels on x86 CPUs without VNNI saturate full 8-bit weights
+    (docs/quantization_format.md), and a user's default session would compute something else on such a host.
+    Never for INT4 weights (it would halve their grid)."""
+    return QuantConfig(bits=bits).int8_format_applies
+
+
 def ort_quantize_static(model_path: str | Path, output: str | Path, calibrator: str = "minmax",
                         bits: BitWidths = BitWidths(8, 8), *, calib_images: str | Path | None = None,
                         calib_prompts: str | Path | None = None, num_calib: int = 32, seed: int = 0,
@@ -279,7 +288,8 @@ def ort_quantize_static(model_path: str | Path, output: str | Path, calibrator: 
         try:
             with contextlib.redirect_stdout(io.StringIO()):   # histogram calibrators print on stdout
                 quantize_static(str(model_path), str(tmp_out), FeedReader(feeds), quant_format=QuantFormat.QDQ,
-                                op_types_to_quantize=list(OP_TYPES), per_channel=True, reduce_range=False,
+                                op_types_to_quantize=list(OP_TYPES), per_channel=True,
+                                reduce_range=reduce_range_for(bits),
                                 activation_type=act_type, weight_type=weight_type,
                                 nodes_to_quantize=None if all_matmuls else nodes, nodes_to_exclude=excluded,
                                 use_external_data_format=external,

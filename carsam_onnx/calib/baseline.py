@@ -47,7 +47,7 @@ def observe_activations(module: OnnxModule, feeds: Iterable[dict], values: list[
 
 
 def weight_quant(w: np.ndarray, axis: int, config: QuantConfig) -> WeightQuant:
-    bits = config.bits.weight
+    bits = config.layer_weight_bits    # 7 for 8-bit weights under format "s7" (config.py)
     if config.method != "mse" or config.block_size:
         return weight_quant_from_minmax(w, axis, bits, config.block_size)
     absmax = weight_channel_absmax(torch.from_numpy(w), axis, "mse", bits).numpy()
@@ -61,6 +61,8 @@ def calibrate_baseline(model: onnx.ModelProto, plan: QuantPlan, config: QuantCon
     inits = {t.name: t for t in model.graph.initializer}
     art = CalibrationArtifact(info={"method": config.method, "bits": str(config.bits), "target": config.target,
                                     "num_calib": str(len(feeds))})
+    if config.int8_format_applies:
+        art.info["int8_weights"] = config.int8_weight_format
     for site in plan.weights:
         w = numpy_helper.to_array(inits[site.initializer]).astype(np.float32)
         if site.kind is WeightKind.CONSTANT:   # position tables: INT8 per channel, min-max (passes/plan.py)

@@ -4,10 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-
 from ..errors import ModelError
 from ..modelio import EXTERNAL_DATA_THRESHOLD, as_external_data_file, first_line, initializer_bytes
 from .base import Runtime, Session
+from .ort_settings import session_options
 
 
 class OrtSession(Session):
@@ -22,8 +22,8 @@ class OrtSession(Session):
 
 
 class OrtRuntime(Runtime):
-    """ONNX Runtime on the CPU (or `providers`), at full graph optimisation with two changes so that a Q/DQ
-    model computes what its graph says:
+    """ONNX Runtime on the CPU (or `providers`), at full graph optimisation with two changes (ort_settings.py, the
+    one place that sets them) so that a Q/DQ model computes what its graph says:
     - INT4 weight DQ + MatMul fused into MatMulNBits computes at accuracy level 0 (float weights); at ORT's
       default level the error reaches ~1e-1 (FACTS.md);
     - the WeightBiasQuantization optimizer is off: after MatMul + Add -> Gemm fusion it rounds a float bias to
@@ -32,7 +32,6 @@ class OrtRuntime(Runtime):
     """
 
     name = "ort"
-    DISABLED_OPTIMIZERS = ("WeightBiasQuantization",)
 
     def __init__(self, providers: Sequence[str] | None = None, threads: int | None = None):
         self.providers = list(providers) if providers else ["CPUExecutionProvider"]
@@ -41,13 +40,9 @@ class OrtRuntime(Runtime):
     def session(self, model, what):
         import onnxruntime as ort
 
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+        so = session_options(self.threads)   # the settings README tells users to set (ort_settings.py)
         so.log_severity_level = 3
         so.enable_cpu_mem_arena = False   # the arena grew ~3 GB per vit_b encoder run; plain allocations stay flat
-        if self.threads:
-            so.intra_op_num_threads = self.threads
         if isinstance(model, (str, Path)):
             return OrtSession(self._create(ort, str(model), so, what))
         if initializer_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
@@ -58,8 +53,7 @@ class OrtRuntime(Runtime):
 
     def _create(self, ort, src, so, what):
         try:
-            return ort.InferenceSession(src, so, providers=self.providers,
-                                        disabled_optimizers=list(self.DISABLED_OPTIMIZERS))
+            return ort.InferenceSession(src, so, providers=self.providers)
         except Exception as e:
             raise ModelError(f"ONNX Runtime cannot load the {what}: {first_line(e)}") from None
 

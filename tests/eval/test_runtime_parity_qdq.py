@@ -7,7 +7,10 @@ computes the graph's float Q/DQ simulation as the torch executor does: the masks
 runs DQ -> op -> Q groups as integer kernels (QLinearMatMul...) whose requantisation rounds a few values to
 the neighbouring code (logits differ by <= 1.5e-3 of a 0.2 range on this model, against 2e-7 with ORT's
 optimisations off). Random weights leave the mask logits near the threshold everywhere, which makes masks
-very sensitive to that: the W8A8 thresholds are set for this worst case."""
+very sensitive to that: the W8A8 thresholds are set for this worst case. The W8A8 graph uses the default integer
+format (QuantConfig.int8_weights: UINT8 weights with zero point 128), with which ORT's integer kernels compute
+the same on every x86 CPU; with full 8-bit weights, CPUs without VNNI saturate int16 pair sums (issue 9:
+0.083 score difference)."""
 from __future__ import annotations
 
 import sys
@@ -34,7 +37,7 @@ from carsam_onnx.deploy.engines import build_predictor  # noqa: E402
 from carsam_onnx.eval.runner import run_predictions, select_prompts  # noqa: E402
 from carsam_onnx.runtime import get_runtime  # noqa: E402
 from carsam_onnx.qmath import activation_quant_from_range, weight_quant_from_minmax  # noqa: E402
-from carsam_onnx.passes.emit import emit_qdq  # noqa: E402
+from carsam_onnx.passes.emit import emit_qdq, target_options  # noqa: E402
 from carsam_onnx.passes.plan import plan_quantization  # noqa: E402
 
 
@@ -45,7 +48,7 @@ def _qdq_model(path: Path, bits: BitWidths, calib_dir: Path, out: Path) -> Path:
     assert plan.weights and plan.activations
     inits = {t.name: t for t in model.graph.initializer}
     weights = {s.initializer: weight_quant_from_minmax(numpy_helper.to_array(inits[s.initializer]), s.axis,
-                                                       bits.weight) for s in plan.weights}
+                                                       config.layer_weight_bits) for s in plan.weights}
     sample = load_calibration_set(calib_dir, None, num=1, seed=0, image_size=128)[0]
     values = [s.value for s in plan.activations]
     with torch.no_grad():
@@ -53,7 +56,7 @@ def _qdq_model(path: Path, bits: BitWidths, calib_dir: Path, out: Path) -> Path:
                                      "point_labels": sample.point_labels}, capture=values)
     acts = {v: activation_quant_from_range(float(got[v].min()), float(got[v].max()), bits.activation, False)
             for v in values}
-    q = emit_qdq(model, plan, CalibrationArtifact(activations=acts, weights=weights))
+    q = emit_qdq(model, plan, CalibrationArtifact(activations=acts, weights=weights), **target_options(config))
     onnx.save(q, str(out))
     return out
 

@@ -437,6 +437,12 @@ def vit_b_decoder():
 
 
 def test_vit_b_decoder_w8a8_every_weight_layer_reads_an_int8_dq(vit_b_decoder, tmp_path):
+    """The default W8A8 format (QuantConfig.int8_weights) in a user's default session: the same outputs as the
+    Q/DQ graph at ORT_DISABLE_ALL, whatever the CPU (issue 9: full 8-bit weights lost 17 dB on AVX2-only hosts)."""
+    from carsam_onnx.config import QuantConfig
+    from carsam_onnx.passes.emit import target_options
+
+    cfg = QuantConfig()
     path, model = vit_b_decoder
     plan = _weight_layer_plan(model)
     assert len(plan.weights) >= 40                 # 2 two-way blocks + final attention + MLPs + heads + upscaling
@@ -446,26 +452,30 @@ def test_vit_b_decoder_w8a8_every_weight_layer_reads_an_int8_dq(vit_b_decoder, t
     ranges = _ranges(model, [s.value for s in plan.activations], feed)
     art = CalibrationArtifact(
         activations={v: qmath.activation_quant_from_range(lo, hi, 8, False) for v, (lo, hi) in ranges.items()},
-        weights={s.initializer: qmath.weight_quant_from_minmax(inits[s.initializer], s.axis, 8) for s in plan.weights},
+        weights={s.initializer: qmath.weight_quant_from_minmax(inits[s.initializer], s.axis, cfg.layer_weight_bits)
+                 for s in plan.weights},
         info={"bits": "w8a8"})
-    out = emit_qdq(model, plan, art)
+    out = emit_qdq(model, plan, art, **target_options(cfg))
     producers = {o: n for n in out.graph.node for o in n.output}
     out_inits = {t.name: t for t in out.graph.initializer}
     by_name = {n.name: n for n in out.graph.node}
+    w_type = TensorProto.UINT8 if cfg.unsigned_weights else TensorProto.INT8
     for s in plan.weights:
         dq = producers[by_name[s.node].input[1]]
-        assert dq.op_type == "DequantizeLinear" and out_inits[dq.input[0]].data_type == TensorProto.INT8, s.node
+        assert dq.op_type == "DequantizeLinear" and out_inits[dq.input[0]].data_type == w_type, s.node
         assert s.initializer not in out_inits
     for s in plan.activations:
         for c in s.consumers:
             assert producers[by_name[c].input[0]].op_type == "DequantizeLinear"
     p = tmp_path / "w8a8.onnx"
     onnx.save(out, str(p))
-    q_sess = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+    q_sess = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])   # a user's default session
+    graph = _session(out).run(None, feed)                                       # the Q/DQ graph as written
     f_sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for q, f in zip(q_sess.run(None, feed), f_sess.run(None, feed)):
+    for q, g, f in zip(q_sess.run(None, feed), graph, f_sess.run(None, feed)):
         assert q.shape == f.shape
-        assert sqnr_db(f, q) > 25             # random-init SAM, W8A8 MinMax: 32.7 dB masks, 47.8 dB IoU
+        assert sqnr_db(f, q) > 25             # random-init SAM, W8A8 MinMax, 7-bit weights: see docs/results.md
+        assert abs(sqnr_db(f, q) - sqnr_db(f, g)) < 1.0
     assert p.stat().st_size < 0.3 * path.stat().st_size
 
 
@@ -520,7 +530,7 @@ def test_ort_fuses_int4_weights_into_matmulnbits_and_accuracy_level_0_is_exact(b
 
 
 @pytest.mark.parametrize("target,bits,w_type,a_type", [
-    ("ort", "w4a4", TensorProto.INT4, TensorProto.UINT4), ("ort", "w8a8", TensorProto.INT8, TensorProto.UINT8),
+    ("ort", "w4a4", TensorProto.INT4, TensorProto.UINT4), ("ort", "w8a8", TensorProto.UINT8, TensorProto.UINT8),
     ("trt", "w4a4", TensorProto.INT8, TensorProto.INT8), ("trt", "w4a16", TensorProto.INT4, None),
     ("trt", "w8a8", TensorProto.INT8, TensorProto.INT8)])
 def test_target_options(target, bits, w_type, a_type):
@@ -533,9 +543,17 @@ def test_target_options(target, bits, w_type, a_type):
     acts = {}
     if cfg.bits.quantize_activations:
         acts["x"] = qmath.activation_quant_from_range(-2, 2, cfg.bits.activation, cfg.symmetric_activations)
-    art = CalibrationArtifact(acts, {"W": qmath.weight_quant_from_minmax(W, 1, cfg.bits.weight)})
+    wq = qmath.weight_quant_from_minmax(W, 1, cfg.layer_weight_bits)
+    art = CalibrationArtifact(acts, {"W": wq})
     out = emit_qdq(model, _plan(site, layer), art, **target_options(cfg))
     assert _init(out, "W_quantized").data_type == w_type
+    if w_type == TensorProto.UINT8:     # default format of target ort (int8_weights u8): q + 128, zero point 128
+        stored = numpy_helper.to_array(_init(out, "W_quantized")).astype(np.int16)
+        np.testing.assert_array_equal(stored - 128, qmath.quantize_weight(W, wq))
+        assert np.all(numpy_helper.to_array(_init(out, "W_zero_point")) == 128)
+        x = RNG.normal(size=xshape).astype(np.float32)
+        want = ref(qmath.fake_quant_activation(x, acts["x"]), qmath.dequantize_weight(qmath.quantize_weight(W, wq), wq))
+        np.testing.assert_allclose(_session(out).run(None, {"x": x})[0], want, rtol=1e-5, atol=1e-5)
     if a_type is None:
         assert not any(n.op_type == "QuantizeLinear" for n in out.graph.node)
     else:
@@ -581,7 +599,7 @@ def test_plan_quantization_plus_emit_on_the_vit_b_decoder(vit_b_decoder, bits, t
     art = CalibrationArtifact(
         {v: qmath.activation_quant_from_range(lo, hi, cfg.bits.activation, cfg.symmetric_activations)
          for v, (lo, hi) in ranges.items()},
-        {s.initializer: qmath.weight_quant_from_minmax(inits[s.initializer], s.axis, cfg.bits.weight)
+        {s.initializer: qmath.weight_quant_from_minmax(inits[s.initializer], s.axis, cfg.layer_weight_bits)
          for s in plan.weights})
     out = emit_qdq(model, plan, art, **target_options(cfg))
     meta = {p.key: p.value for p in out.metadata_props}

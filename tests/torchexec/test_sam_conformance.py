@@ -97,7 +97,7 @@ def _emit(model: onnx.ModelProto, bits: str, target: str) -> onnx.ModelProto:
         {s.value: qmath.activation_quant_from_range(float(vals[s.value].min()), float(vals[s.value].max()),
                                                 cfg.bits.activation, cfg.symmetric_activations)
          for s in plan.activations},
-        {s.initializer: qmath.weight_quant_from_minmax(inits[s.initializer], s.axis, cfg.bits.weight)
+        {s.initializer: qmath.weight_quant_from_minmax(inits[s.initializer], s.axis, cfg.layer_weight_bits)
          for s in plan.weights})
     return emit_qdq(model, plan, art, **target_options(cfg))
 
@@ -128,7 +128,10 @@ def test_emitted_qdq_decoder(float_decoder, bits, target):
     there the two runtimes only agree to a quantization-noise level (checked as SQNR)."""
     qmodel = _emit(float_decoder, bits, target)
     types = {t.data_type for t in qmodel.graph.initializer}
-    assert {"w8a8": onnx.TensorProto.INT8, "w4a4": onnx.TensorProto.INT4 if target == "ort" else onnx.TensorProto.INT8,
+    from carsam_onnx.config import QuantConfig
+
+    w8 = onnx.TensorProto.UINT8 if QuantConfig(target=target).unsigned_weights else onnx.TensorProto.INT8
+    assert {"w8a8": w8, "w4a4": onnx.TensorProto.INT4 if target == "ort" else onnx.TensorProto.INT8,
             "w4a16": onnx.TensorProto.INT4}[bits] in types
     inits = {t.name for t in qmodel.graph.initializer}
     q_inputs = [n.input[0] for n in qmodel.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]

@@ -5,15 +5,17 @@ What it writes (docs/quantization_format.md):
 - each WeightSite: the float initializer becomes an INT8 (grid bits > 4) or INT4 (bits <= 4, packed two a byte)
   initializer "<w>_quantized" + a DequantizeLinear (scale per output channel, `axis` = channel axis; or blocked:
   `axis` = input-channel axis, `block_size`) whose output replaces the weight in the site's node only. No
-  zero point: weights are symmetric (ONNX default zero point 0). A float initializer nobody reads any more is
-  dropped, so the file size reflects the bits;
+  zero point: weights are symmetric (ONNX default zero point 0). With unsigned_weights (int8_weights "u8"), 8-bit
+  layer weights are stored as UINT8 q + 128 with a zero point of 128 (same values, ONNX Runtime's U8U8 kernels).
+  A float initializer nobody reads any more is dropped, so the file size reflects the bits;
 - each ActivationSite: [Clip ->] QuantizeLinear -> DequantizeLinear on the value, per tensor: unsigned grids with
   a zero-point initializer of the container type (UINT8/UINT4); signed grids with zero point 0 (symmetric) as
   QuantizeLinear(output_dtype=INT8/INT4) without a zero-point input (see activations.py); only the listed consumers are
   rewired, every other reader keeps the float value. The Clip (to the grid's real range) is there only when the
   grid is narrower than its container (2, 3, 5, 6, 7 bits); in a 4-bit container it is written as Max -> Min
   with the same bounds (onnxruntime cannot load a Clip feeding a 4-bit QuantizeLinear at its default level);
-- artifact.info as model metadata "carsam.quant.<key>".
+- artifact.info as model metadata "carsam.quant.<key>", and the ONNX Runtime session config entries the model needs
+  as "carsam.ort_session_config" (JSON; graph.py ORT_SESSION_CONFIG, applied by runtime/ort_settings.py).
 The result passes onnx.checker (full check) and carries inferred shapes. The input model is not modified.
 
 Split by concern: targets.py (what each deployment target needs), validate.py (checks before writing),
@@ -31,16 +33,18 @@ from ... import qmath
 from ...artifact import CalibrationArtifact
 from ...errors import ModelError
 from ..naming import Namer
-from ..sites import QuantPlan
+from ..sites import QuantPlan, WeightKind
 from .activations import activation_qdq, elem_types
 from .containers import container_type, int_tensor
-from .graph import META_PREFIX, check_and_infer, drop_unread, rewire, set_metadata
+from .graph import (META_PREFIX, ORT_SESSION_CONFIG, ORT_SESSION_CONFIG_KEY, check_and_infer, drop_unread,
+                    record_session_config, rewire, set_metadata)
 from .targets import target_options
 from .validate import MIN_OPSET, check_complete, check_opset, missing_entries
-from .weights import weight_dq, write_float_weights
+from .weights import unsigned_weight_offset, weight_dq, write_float_weights
 
 __all__ = ["emit_qdq", "EmitSummary", "target_options", "missing_entries", "check_and_infer", "container_type",
-           "int_tensor", "META_PREFIX", "MIN_OPSET"]
+           "int_tensor", "META_PREFIX", "MIN_OPSET", "ORT_SESSION_CONFIG", "ORT_SESSION_CONFIG_KEY",
+           "unsigned_weight_offset"]
 
 
 @dataclass(frozen=True)
@@ -57,12 +61,14 @@ class EmitSummary:
 
 def emit_qdq(model: onnx.ModelProto, plan: QuantPlan, artifact: CalibrationArtifact, *,
              float_activations: bool = False, weight_container_bits: int | None = None,
-             activation_container_bits: int | None = None) -> onnx.ModelProto:
+             activation_container_bits: int | None = None, unsigned_weights: bool = False) -> onnx.ModelProto:
     """Return a copy of `model` with the plan's sites quantized as Q/DQ (see the module docstring).
 
     float_activations: activations stay float (`a16`): activation sites are skipped and need no artifact entry.
     weight_container_bits / activation_container_bits: 8 stores grids of <= 4 bits in INT8/UINT8 instead of
     INT4/UINT4 (TensorRT has INT4 only for weight-only quantization); None: the natural container.
+    unsigned_weights: 8-bit grids of layer weights (not position tables) go in UINT8 with zero point 128
+    (int8_weights "u8", config.py).
     Raises ModelError when the model does not fit the plan or the artifact lacks entries for plan sites.
     """
     for c in (weight_container_bits, activation_container_bits):
@@ -91,7 +97,9 @@ def emit_qdq(model: onnx.ModelProto, plan: QuantPlan, artifact: CalibrationArtif
     for site in plan.weights:
         wq = artifact.weights[site.initializer]
         if site.initializer not in dq_of:
-            tensors, node, dq_out = weight_dq(inits[site.initializer], site.axis, wq, namer, weight_container_bits)
+            offset = unsigned_weight_offset(wq) if unsigned_weights and site.kind is not WeightKind.CONSTANT else 0
+            tensors, node, dq_out = weight_dq(inits[site.initializer], site.axis, wq, namer, weight_container_bits,
+                                              offset)
             new_inits += tensors
             head.append(node)
             dq_of[site.initializer] = dq_out
@@ -129,4 +137,5 @@ def emit_qdq(model: onnx.ModelProto, plan: QuantPlan, artifact: CalibrationArtif
     drop_unread(g, replaced)
     summary = EmitSummary(len(dq_of), n_act, n_clip)
     set_metadata(out, {**artifact.info, "emitted": str(summary)})
+    record_session_config(out)
     return check_and_infer(out)

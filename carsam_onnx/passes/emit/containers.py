@@ -28,3 +28,8 @@ def int_tensor(name: str, values: np.ndarray, elem_type: int) -> onnx.TensorProt
     return numpy_helper.from_array(values.astype(np_type), name)
 
 
+
+
+def unsigned_int_tensor(name: str, q: np.ndarray, offset: int) -> onnx.TensorProto:
+    """A signed 8-bit grid `q` stored as UINT8 q + offset (int8_weights "u8": offset 128, the DQ's zero point)."""
+    return int_tensor(name, np.asarray(q).astype(np.int16) + offset, TensorProto.UINT8)

@@ -1,6 +1,8 @@
 """Graph utilities of emission: rewiring consumers, dropping unread initializers, metadata, the final check."""
 from __future__ import annotations
 
+import json
+
 import onnx
 
 from ...errors import ModelError
@@ -44,6 +46,24 @@ def set_metadata(model: onnx.ModelProto, info: dict[str, str]) -> None:
     model.metadata_props.extend(keep)
     for k, v in sorted(info.items()):
         model.metadata_props.add(key=META_PREFIX + k, value=str(v))
+
+
+# The ONNX Runtime session config entries under which a carsam Q/DQ model computes what its graph says (issue 9;
+# runtime/ort_settings.py applies them, docs/quantization_format.md "ONNX Runtime notes" gives the facts). Defined
+# here, below runtime/, because emission records them in each model's metadata under ORT_SESSION_CONFIG_KEY (JSON).
+ORT_SESSION_CONFIG: dict[str, str] = {
+    "session.qdq_matmulnbits_accuracy_level": "0",
+    "optimization.disable_specified_optimizers": "WeightBiasQuantization",
+}
+ORT_SESSION_CONFIG_KEY = "carsam.ort_session_config"
+
+
+def record_session_config(model: onnx.ModelProto) -> None:
+    """Write ORT_SESSION_CONFIG as JSON under ORT_SESSION_CONFIG_KEY (replacing an earlier entry)."""
+    keep = [p for p in model.metadata_props if p.key != ORT_SESSION_CONFIG_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    model.metadata_props.add(key=ORT_SESSION_CONFIG_KEY, value=json.dumps(ORT_SESSION_CONFIG, sort_keys=True))
 
 
 MAX_INLINE_BYTES = 2**31 - 1   # protobuf limit: larger models are checked through a file with external data

@@ -9,7 +9,7 @@ from ... import qmath
 from ...errors import CarsamError, ModelError
 from ...qmath import WeightQuant
 from ..naming import Namer
-from .containers import FLOAT_TYPES, container_type, int_tensor
+from .containers import FLOAT_TYPES, container_type, int_tensor, unsigned_int_tensor
 
 
 def write_float_weights(g: onnx.GraphProto, float_weights: dict[str, np.ndarray]) -> None:
@@ -26,7 +26,13 @@ def write_float_weights(g: onnx.GraphProto, float_weights: dict[str, np.ndarray]
         t.CopyFrom(numpy_helper.from_array(value.astype(FLOAT_TYPES[t.data_type]), name))
 
 
-def weight_dq(t: onnx.TensorProto, axis: int, wq: WeightQuant, namer: Namer, container_bits: int | None):
+def unsigned_weight_offset(wq: WeightQuant) -> int:
+    """Zero point that stores wq's signed grid unsigned: 128 for an 8-bit grid, 0 (stay signed) otherwise."""
+    return 128 if wq.bits == 8 else 0
+
+
+def weight_dq(t: onnx.TensorProto, axis: int, wq: WeightQuant, namer: Namer, container_bits: int | None,
+              offset: int = 0):
     if t.data_type not in FLOAT_TYPES:
         raise ModelError(f"weight {t.name} is {TensorProto.DataType.Name(t.data_type)}, expected FLOAT or FLOAT16")
     try:
@@ -57,8 +63,16 @@ def weight_dq(t: onnx.TensorProto, axis: int, wq: WeightQuant, namer: Namer, con
     else:
         scale = scale.reshape(-1)
         attrs = {"axis": axis}
-    tensors = [int_tensor(qname, q, container_type(wq.bits, True, container_bits)),
-               numpy_helper.from_array(scale.astype(FLOAT_TYPES[t.data_type]), sname)]
+    inputs = [qname, sname]
+    if offset:   # unsigned storage: UINT8 q + offset, zero point = offset (same shape as the scale)
+        zname = namer.zero_point(t.name)
+        tensors = [unsigned_int_tensor(qname, q, offset),
+                   numpy_helper.from_array(scale.astype(FLOAT_TYPES[t.data_type]), sname),
+                   int_tensor(zname, np.full(scale.shape, offset), TensorProto.UINT8)]
+        inputs.append(zname)
+    else:
+        tensors = [int_tensor(qname, q, container_type(wq.bits, True, container_bits)),
+                   numpy_helper.from_array(scale.astype(FLOAT_TYPES[t.data_type]), sname)]
     dq_out = namer.dequantized_value(t.name)
-    node = helper.make_node("DequantizeLinear", [qname, sname], [dq_out], name=namer.dequantize_node(t.name), **attrs)
+    node = helper.make_node("DequantizeLinear", inputs, [dq_out], name=namer.dequantize_node(t.name), **attrs)
     return tensors, node, dq_out
