@@ -41,8 +41,10 @@ def _quantize(tiny, emb, out, *args, model="decoder"):
     return out
 
 
+# Blocks are for 2-4-bit weights (config refuses --block-size with 5-8-bit weights; see
+# tests/test_emitted_models_valid.py::test_ort_blocked_int8_canary), so w8a16 is checked per channel.
 @pytest.mark.parametrize("bits,block", [("w8a8", None), ("w4a8", None), ("w4a16", None), ("w4a16", 32),
-                                        ("w8a16", 32), ("w4a4", 16)])
+                                        ("w8a16", None), ("w4a4", 16)])
 def test_check_trt_passes_every_trt_target_model(tiny, emb, tmp_path, capsys, bits, block):
     extra = ["--block-size", str(block)] if block else []
     q = _quantize(tiny, emb, tmp_path / "q.onnx", "--bits", bits, "--target", "trt", *extra)
