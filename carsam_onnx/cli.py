@@ -33,14 +33,18 @@ def _add_export(sub):
     p.set_defaults(run=_run_export)
 
 
+def _print_written(written: dict, quiet: bool) -> int:
+    if not quiet:
+        for part, path in written.items():
+            print(f"wrote {part}: {path}")
+    return 0
+
+
 def _run_export(a) -> int:
     cfg = ExportConfig(model_type=a.model_type, checkpoint=a.checkpoint, seed=a.seed if a.random_init else None,
                        exporter=a.exporter, multimask=a.multimask, split=a.split, force=a.force)
     written = api.export(a.output, cfg, progress=not a.quiet)
-    if not a.quiet:
-        for part, path in written.items():
-            print(f"wrote {part}: {path}")
-    return 0
+    return _print_written(written, a.quiet)
 
 
 def _add_inspect(sub):
@@ -271,10 +275,7 @@ def _add_split(sub):
 
 def _run_split(a) -> int:
     written = api.split(a.model, a.output, force=a.force)
-    if not a.quiet:
-        for part, path in written.items():
-            print(f"wrote {part}: {path}")
-    return 0
+    return _print_written(written, a.quiet)
 
 
 def _add_check_trt(sub):

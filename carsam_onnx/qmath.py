@@ -289,8 +289,11 @@ def unpack_int4(data: bytes, count: int, signed: bool) -> np.ndarray:
 def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
     """Signal-to-quantization-noise ratio of `test` against `ref` in dB (inf when they are equal)."""
     ref = np.asarray(ref, dtype=np.float64)
-    noise = float(np.sum((ref - test) ** 2))
-    signal = float(np.sum(ref ** 2))
+    return sqnr_from_sums(float(np.sum(ref ** 2)), float(np.sum((ref - test) ** 2)))
+
+
+def sqnr_from_sums(signal: float, noise: float) -> float:
+    """SQNR in dB from summed squared signal and summed squared error (accumulated over several tensors)."""
     return float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-30) / noise)
 
 

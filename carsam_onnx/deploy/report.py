@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from ..errors import OutputError
+from ..qmath import sqnr_db, sqnr_from_sums
 
 REPORT_NAME = "report.md"
 
@@ -67,12 +68,6 @@ def check_report_dir(folder, force: bool) -> Path:
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------------
-def _sqnr(ref: np.ndarray, test: np.ndarray) -> float:
-    from ..qmath import sqnr_db
-
-    return sqnr_db(ref, test)
-
-
 def _node_order(model: onnx.ModelProto) -> dict[str, int]:
     return {n.name: i for i, n in enumerate(model.graph.node)}
 
@@ -142,7 +137,7 @@ def weight_sqnr_section(ctx: ReportContext) -> Section | None:
             continue
         w = numpy_helper.to_array(inits[site.initializer]).astype(np.float32)
         w_fp = ctx.artifact.float_weights.get(site.initializer, w)
-        rows.append((site.node, _sqnr(w, dequantize_weight(quantize_weight(np.asarray(w_fp), wq), wq)), wq.bits))
+        rows.append((site.node, sqnr_db(w, dequantize_weight(quantize_weight(np.asarray(w_fp), wq), wq)), wq.bits))
     if not rows:
         return None
     png = "weight_sqnr.png"
@@ -188,7 +183,7 @@ def activation_sqnr_section(ctx: ReportContext) -> Section | None:
         s, n = sums[a.value]
         consumer = a.consumers[0] if getattr(a, "consumers", None) else ""
         label = f"{a.value} ({a.kind.value}) -> {consumer}"
-        rows.append((label, float("inf") if n == 0 else 10 * np.log10(max(s, 1e-30) / n)))
+        rows.append((label, sqnr_from_sums(s, n)))
     png = "activation_sqnr.png"
     _bar_chart(ctx.folder / png, [r[0] for r in rows], [r[1] for r in rows],
                f"Activation SQNR per quantized activation ({len(rows)})", "SQNR (dB), Q/DQ vs float")
