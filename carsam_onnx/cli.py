@@ -8,7 +8,8 @@ from dataclasses import fields
 
 from . import api
 from .calib.registry import method_names, methods_help
-from .config import INT8_WEIGHT_FORMATS, BitWidths, EvalConfig, ExportConfig, QuantConfig, ReconConfig
+from .config import (INT8_WEIGHT_FORMATS, JCAR_PAIRINGS, BitWidths, CarsamConfig, EvalConfig, ExportConfig, QuantConfig,
+                     ReconConfig)
 from .errors import CarsamError
 from .runtime import RUNTIMES
 
@@ -101,6 +102,14 @@ def _add_quantize(sub):
                    help="calibrator for the weight scales and initial step sizes: minmax | percentile | mse")
     r.add_argument("--recon-drop", type=float, default=_default(ReconConfig, "drop_prob"),
                    help="QDrop: probability that an activation keeps its float value while its unit learns")
+    c = p.add_argument_group("CAR-SAM (--method carsam)")
+    c.add_argument("--mac", action=argparse.BooleanOptionalAction, default=_default(CarsamConfig, "use_mac"),
+                   help="MatMul-aware compensation of the decoder attention projections before reconstruction")
+    c.add_argument("--jcar", action=argparse.BooleanOptionalAction, default=_default(CarsamConfig, "use_jcar"),
+                   help="joint reconstruction of each two-way layer's token->image and image->token branches")
+    c.add_argument("--jcar-pairing", choices=list(JCAR_PAIRINGS), default=_default(CarsamConfig, "pairing"),
+                   help="what learns together per decoder layer: attn = the two cross-attentions, mlp = with the "
+                        "MLP between them, layer = the whole layer")
     dec = p.add_mutually_exclusive_group()
     dec.add_argument("--encoder", help="encoder ONNX to make calibration embeddings for a decoder-only model")
     dec.add_argument("--embeddings", help=".npz of image embeddings [K,256,H,W] for a decoder-only model")
@@ -119,7 +128,8 @@ def _run_quantize(a) -> int:
                       percentile=a.percentile, keep_float=keep, num_calib=a.num_calib, seed=a.seed,
                       device=a.device, require_attention=a.require_attention, int8_weights=a.int8_weights,
                       recon=ReconConfig(iters=a.recon_iters, batch_size=a.recon_batch, init_method=a.recon_init,
-                                        drop_prob=a.recon_drop))
+                                        drop_prob=a.recon_drop),
+                      carsam=CarsamConfig(use_mac=a.mac, use_jcar=a.jcar, pairing=a.jcar_pairing))
     report = api.quantize(a.model, a.output, cfg, calib_images=a.calib_images, calib_prompts=a.calib_prompts,
                           encoder=a.encoder, embeddings=a.embeddings, save_calibration=a.save_calibration,
                           force=a.force, progress=not a.quiet, provider=a.provider, report_dir=a.report)

@@ -110,6 +110,29 @@ class ReconConfig:
         return self.gpu_batch_size if str(device).startswith("cuda") else self.cpu_batch_size
 
 
+JCAR_PAIRINGS: tuple[str, ...] = ("attn", "mlp", "layer")
+
+
+@dataclass(frozen=True)
+class CarsamConfig:
+    """`--method carsam` = reconstruction + MAC + JCAR (calib/recon/, calib/mac_site.py); the flags ablate it.
+
+    JCAR pairings, per two-way decoder layer (passes/units.py joint_units):
+    - attn: the token->image and image->token attentions learn together (the MLP between them runs inside the
+      joint unit, reconstructed on its own just before it);
+    - mlp: token->image attention, MLP and image->token attention learn together;
+    - layer: the whole layer (self-attention too) learns together.
+    A joint unit of k units gets k times the per-unit steps, so the step budget equals unit-by-unit's."""
+
+    use_mac: bool = True              # --mac / --no-mac
+    use_jcar: bool = True             # --jcar / --no-jcar
+    pairing: str = "mlp"              # --jcar-pairing (JCAR_PAIRINGS)
+
+    def __post_init__(self):
+        if self.pairing not in JCAR_PAIRINGS:
+            raise InputError(f"--jcar-pairing {self.pairing!r}: choose one of {', '.join(JCAR_PAIRINGS)}")
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     bits: BitWidths = BitWidths(8, 8)
@@ -122,7 +145,8 @@ class QuantConfig:
     seed: int = 0
     device: str = "cpu"
     require_attention: bool = False
-    recon: ReconConfig = ReconConfig()     # --method recon only
+    recon: ReconConfig = ReconConfig()     # --method recon and carsam
+    carsam: CarsamConfig = CarsamConfig()  # --method carsam only
     int8_weights: str = "auto"             # INT8_WEIGHT_FORMATS: u8 (ort) / s7 (trt); figures beside the tuple
 
     def __post_init__(self):

@@ -11,7 +11,7 @@ from typing import Callable
 from ..config import QuantConfig
 from ..errors import InputError
 from .baseline import calibrate_baseline
-from .recon import calibrate_recon
+from .recon import calibrate_carsam, calibrate_recon
 
 CalibrateFn = Callable[..., "CalibrationArtifact"]  # noqa: F821 (artifact.CalibrationArtifact)
 
@@ -56,3 +56,6 @@ register_method("percentile", calibrate_baseline, "activation ranges clipped at 
 register_method("mse", calibrate_baseline, "activation and per-channel weight ranges searched for the least MSE")
 register_method("recon", calibrate_recon, "block reconstruction (AdaRound weights, LSQ step sizes, QDrop) on top of "
                 "--recon-init; see --recon-*", stats=True)
+register_method("carsam", calibrate_carsam, "CAR-SAM: MAC (closed-form compensation of attention-operand error in the "
+                "q/k/v projections) + reconstruction with JCAR's joint token<->image decoder units; "
+                "--no-mac / --no-jcar ablate it", stats=True)

@@ -39,10 +39,17 @@ class Unit:
     weights: tuple[str, ...]          # weight initializers of its quantized layers
     activations: tuple[str, ...]      # activation-site values with a quantized consumer inside the unit
     nodes: int                        # number of graph nodes in the unit
+    targets: tuple[tuple[str, int], ...] = ()   # joint units: (output, channel axis) of each member; the loss sums them
+    members: tuple[str, ...] = ()               # joint units: names of the units it joins
 
     @property
     def name(self) -> str:
         return self.role if self.block is None else f"{self.role}[{self.block}]"
+
+    @property
+    def losses(self) -> tuple[tuple[str, int], ...]:
+        """(value, channel axis) pairs whose squared error against the FP model the unit minimises."""
+        return self.targets or ((self.output, self.channel_axis),)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -214,6 +221,64 @@ def find_units(model: onnx.ModelProto, plan: QuantPlan) -> list[Unit]:
         units.append((G.producer[output], u))
     units.sort(key=lambda t: t[0])
     return [u for _, u in units]
+
+
+JOINT_ROLES = {   # JCAR pairing -> the roles of one two-way decoder layer that learn as one unit (graph order)
+    "attn": ("decoder_token_to_image", "decoder_image_to_token"),
+    "mlp": ("decoder_token_to_image", "decoder_mlp", "decoder_image_to_token"),
+    "layer": ("decoder_self", "decoder_token_to_image", "decoder_mlp", "decoder_image_to_token"),
+}
+
+
+def joint_units(model: onnx.ModelProto, units: list[Unit], pairing: str) -> list[Unit]:
+    """JCAR: per two-way decoder layer, the units of JOINT_ROLES[pairing] replaced by one joint unit that learns
+    their weights and activation step sizes together against the sum of their outputs' errors (the token stream
+    and the image stream). The joint unit starts from the first member's inputs plus whatever later members
+    read from outside (the image keys and their positional encodings); a unit between two members that is not
+    one of them (the MLP for pairing "attn") runs inside the joint unit and is reconstructed on its own just
+    before it. Layers that lack one of the roles are left as they are."""
+    roles = JOINT_ROLES[pairing]
+    G = _Graph(model)
+    by_block: dict[int, dict[str, Unit]] = {}
+    for u in units:
+        if u.block is not None and u.role in roles:
+            by_block.setdefault(u.block, {})[u.role] = u
+    joined: dict[str, Unit] = {}     # name of the last member -> joint unit
+    absorbed: set[str] = set()
+    for block, found in sorted(by_block.items()):
+        if set(found) == set(roles):
+            members = [found[r] for r in roles]
+            joined[members[-1].name] = join_units(model, members, f"decoder_joint_{pairing}", block, G)
+            absorbed.update(m.name for m in members)
+    out = []
+    for u in units:
+        if u.name in joined:
+            out.append(joined[u.name])
+        elif u.name not in absorbed:
+            out.append(u)
+    return out
+
+
+def join_units(model: onnx.ModelProto, members: list[Unit], role: str, block: int | None,
+               G: _Graph | None = None) -> Unit:
+    """One unit that learns `members` (in graph order) together: it starts from the first member's inputs plus
+    what later members read from outside it, runs every node on the way to each member's output, learns all
+    their weights and activations, and its loss sums the members' output errors."""
+    G = G or _Graph(model)
+    inputs: list[str] = list(members[0].inputs)
+    for m in members[1:]:
+        inputs += [x for x in m.inputs if x not in inputs and not G.between(tuple(inputs), x)]
+    inputs_t = tuple(inputs)
+    nodes: set[int] = set()
+    for m in members:
+        nodes |= G.between(inputs_t, m.output)
+    produced = {o for i in nodes for o in G.nodes[i].output if o}
+    extra = sorted({x for i in nodes for x in G.nodes[i].input
+                    if x and x not in produced and x not in G.const and x not in inputs_t})
+    return Unit("joint", role, block, inputs_t, tuple(extra), members[-1].output, members[-1].channel_axis,
+                tuple(w for m in members for w in m.weights),
+                tuple(dict.fromkeys(a for m in members for a in m.activations)), len(nodes),
+                targets=tuple((m.output, m.channel_axis) for m in members), members=tuple(m.name for m in members))
 
 
 def unit_report(model: onnx.ModelProto, plan: QuantPlan) -> list[dict]:

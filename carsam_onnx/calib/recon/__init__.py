@@ -1,6 +1,8 @@
-"""Block reconstruction (`--method recon`): AdaRound weights, LSQ activation step sizes, QDrop, unit by unit.
+"""Block reconstruction (`--method recon`): AdaRound weights, LSQ activation step sizes, QDrop, unit by unit;
+and CAR-SAM (`--method carsam`): the same with MAC before it and JCAR's joint decoder units.
 
     artifact = calibrate_recon(model, plan, config, feeds)
+    artifact = calibrate_carsam(model, plan, config, feeds)
 
 passes/units.py finds the units from the plan's structure (no torch); quantizers.py holds AdaRound /
 LSQ+QDrop; loop.py runs the units in graph order. The learned integers go into the artifact's
@@ -16,15 +18,30 @@ import onnx
 from ...artifact import CalibrationArtifact
 from ...config import QuantConfig
 from ...passes.sites import QuantPlan
-from ...passes.units import Unit, find_units, unit_report
+from ...passes.units import Unit, find_units, joint_units, unit_report
 
-__all__ = ["Unit", "calibrate_recon", "find_units", "unit_report"]
+__all__ = ["Unit", "calibrate_carsam", "calibrate_recon", "find_units", "joint_units", "unit_report"]
 
 
 def calibrate_recon(model: onnx.ModelProto, plan: QuantPlan, config: QuantConfig, feeds: list[dict],
                     progress=None, *, show_units: bool | None = None, stats: list | None = None) -> CalibrationArtifact:
     """Calibrator init (config.recon.init_method), then reconstruction of every unit. `stats`, if given, receives
     one loop.UnitStats per unit (time, steps/s, first and last loss)."""
+    return _calibrate(model, plan, config, feeds, progress, show_units=show_units, stats=stats,
+                      mac=False, jcar=None)
+
+
+def calibrate_carsam(model: onnx.ModelProto, plan: QuantPlan, config: QuantConfig, feeds: list[dict],
+                     progress=None, *, show_units: bool | None = None, stats: list | None = None) -> CalibrationArtifact:
+    """CAR-SAM: calibrator init, MAC on the attention sites of config.mac.scope (their corrected float weights
+    are where AdaRound starts), then reconstruction with JCAR's joint decoder units (config.carsam.pairing).
+    config.carsam.use_mac / use_jcar switch either part off (the ablation)."""
+    cs = config.carsam
+    return _calibrate(model, plan, config, feeds, progress, show_units=show_units, stats=stats,
+                      mac=cs.use_mac, jcar=cs.pairing if cs.use_jcar else None)
+
+
+def _calibrate(model, plan, config, feeds, progress, *, show_units, stats, mac: bool, jcar: str | None):
     import torch
 
     from ...errors import InputError
@@ -39,10 +56,18 @@ def calibrate_recon(model: onnx.ModelProto, plan: QuantPlan, config: QuantConfig
     module = OnnxModule(model).to(config.device).eval()
     base = calibrate_baseline(model, plan, base_cfg, feeds, progress, module=module)
     del module
+    if mac:
+        from ..mac_site import mac_sites
+
+        base.float_weights = mac_sites(model, plan, base, feeds)
     units = find_units(model, plan)
+    if jcar is not None:
+        units = joint_units(model, units, jcar)
     if show_units is None:
         show_units = progress is not None and not getattr(progress, "disable", False)
     result, _ = reconstruct(model, plan, base, config, feeds, units, progress=show_units)
+    if mac or jcar is not None:
+        result.artifact.info.update({"method": config.method, "carsam_mac": str(mac), "carsam_jcar": str(jcar)})
     if stats is not None:
         stats.extend(result.units)
     result.artifact.check_names(model)

@@ -68,6 +68,7 @@ class UnitStats:
     loss_start: float
     loss_end: float
     cache_device: str
+    curve: tuple[float, ...] = ()      # the reconstruction loss at every step (report: loss curves)
 
     @property
     def steps_per_second(self) -> float:
@@ -90,10 +91,13 @@ class Reconstructor:
         self.module.requires_grad_(False)
         inits = {t.name: t for t in model.graph.initializer}
         learned_w = {w for u in units for w in u.weights}
+        self.float_weights = dict(base.float_weights)   # MAC's corrected weights and biases (quantized model only)
         self.wq: dict = {}
         for site in plan.weights:
             wq = base.weights[site.initializer]
-            w = numpy_helper.to_array(inits[site.initializer]).astype(np.float32)
+            w = self.float_weights.get(site.initializer)
+            w = numpy_helper.to_array(inits[site.initializer]) if w is None else w
+            w = np.array(w, dtype=np.float32)   # a writable copy (torch.from_numpy)
             if site.kind is WeightKind.CONSTANT or site.initializer not in learned_w:
                 self.wq[site.initializer] = FixedWeight(w, wq, self.device)
             else:
@@ -106,7 +110,8 @@ class Reconstructor:
         self._cut_plan = self._plan_image_cut(model, units) if config.recon.image_cut else None
 
     def hooks(self) -> dict:
-        h = {name: q for name, q in self.wq.items()}
+        h: dict = {name: _Const(v, self.device) for name, v in self.float_weights.items() if name not in self.wq}
+        h.update({name: q for name, q in self.wq.items()})
         h.update({self.qpoint[v]: q for v, q in self.aq.items()})
         return h
 
@@ -123,6 +128,7 @@ class Reconstructor:
         from ..baseline import to_torch
 
         names = list(unit.inputs) + list(unit.extra_inputs)
+        targets = [v for v, _ in unit.losses]
         q_in, fp_in, fp_out = [], [], []
         hooks = self.hooks()
         cut = self._image_cut(unit, feeds)
@@ -130,22 +136,21 @@ class Reconstructor:
             for i, feed in enumerate(feeds):
                 t = to_torch(feed, self.config.device)
                 if cut is None:
-                    fp = self.module.run(t, outputs=names + [unit.output])
+                    fp = self.module.run(t, outputs=names + targets)
                     q = self.module.run(t, outputs=names, replace=hooks)
                 else:
                     t = {k: v for k, v in t.items() if k != IMAGE_INPUT}
-                    fp = self.module.run(t, outputs=names + [unit.output], start=self._dev(cut[1][i]))
+                    fp = self.module.run(t, outputs=names + targets, start=self._dev(cut[1][i]))
                     q = self.module.run(t, outputs=names, replace=hooks, start=self._dev(cut[0][i]))
                 q_in.append([q[n] for n in names])
                 fp_in.append([fp[n] for n in unit.inputs])
-                fp_out.append(fp[unit.output])
-        nbytes = sum(x.numel() * x.element_size() for lst in (q_in, fp_in) for xs in lst for x in xs)
-        nbytes += sum(x.numel() * x.element_size() for x in fp_out)
+                fp_out.append([fp[v] for v in targets])
+        nbytes = sum(x.numel() * x.element_size() for lst in (q_in, fp_in, fp_out) for xs in lst for x in xs)
         where = self._cache_device(nbytes)
         if where != self.device:
             q_in = [[x.cpu() for x in xs] for xs in q_in]
             fp_in = [[x.cpu() for x in xs] for xs in fp_in]
-            fp_out = [x.cpu() for x in fp_out]
+            fp_out = [[x.cpu() for x in xs] for xs in fp_out]
         return q_in, fp_in, fp_out, where
 
     def _dev(self, d: dict) -> dict:
@@ -194,7 +199,7 @@ class Reconstructor:
             elif any(x in image for x in ins):
                 image.update(o for o in n.output if o)
                 image_nodes.add(i)
-        unit_nodes = [G.between(u.inputs, u.output) for u in units]
+        unit_nodes = [set().union(*(G.between(u.inputs, v) for v, _ in u.losses)) for u in units]
         prompt_side = [bool(nodes - image_nodes) for nodes in unit_nodes]
         if not any(prompt_side):
             return None
@@ -220,14 +225,19 @@ class Reconstructor:
             start[n] = x
         return start
 
-    def _run_vmapped(self, unit, names, n_main, starts, hooks) -> torch.Tensor:
+    def _run(self, unit, start, hooks) -> tuple[torch.Tensor, ...]:
+        targets = [v for v, _ in unit.losses]
+        out = self.module.run(start=start, outputs=targets, replace=hooks)
+        return tuple(out[v] for v in targets)
+
+    def _run_vmapped(self, unit, names, n_main, starts, hooks) -> tuple[torch.Tensor, ...]:
         """The unit on a batch of images: torch.func.vmap over the per-image graph (SAM graphs are exported for
         batch 1); inputs that are no float activations (shape values) are shared, not batched."""
         batched = {n: torch.stack([s[n] for s in starts]) for n in names[:n_main]}
         shared = {n: starts[0][n] for n in names[n_main:]}
 
         def f(b, sh):
-            return self.module.run(start={**b, **sh}, outputs=[unit.output], replace=hooks)[unit.output]
+            return self._run(unit, {**b, **sh}, hooks)
         return torch.func.vmap(f, in_dims=(0, None), randomness="different")(batched, shared)
 
     def _vmap_works(self, unit, names, q_in, hooks) -> bool:
@@ -244,11 +254,13 @@ class Reconstructor:
                     for q, _ in states:
                         q.learning = False
                     with torch.no_grad():
-                        ref = torch.stack([self.module.run(start=s, outputs=[unit.output], replace=hooks)[unit.output]
-                                           for s in starts])
-                        got = self._run_vmapped(unit, names, n_main, starts, hooks)
-                    tol = VMAP_CHECK_RTOL * float(ref.abs().max()) + 1e-6
-                    ok = got.shape == ref.shape and float((got - ref).abs().max()) <= tol
+                        refs = [self._run(unit, s, hooks) for s in starts]
+                        gots = self._run_vmapped(unit, names, n_main, starts, hooks)
+                    ok = True
+                    for k, got in enumerate(gots):
+                        ref = torch.stack([r[k] for r in refs])
+                        tol = VMAP_CHECK_RTOL * float(ref.abs().max()) + 1e-6
+                        ok = ok and got.shape == ref.shape and float((got - ref).abs().max()) <= tol
                 except Exception:   # an op the executor cannot batch: per-image runs instead
                     ok = False
                 finally:
@@ -274,7 +286,7 @@ class Reconstructor:
         opt_w = torch.optim.Adam([q.alpha for q in rounding], lr=self.rc.round_lr) if rounding else None
         opt_a = torch.optim.Adam([q.scale for q in acts], lr=self.rc.scale_lr) if acts else None
         hooks = self.hooks()
-        axis = unit.channel_axis
+        axes = [a for _, a in unit.losses]
         losses: list[float] = []
         bar = None
         if progress:
@@ -290,17 +302,18 @@ class Reconstructor:
                     for g in opt_a.param_groups:
                         g["lr"] = cosine_lr(self.rc.scale_lr, step, iters)
                 starts = [self._start(names, n_main, q_in[i], fp_in[i]) for i in idx]
-                tgts = [fp_out[i].to(self.device, non_blocking=True) for i in idx]
+                tgts = [[x.to(self.device, non_blocking=True) for x in fp_out[i]] for i in idx]
                 if use_vmap:
-                    out = self._run_vmapped(unit, names, n_main, starts, hooks)
-                    rec_t = (out - torch.stack(tgts)).pow(2).sum(dim=axis if axis < 0 else axis + 1).mean()
+                    outs = self._run_vmapped(unit, names, n_main, starts, hooks)
+                    rec_t = sum((out - torch.stack([t[k] for t in tgts])).pow(2).sum(dim=ax if ax < 0 else ax + 1).mean()
+                                for k, (out, ax) in enumerate(zip(outs, axes)))
                     rec_t.backward()
                     rec_t = rec_t.detach()
                 else:
                     rec_t = 0.0
                     for start, tgt in zip(starts, tgts):
-                        out = self.module.run(start=start, outputs=[unit.output], replace=hooks)[unit.output]
-                        rec_i = (out - tgt).pow(2).sum(dim=axis).mean() / bs
+                        outs = self._run(unit, start, hooks)
+                        rec_i = sum((out - t).pow(2).sum(dim=ax).mean() for out, t, ax in zip(outs, tgt, axes)) / bs
                         rec_i.backward()
                         rec_t = rec_t + rec_i.detach()
                 beta = beta_at(step, iters, self.rc.warmup, self.rc.beta_start, self.rc.beta_end)
@@ -326,15 +339,26 @@ class Reconstructor:
         k = max(1, min(20, len(losses) // 10 or 1))
         return UnitStats(unit.name, unit.kind, iters, time.perf_counter() - t0,
                          float(np.mean(losses[:k])) if losses else float("nan"),
-                         float(np.mean(losses[-k:])) if losses else float("nan"), where.type)
+                         float(np.mean(losses[-k:])) if losses else float("nan"), where.type, tuple(losses))
 
     def artifact(self, info: dict) -> CalibrationArtifact:
         art = CalibrationArtifact(activations={v: q.activation_quant() for v, q in self.aq.items()},
-                                  weights=dict(self.base.weights), info={**self.base.info, **info})
+                                  weights=dict(self.base.weights), info={**self.base.info, **info},
+                                  float_weights=dict(self.float_weights))
         for name, q in self.wq.items():
             if isinstance(q, AdaRoundWeight):
                 art.weights[name] = q.weight_quant()
         return art
+
+
+class _Const:
+    """A hook that replaces an initializer by a fixed tensor (MAC's corrected biases in the quantized model)."""
+
+    def __init__(self, value: np.ndarray, device):
+        self.t = torch.as_tensor(np.asarray(value, dtype=np.float32), device=device)
+
+    def __call__(self, _param: torch.Tensor) -> torch.Tensor:
+        return self.t
 
 
 def reconstruct(model: onnx.ModelProto, plan: QuantPlan, base: CalibrationArtifact, config: QuantConfig,
@@ -353,7 +377,7 @@ def reconstruct(model: onnx.ModelProto, plan: QuantPlan, base: CalibrationArtifa
 
             outer = tqdm(total=len(units), desc="reconstruction units", unit="unit")
         for unit in units:
-            stats.append(r.reconstruct(unit, feeds, iters, progress, gen))
+            stats.append(r.reconstruct(unit, feeds, iters * max(1, len(unit.members)), progress, gen))
             if outer is not None:
                 outer.set_postfix(unit=unit.name, loss=f"{stats[-1].loss_end:.4g}")
                 outer.update(1)
