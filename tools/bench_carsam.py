@@ -21,6 +21,7 @@ ONNX Runtime on the validation seeds, quantization and evaluation each run as pa
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import shlex
 import statistics
@@ -143,7 +144,41 @@ def main(argv=None) -> int:
         if need and v != "fp" and not model.is_file():
             todo_q.append((key, quantize_cmd(fp, model, v, b, c, pool, a), model))
 
-    qtime: dict = {}
+    pending_e: dict = {}
+    for k, vs, val, m, path, fpr in todo_e:
+        pending_e.setdefault(str(m), []).append((k, vs, val, m, path, fpr))
+    ex = None
+    if a.phase in ("all", "eval") and not a.table_only:   # spawn: forked workers deadlock in torch's thread pool
+        ex = ProcessPoolExecutor(max_workers=max(1, a.eval_jobs), mp_context=multiprocessing.get_context("spawn"))
+    futs: dict = {}
+
+    def submit_evals(model: Path) -> None:
+        """Evaluations start as soon as their model exists (they overlap the quantize processes)."""
+        if ex is None or late():
+            return
+        for k, vs, val, m, path, fpr in pending_e.pop(str(model), []):
+            futs[ex.submit(_evaluate, str(m), str(val), a.eval_threads or None, a.limit)] = (k, vs, m, path, fpr)
+
+    def collect(block: bool) -> None:
+        done = [f for f in futs if f.done()] if not block else list(as_completed(list(futs)))
+        for f in done:
+            k, vs, m, path, fpr = futs.pop(f)
+            try:
+                r = f.result()
+            except Exception as e:   # one failed cell must not lose the others
+                log(f"{k} val{vs}: eval FAILED: {e}")
+                continue
+            tf = work / "models" / f"{k}.time"
+            if tf.is_file():
+                r["quantize_s"] = float(tf.read_text())
+            r.update({"commit": git_commit(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")})
+            write_json_atomic(path, {"fingerprint": fpr, "result": r})
+            results[(k, vs)] = r
+            log(f"{k} val{vs}: mAP {r['segm_mAP']:.2f} ({r['eval_s']:.0f} s)")
+
+    for m in list(pending_e):
+        if Path(m).is_file():
+            submit_evals(Path(m))
     if not a.table_only and a.phase in ("all", "quantize"):
         running: list = []
         queue = list(todo_q)
@@ -160,39 +195,22 @@ def main(argv=None) -> int:
             if late():
                 queue.clear()
             time.sleep(1)
+            collect(block=False)
             for r in list(running):
                 key, p, t0, tmp, model = r
                 if p.poll() is not None:
                     running.remove(r)
                     if p.returncode == 0:
                         tmp.rename(model)
-                        qtime[key] = round(time.perf_counter() - t0, 1)
-                        (work / "models" / f"{key}.time").write_text(str(qtime[key]))
-                        log(f"quantized {key} in {qtime[key]:.0f} s")
+                        t = round(time.perf_counter() - t0, 1)
+                        (work / "models" / f"{key}.time").write_text(str(t))
+                        log(f"quantized {key} in {t:.0f} s")
+                        submit_evals(model)
                     else:
                         log(f"{key}: quantize FAILED (rc {p.returncode}; {work / 'models' / (key + '.log')})")
-    if not a.table_only and a.phase in ("all", "eval"):
-        jobs = [(k, vs, val, m, path, fpr) for k, vs, val, m, path, fpr in todo_e if Path(m).is_file()]
-        with ProcessPoolExecutor(max_workers=max(1, a.eval_jobs)) as ex:
-            futs = {}
-            for k, vs, val, m, path, fpr in jobs:
-                if late():
-                    break
-                futs[ex.submit(_evaluate, str(m), str(val), a.eval_threads or None, a.limit)] = (k, vs, m, path, fpr)
-            for f in as_completed(futs):
-                k, vs, m, path, fpr = futs[f]
-                try:
-                    r = f.result()
-                except Exception as e:   # one failed cell must not lose the others
-                    log(f"{k} val{vs}: eval FAILED: {e}")
-                    continue
-                tf = work / "models" / f"{k}.time"
-                if tf.is_file():
-                    r["quantize_s"] = float(tf.read_text())
-                r.update({"commit": git_commit(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")})
-                write_json_atomic(path, {"fingerprint": fpr, "result": r})
-                results[(k, vs)] = r
-                log(f"{k} val{vs}: mAP {r['segm_mAP']:.2f} ({r['eval_s']:.0f} s)")
+    if ex is not None:
+        collect(block=True)
+        ex.shutdown()
     write_section(Path(a.out_md), markdown(results, a, fp_desc))
     return 0
 
