@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from onnx import numpy_helper
 
 from carsam_onnx.calib import mac
 
@@ -194,12 +195,15 @@ def reference_w4a4(reference_decoder):
     return model, plan, calibrate_baseline(model, plan, config, calib), calib, held
 
 
-# CI cost, 2026-12-02 on the shared 2-core dev host (loaded): ~15 s fixtures with the decoder export cached
-# (~20 s more without), ~25 s MAC, ~10 s of held-out error runs.
+# CI cost (2026-12-02, shared 2-core dev host under load): fixtures 61 s with the decoder export cached (12 encoder
+# runs, the MSE calibration), this test 40 s, the determinism test 38 s, the fixed-part test 10 s.
 def test_mac_never_raises_heldout_qk_error_on_reference_decoder(reference_w4a4):
-    """W4A4 MSE baseline; MAC with the defaults on 12 calibration images (9 fit, 3 check) on all seven decoder
-    sites; relative Q.K^T error on 6 held-out images of validation seed 2. Measured 2026-12-02: every site
-    falls (by 13-26%), the sum 1.452 -> 1.189 (-18%)."""
+    """W4A4 MSE baseline; MAC with the defaults on 8 calibration images (6 fit, 2 check) on all seven decoder
+    sites; relative Q.K^T error on 4 held-out images of validation seed 2 (never seen by MAC). Measured
+    2026-12-02 with the defaults (lam_rel 10, k + v): no site rises (the token->image site of layer 0 only just:
+    0.1941 -> 0.1938; the others fall 2-20%), the sum 1.285 -> 1.151 (-10%); with q + v every site falls 6-29%,
+    the sum -13%. Before the fit / check split (steps judged on the images they were fitted on, and a
+    simulation that quantized values for every consumer) the final token->image site rose 0.185 -> 0.196."""
     from carsam_onnx.calib.mac_site import DECODER_ROLES, apply_mac, qk_error
     from carsam_onnx.config import MacConfig
     from carsam_onnx.passes.emit import emit_qdq
@@ -210,7 +214,7 @@ def test_mac_never_raises_heldout_qk_error_on_reference_decoder(reference_w4a4):
     before = qk_error(model, plan, artifact, held, sites=decoder)
     out = apply_mac(model, plan, artifact, calib, MacConfig())
     assert out is not artifact and artifact.float_weights == {}          # a copy; the input is left alone
-    assert out.info["mac_sites"] == "7" and out.info["mac_images"] == "9 fit, 3 check"
+    assert out.info["mac_sites"] == "7" and out.info["mac_images"] == "6 fit, 2 check"
     fw = out.float_weights
     inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
     assert fw and all(tuple(v.shape) == inits[k] and np.isfinite(v).all() for k, v in fw.items())
@@ -218,7 +222,7 @@ def test_mac_never_raises_heldout_qk_error_on_reference_decoder(reference_w4a4):
     for site in decoder:
         b, a = before[site.qk_matmul], after[site.qk_matmul]
         assert a <= b, f"{site.role.value} (block {site.block}): held-out Q.K^T error {b:.4f} -> {a:.4f}"
-    assert sum(after.values()) < 0.9 * sum(before.values())
+    assert sum(after.values()) < 0.92 * sum(before.values())
     # Emission writes the corrected weights and quantizes them with the artifact's scales (what QuantSim
     # scored), and writes the corrected biases as they are.
     from onnx import numpy_helper
@@ -277,3 +281,24 @@ def test_mac_is_deterministic_and_checks_its_input(reference_w4a4):
     for bad in ({"qk": "x"}, {"scope": "encoder"}, {"lam_rel": 0.0}, {"check_fraction": 1.0}, {"shrink": ()}):
         with pytest.raises(InputError):
             MacConfig(**bad)
+
+
+def test_mac_runs_from_the_fixed_part_give_the_same_values(reference_w4a4):
+    """The part of the graph no correction touches runs once per image; later runs start there and must
+    capture exactly what full runs capture (FP and quantized, with a corrected weight)."""
+    from carsam_onnx.calib.mac_site import DECODER_ROLES, QuantSim, _capture, _Runner, _site_values
+
+    model, plan, artifact, calib, held = reference_w4a4
+    sim = QuantSim(model, plan, artifact)
+    sites = [sim.site(s) for s in plan.attention if s.role in DECODER_ROLES]
+    projs = [sim.projection(model, n) for s in sites for n in (s.q_proj, s.k_proj, s.v_proj)]
+    wanted = [v for s, i in zip(sites, range(0, len(projs), 3)) for v in _site_values(
+        s, dict(zip("qkv", projs[i:i + 3])))]
+    runner = _Runner(sim, calib[:2], {n for p in projs for n in (p.weight, p.bias) if n}, wanted)
+    assert runner.fp_cut and "image_embeddings" not in runner.fp_cut[0]
+    w = projs[-3].weight
+    fw = {w: 1.01 * np.asarray(numpy_helper.to_array(sim.inits[w]))}
+    for float_weights in (None, fw):
+        got = runner.capture(wanted, float_weights)
+        want = _capture(sim.module, calib[:2], wanted, None if float_weights is None else sim.hooks(float_weights))
+        assert all(torch.equal(g[k], h[k]) for g, h in zip(got, want) for k in wanted)
