@@ -131,6 +131,39 @@ class CarsamConfig:
     def __post_init__(self):
         if self.pairing not in JCAR_PAIRINGS:
             raise InputError(f"--jcar-pairing {self.pairing!r}: choose one of {', '.join(JCAR_PAIRINGS)}")
+MAC_QK_MODES: tuple[str, ...] = ("q", "k", "qk", "none")
+MAC_SCOPES: tuple[str, ...] = ("decoder", "all")
+
+
+@dataclass(frozen=True)
+class MacConfig:
+    """MatMul-Aware Compensation (CAR-SAM; calib/mac.py, calib/mac_site.py): closed-form corrections of the
+    attention projections' float weights. Defaults chosen on validation seed 2 (docs/results.md, "MAC: lambda
+    and mode chosen on seed 2")."""
+
+    lam_rel: float = 10.0          # ridge lam = lam_rel * mean eigenvalue of the normal-equation operator;
+                                   # seed 2: 0.1 / 1 / 10 / 100 -> mask SQNR 19.35 / 20.98 / 21.35 / 20.20 dB (q + v)
+    qk: str = "k"                  # q: K's error into W_Q; k: Q's error into W_K; qk: both, W_Q first; none
+                                   # seed 2 (lam_rel 10, + v): k 21.54, q 21.35, qk 20.53 dB
+    v: bool = True                 # the softmax output's error into W_V (seed 2, k: 21.54 dB with, 18.36 without)
+    solve: str = "factored"        # factored | exact (calib/mac.py)
+    scope: str = "decoder"         # decoder: the two-way decoder's attention sites (the paper's); all: also encoder
+    check_fraction: float = 0.25   # share of the calibration images held back to judge each correction
+    shrink: tuple[float, ...] = (1.0, 0.5, 0.25)   # correction strengths tried on the check images
+
+    def __post_init__(self):
+        if self.qk not in MAC_QK_MODES:
+            raise InputError(f"MAC qk mode {self.qk!r}: choose one of {', '.join(MAC_QK_MODES)}")
+        if self.solve not in ("factored", "exact"):
+            raise InputError(f"MAC solve {self.solve!r}: choose factored or exact")
+        if self.scope not in MAC_SCOPES:
+            raise InputError(f"MAC scope {self.scope!r}: choose one of {', '.join(MAC_SCOPES)}")
+        if not self.lam_rel > 0:
+            raise InputError(f"MAC lam_rel {self.lam_rel}: must be > 0")
+        if not 0 < self.check_fraction < 1:
+            raise InputError(f"MAC check_fraction {self.check_fraction}: must be in (0, 1)")
+        if not self.shrink or not all(0 < a <= 1 for a in self.shrink):
+            raise InputError(f"MAC shrink {self.shrink}: give strengths in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -147,6 +180,7 @@ class QuantConfig:
     require_attention: bool = False
     recon: ReconConfig = ReconConfig()     # --method recon and carsam
     carsam: CarsamConfig = CarsamConfig()  # --method carsam only
+    mac: MacConfig = MacConfig()           # MAC (calib/mac_site.apply_mac; --method carsam)
     int8_weights: str = "auto"             # INT8_WEIGHT_FORMATS: u8 (ort) / s7 (trt); figures beside the tuple
 
     def __post_init__(self):

@@ -19,9 +19,8 @@ import torch
 def main() -> None:
     from carsam_onnx.calib import mac_site as ms
     from carsam_onnx.calib.baseline import calibrate_baseline
-    from carsam_onnx.torchexec import OnnxModule
     from carsam_onnx.calib.feeds import build_feeds
-    from carsam_onnx.config import BitWidths, QuantConfig
+    from carsam_onnx.config import BitWidths, MacConfig, QuantConfig
     from carsam_onnx.data.builtin import VALIDATION_SEED, builtin_calibration_set
     from carsam_onnx.modelio import load_model
     from carsam_onnx.passes.plan import plan_quantization
@@ -42,10 +41,7 @@ def main() -> None:
                        encoder=a.encoder)
     config = QuantConfig(bits=BitWidths.parse(a.bits), method=a.method)
     plan = plan_quantization(model, config)
-    module = OnnxModule(model).eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    art = calibrate_baseline(model, plan, config, calib, module=module)
+    art = calibrate_baseline(model, plan, config, calib)
     sites = [s for s in plan.attention if s.role in ms.DECODER_ROLES]
     print("sites:", ", ".join(f"{s.role.value}:{s.block}" for s in sites))
 
@@ -53,11 +49,11 @@ def main() -> None:
         vals = [err[s.qk_matmul] for s in sites]
         print(f"{name:32s}", " ".join(f"{v:.4f}" for v in vals), f"sum {sum(vals):.4f}",
               f"({time.time() - t0:.0f} s)", flush=True)
-    show("baseline", ms.qk_error(model, plan, art, held, sites=sites, module=module))
+    show("baseline", ms.qk_error(model, plan, art, held, sites=sites))
     for spec in a.settings:
-        kw = eval(f"dict({spec})", {"Role": ms.Role})   # a command-line keyword list, e.g. lam_rel=1,v=False
-        fw = ms.mac_sites(model, plan, art, calib, ms.MacConfig(**kw), module=module)
-        show(spec, ms.qk_error(model, plan, art, held, fw, sites=sites, module=module))
+        kw = eval(f"dict({spec})")   # a command-line keyword list, e.g. lam_rel=1,v=False
+        fw, _ = ms.mac_sites(model, plan, art, calib, MacConfig(**kw))
+        show(spec, ms.qk_error(model, plan, art, held, fw, sites=sites))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from onnx import numpy_helper
 
 from carsam_onnx.calib import mac
 
@@ -146,11 +147,14 @@ def test_heads_columns_and_augmentation():
 
 # ------------------------------------------------------------------------------ bundled reference model
 
+NUM_CALIB, NUM_HELD = 8, 4
+
+
 @pytest.fixture(scope="module")
 def reference_decoder():
     """The trained reference model's decoder ONNX (cached on disk) and decoder feeds: calibration images
-    from the built-in set (seed 1), held-out images from validation seed 2; embeddings from the torch
-    encoder (what the exported encoder computes)."""
+    from the built-in set (seed 1), held-out images from validation seed 2 (one box prompt each); embeddings
+    from the torch encoder (what the exported encoder computes)."""
     import hashlib
 
     from sam_models import CACHE, _code_hash
@@ -169,8 +173,8 @@ def reference_decoder():
         CACHE.mkdir(parents=True, exist_ok=True)
         save_model(export_onnx(built, part="decoder"), path, force=True)
     size = built.sam.image_encoder.img_size
-    calib = builtin_calibration_set(4, 0, size, warn=False)
-    held = builtin_calibration_set(3, 0, size, data_seed=VALIDATION_SEED, warn=False)
+    calib = builtin_calibration_set(NUM_CALIB, 0, size, warn=False)
+    held = builtin_calibration_set(NUM_HELD, 0, size, data_seed=VALIDATION_SEED, warn=False)
 
     def feeds(samples):
         with torch.no_grad():
@@ -179,48 +183,162 @@ def reference_decoder():
     return load_model(path), feeds(calib), feeds(held)
 
 
-# CI cost: the decoder export, 7 encoder runs and MAC on the three sites of decoder layer 0. 2026-12-02 on the
-# shared 2-core dev host at load average ~10: 120 s with the decoder export cached (85 s fixture, 35 s test),
-# about 65 s more for the export; the all-site form took 5-9 min there
-@pytest.mark.slow
-def test_mac_lowers_heldout_qk_error_on_reference_decoder(reference_decoder):
-    """W4A4 MinMax baseline, MAC (defaults) calibrated on 4 images on the three attention sites of decoder
-    layer 0 (self, token->image, image->token), Q.K^T error on 3 held-out images of validation seed 2. A site's
-    error depends only on corrections at or before it, so these are the same figures as with MAC on all seven
-    sites: measured 2026-12-02, 0.1693 -> 0.1359, 0.2547 -> 0.2528, 0.3126 -> 0.2818 (sum -9%).
-
-    On all seven decoder sites (the old, minutes-long form of this test; tools/mac_qk_sweep.py) the summed error
-    falls 11% (1.719 -> 1.527); six of the seven sites improve, the final token->image attention rises
-    0.185 -> 0.196 (its own correction is small at this lam; the rise comes with the upstream corrections). The
-    issue's "never raises a site's error" is therefore NOT asserted: the bound below is the measured one, and
-    the acceptance line stays open."""
+@pytest.fixture(scope="module")
+def reference_w4a4(reference_decoder):
     from carsam_onnx.calib.baseline import calibrate_baseline
-    from carsam_onnx.calib.mac_site import MacConfig, mac_sites, qk_error
     from carsam_onnx.config import BitWidths, QuantConfig
     from carsam_onnx.passes.plan import plan_quantization
-    from carsam_onnx.passes.sites import Role
-    from carsam_onnx.torchexec import OnnxModule
 
     model, calib, held = reference_decoder
-    config = QuantConfig(bits=BitWidths(4, 4), method="minmax")
+    config = QuantConfig(bits=BitWidths(4, 4), method="mse")
     plan = plan_quantization(model, config)
-    module = OnnxModule(model).eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    artifact = calibrate_baseline(model, plan, config, calib, module=module)
-    decoder = [s for s in plan.attention if s.role.value.startswith("decoder")]
-    assert len(decoder) == 7 and {s.role for s in decoder} >= {Role.DECODER_SELF, Role.DECODER_TOKEN_TO_IMAGE}
-    layer0 = [s for s in decoder if s.block == 0]
-    assert len(layer0) == 3
-    before = qk_error(model, plan, artifact, held, sites=layer0, module=module)
-    fw = mac_sites(model, plan, artifact, calib, MacConfig(), sites=layer0, module=module)
-    # corrected weights and biases, by initializer name, in the model's shapes
+    return model, plan, calibrate_baseline(model, plan, config, calib), calib, held
+
+
+# CI cost (2026-12-02, shared 2-core dev host, quiet): the whole file 25 s with the decoder export cached (fixtures
+# 6 s: 12 encoder runs and the MSE calibration; this test 4 s); 61 s / 40 s when the host was loaded.
+def test_mac_never_raises_heldout_qk_error_on_reference_decoder(reference_w4a4):
+    """W4A4 MSE baseline; MAC with the defaults on 8 calibration images (6 fit, 2 check) on all seven decoder
+    sites; relative Q.K^T error on 4 held-out images of validation seed 2 (never seen by MAC). Measured
+    2026-12-02 with the defaults (lam_rel 10, k + v): no site rises (the token->image site of layer 0 only just:
+    0.1941 -> 0.1938; the others fall 2-20%), the sum 1.285 -> 1.151 (-10%); with q + v every site falls 6-29%,
+    the sum -13%. Before the fit / check split (steps judged on the images they were fitted on, and a
+    simulation that quantized values for every consumer) the final token->image site rose 0.185 -> 0.196."""
+    from carsam_onnx.calib.mac_site import DECODER_ROLES, apply_mac, qk_error
+    from carsam_onnx.config import MacConfig
+    from carsam_onnx.passes.emit import emit_qdq
+
+    model, plan, artifact, calib, held = reference_w4a4
+    decoder = [s for s in plan.attention if s.role in DECODER_ROLES]
+    assert len(decoder) == 7
+    before = qk_error(model, plan, artifact, held, sites=decoder)
+    out = apply_mac(model, plan, artifact, calib, MacConfig())
+    assert out is not artifact and artifact.float_weights == {}          # a copy; the input is left alone
+    assert out.info["mac_sites"] == "7" and out.info["mac_images"] == "6 fit, 2 check"
+    fw = out.float_weights
     inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
     assert fw and all(tuple(v.shape) == inits[k] and np.isfinite(v).all() for k, v in fw.items())
-    artifact.float_weights.update(fw)
-    artifact.check_names(model)
-    after = qk_error(model, plan, artifact, held, fw, sites=layer0, module=module)
-    for site in layer0:
+    after = qk_error(model, plan, out, held, fw, sites=decoder)
+    for site in decoder:
         b, a = before[site.qk_matmul], after[site.qk_matmul]
-        assert a <= 1.1 * b, f"{site.role.value} (block {site.block}): held-out Q.K^T error {b:.4f} -> {a:.4f}"
-    assert sum(after.values()) < 0.95 * sum(before.values())
+        assert a <= b, f"{site.role.value} (block {site.block}): held-out Q.K^T error {b:.4f} -> {a:.4f}"
+    assert sum(after.values()) < 0.92 * sum(before.values())
+    # Emission writes the corrected weights and quantizes them with the artifact's scales (what QuantSim
+    # scored), and writes the corrected biases as they are.
+    from onnx import numpy_helper
+
+    from carsam_onnx.passes.naming import quantized_weight_name
+    from carsam_onnx.qmath import quantize_weight
+
+    emitted = {t.name: t for t in emit_qdq(model, plan, out).graph.initializer}
+    assert any(k in out.weights for k in fw) and any(k not in out.weights for k in fw)
+    for k, v in fw.items():
+        if k in out.weights:
+            stored = numpy_helper.to_array(emitted[quantized_weight_name(k)]).astype(np.int8)
+            assert np.array_equal(stored, quantize_weight(v, out.weights[k])), k
+        else:
+            assert np.array_equal(numpy_helper.to_array(emitted[k]), v), k
+    # ... so the emitted file computes exactly the model MAC judged (QuantSim), here on one held-out image
+    from carsam_onnx.calib.mac_site import QuantSim
+    from carsam_onnx.torchexec import OnnxModule
+
+    sim = QuantSim(model, plan, out)
+    feed = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in held[0].items()}
+    with torch.no_grad():
+        want = sim.module.run(feed, replace=sim.hooks(fw))["low_res_masks"]
+        got = OnnxModule(emit_qdq(model, plan, out)).eval().run(feed)["low_res_masks"]
+    assert torch.equal(want, got)
+
+
+def test_mac_is_deterministic_and_checks_its_input(reference_w4a4):
+    from carsam_onnx.artifact import CalibrationArtifact
+    from carsam_onnx.calib.mac_site import apply_mac, find_projection, split_feeds
+    from carsam_onnx.config import MacConfig
+    from carsam_onnx.errors import CalibrationError, InputError
+    from carsam_onnx.qmath import WeightQuant, quantize_weight
+    from onnx import numpy_helper
+
+    model, plan, artifact, calib, held = reference_w4a4
+    cfg = MacConfig(qk="q", v=False)
+    final = [s for s in plan.attention if s.role.value == "decoder_final_token_to_image"]
+    a = apply_mac(model, plan, artifact, calib[:4], cfg)
+    b = apply_mac(model, plan, artifact, calib[:4], cfg)
+    assert a.float_weights.keys() == b.float_weights.keys()
+    assert all(np.array_equal(a.float_weights[k], b.float_weights[k]) for k in a.float_weights)
+    assert a.info == b.info
+    fit, check = split_feeds(list(range(10)), 0.25)
+    assert check == [2, 7] and len(fit) == 8
+    with pytest.raises(CalibrationError, match="at least 2"):
+        apply_mac(model, plan, artifact, calib[:1], cfg)
+    # learned integer values (AdaRound) would hide a corrected weight: refused
+    w = find_projection(model, final[0].q_proj).weight
+    wq = artifact.weights[w]
+    arr = numpy_helper.to_array({t.name: t for t in model.graph.initializer}[w])
+    fixed = CalibrationArtifact(dict(artifact.activations), {**artifact.weights, w: WeightQuant(
+        wq.scale, wq.axis, wq.bits, wq.block_size, values=quantize_weight(arr, wq))})
+    with pytest.raises(CalibrationError, match="AdaRound"):
+        apply_mac(model, plan, fixed, calib[:4], cfg)
+    for bad in ({"qk": "x"}, {"scope": "encoder"}, {"lam_rel": 0.0}, {"check_fraction": 1.0}, {"shrink": ()}):
+        with pytest.raises(InputError):
+            MacConfig(**bad)
+
+
+def test_mac_runs_from_the_fixed_part_give_the_same_values(reference_w4a4):
+    """The part of the graph no correction touches runs once per image; later runs start there and must
+    capture exactly what full runs capture (FP and quantized, with a corrected weight)."""
+    from carsam_onnx.calib.mac_site import DECODER_ROLES, QuantSim, _capture, _Runner, _site_values
+
+    model, plan, artifact, calib, held = reference_w4a4
+    sim = QuantSim(model, plan, artifact)
+    sites = [sim.site(s) for s in plan.attention if s.role in DECODER_ROLES]
+    projs = [sim.projection(model, n) for s in sites for n in (s.q_proj, s.k_proj, s.v_proj)]
+    wanted = [v for s, i in zip(sites, range(0, len(projs), 3)) for v in _site_values(
+        s, dict(zip("qkv", projs[i:i + 3])))]
+    runner = _Runner(sim, calib[:2], {n for p in projs for n in (p.weight, p.bias) if n}, wanted)
+    assert runner.fp_cut and "image_embeddings" not in runner.fp_cut[0]
+    w = projs[-3].weight
+    fw = {w: 1.01 * np.asarray(numpy_helper.to_array(sim.inits[w]))}
+    for float_weights in (None, fw):
+        got = runner.capture(wanted, float_weights)
+        want = _capture(sim.module, calib[:2], wanted, None if float_weights is None else sim.hooks(float_weights))
+        assert all(torch.equal(g[k], h[k]) for g, h in zip(got, want) for k in wanted)
+
+
+def test_mac_on_a_full_tiny_sam_lowers_heldout_decoder_qk_error():
+    """A full model (encoder + decoder, what the reconstruction pipeline hands MAC): the encoder runs once per
+    image, the seven decoder sites are corrected and none's held-out Q.K^T error rises (tiny SAM, W4A4 MSE,
+    6 calibration images, 4 held-out of another seed; measured 2026-12-02: every decoder site falls 9-32%).
+    Scope "all" leaves SAM's encoder attention alone (its [B*heads, N, d] layout is not mapped yet) and says so."""
+    import warnings
+    from dataclasses import replace
+
+    from tiny_sam import tiny_sam_paths
+
+    from carsam_onnx.calib.baseline import calibrate_baseline
+    from carsam_onnx.calib.feeds import build_feeds
+    from carsam_onnx.calib.mac_site import DECODER_ROLES, apply_mac, qk_error
+    from carsam_onnx.config import BitWidths, MacConfig, QuantConfig
+    from carsam_onnx.modelio import load_model
+    from carsam_onnx.passes.plan import plan_quantization
+    from carsam_onnx.quantize import calibration_samples
+
+    model = load_model(tiny_sam_paths()["full"])
+    cfg = QuantConfig(bits=BitWidths(4, 4), method="mse", num_calib=6, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        calib, _ = calibration_samples(cfg, 128, None, None)
+        held, _ = calibration_samples(replace(cfg, seed=5, num_calib=4), 128, None, None)
+    plan = plan_quantization(model, cfg)
+    feeds, held_feeds = build_feeds(model, calib), build_feeds(model, held)
+    art = calibrate_baseline(model, plan, cfg, feeds)
+    out = apply_mac(model, plan, art, feeds, MacConfig())
+    decoder = [s for s in plan.attention if s.role in DECODER_ROLES]
+    before = qk_error(model, plan, art, held_feeds, sites=decoder)
+    after = qk_error(model, plan, out, held_feeds, out.float_weights, sites=decoder)
+    assert all(after[k] <= before[k] for k in before), (before, after)
+    assert sum(after.values()) < 0.9 * sum(before.values())
+    with pytest.warns(UserWarning, match="MAC skipped encoder"):
+        every = apply_mac(model, plan, art, feeds, MacConfig(scope="all"))
+    encoder_sites = len(plan.attention) - len(decoder)
+    assert encoder_sites > 0 and every.info["mac_skipped_sites"] == str(encoder_sites)
+    assert every.float_weights.keys() == out.float_weights.keys()

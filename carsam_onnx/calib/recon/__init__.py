@@ -57,9 +57,9 @@ def _calibrate(model, plan, config, feeds, progress, *, show_units, stats, mac: 
     base = calibrate_baseline(model, plan, base_cfg, feeds, progress, module=module)
     del module
     if mac:
-        from ..mac_site import mac_sites
+        from ..mac_site import apply_mac
 
-        base.float_weights = mac_sites(model, plan, base, feeds)
+        base = apply_mac(model, plan, base, feeds, config.mac, progress)
     units = find_units(model, plan)
     if jcar is not None:
         units = joint_units(model, units, jcar)
