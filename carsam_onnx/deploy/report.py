@@ -11,6 +11,10 @@ Built-in sections:
 - activation SQNR per quantized activation, each quantized alone on the FP model's values over the held-out
   inputs (torch executor, the same Q/DQ arithmetic as the graph), bar chart in graph order;
 - masks: FP vs quantized mask of each held-out prompt overlaid on its image (model input frame), with their IoU.
+
+Registered from their own modules when the package is imported (deploy/__init__.py), after these: attention
+dissipation, Q.K^T error before/after MAC and attention maps (report_attention.py), reconstruction loss
+curves per unit (report_recon.py).
 """
 from __future__ import annotations
 
@@ -292,8 +296,9 @@ def write_report(ctx: ReportContext, sections: list[SectionFn] | None = None) ->
 
 
 def write_quant_report(folder, fp_path, q_path, fp_model, q_model, plan, artifact, held_feeds, report, *,
-                       held_samples, provider=None, progress=True) -> Path:
+                       held_samples, provider=None, progress=True, extra: dict | None = None) -> Path:
+    """extra: ReportContext.extra (recon_units, recon_compare, baseline...: see the sections' modules)."""
     ctx = ReportContext(Path(folder), Path(fp_path), Path(q_path), fp_model, q_model, plan, artifact,
                         held_feeds, held_samples, [x for x in report.lines() if not x.startswith("time:")],
-                        provider, progress)
+                        provider, progress, dict(extra or {}))
     return write_report(ctx)
