@@ -60,16 +60,21 @@ def top_k(n_keys: int) -> int:
 
 
 def row_stats(p) -> tuple[float, float, int]:
-    """(sum of normalised entropies, sum of top-k masses, number of rows) of probabilities p [..., N] (torch)."""
+    """(sum of normalised entropies, sum of top-k masses, number of rows) of probabilities p [..., N] (torch),
+    in float64, a few million elements at a time (a vit_b global attention holds 200M probabilities)."""
     import torch
 
-    p = p.detach().double().reshape(-1, p.shape[-1])
-    n = p.shape[-1]
+    rows = p.detach().reshape(-1, p.shape[-1])
+    n = rows.shape[-1]
     if n < 2:
-        return 0.0, float(p.shape[0]), p.shape[0]
-    ent = -(p * torch.log(p.clamp_min(1e-300))).sum(-1) / math.log(n)
-    top = p.topk(top_k(n), dim=-1).values.sum(-1)
-    return float(ent.sum()), float(top.sum()), p.shape[0]
+        return 0.0, float(rows.shape[0]), rows.shape[0]
+    k = top_k(n)
+    ent = top = 0.0
+    for chunk in rows.split(max(1, (1 << 22) // n)):
+        c = chunk.double()
+        ent += float(-(c * torch.log(c.clamp_min(1e-300))).sum()) / math.log(n)
+        top += float(c.topk(k, dim=-1).values.sum())
+    return ent, top, rows.shape[0]
 
 
 def _label_of(artifact, default: str) -> str:

@@ -35,6 +35,17 @@ def _steps(u, n: int) -> np.ndarray:
     return np.linspace(0, max(iters - 1, n - 1) if iters else n - 1, n)
 
 
+def _wrap(name: str, width: int = 34) -> str:
+    """A unit name on at most two lines, broken after a / or . separator (the middle cut out if still long)."""
+    if len(name) <= width:
+        return name
+    cut = max(name.rfind("/", 0, width), name.rfind(".", 0, width))
+    head, tail = (name[: cut + 1], name[cut + 1:]) if cut > 0 else (name[:width], name[width:])
+    if len(tail) > width:
+        tail = "..." + tail[-(width - 3):]
+    return f"{head}\n{tail}"
+
+
 def recon_curves_section(ctx: ReportContext) -> Section | None:
     lists = [list(ctx.extra.get("recon_units") or [])]
     if ctx.extra.get("recon_compare"):
@@ -71,7 +82,7 @@ def recon_curves_section(ctx: ReportContext) -> Section | None:
 
     ncols = min(6, len(shown))
     nrows = math.ceil(len(shown) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.7 * ncols + 0.5, 2.2 * nrows + 1.0), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.7 * ncols + 0.5, 2.4 * nrows + 1.0), squeeze=False)
     for ax in axes.flat[len(shown):]:
         ax.axis("off")
     for ax, n in zip(axes.flat, shown):
@@ -84,11 +95,10 @@ def recon_curves_section(ctx: ReportContext) -> Section | None:
             ax.plot(_steps(u, c.size)[pos], c[pos], color=COLOURS[i % len(COLOURS)], linewidth=1.0,
                     label=names[i])
         ax.set_yscale("log")
-        ax.set_title(n if len(n) <= 34 else "..." + n[-31:], fontsize=7)
-        ax.tick_params(labelsize=6)
+        ax.set_title(_wrap(n), fontsize=7)
+        ax.tick_params(which="both", labelsize=6)
         ax.grid(alpha=0.3, which="both")
-    for ax in axes[-1]:
-        ax.set_xlabel("step", fontsize=7)
+        ax.set_xlabel("step", fontsize=7, labelpad=1)
     for ax in axes[:, 0]:
         ax.set_ylabel("loss (log)", fontsize=7)
     handles = [plt.Line2D([], [], color=COLOURS[i % len(COLOURS)]) for i in range(len(lists))]
