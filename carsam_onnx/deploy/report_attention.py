@@ -337,6 +337,8 @@ def attention_map_section(ctx: ReportContext) -> Section | None:
         up = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
         return up.numpy()[: image.shape[0], : image.shape[1]]
 
+    import matplotlib
+
     grey = image.astype(np.float32).mean(-1)
     vmax = max(float(m.max()) for m in maps.values())
     last = keys[-1]
@@ -347,12 +349,17 @@ def attention_map_section(ctx: ReportContext) -> Section | None:
     fig, axes = plt.subplots(1, ncols, figsize=(3.6 * ncols + 1.2, 4.4), squeeze=False, layout="constrained")
     axes = axes[0]
     (x0, y0), (x1, y1) = sample.point_coords[0][:2]
+    norm = matplotlib.colors.Normalize(vmin=vmin, vmax=vmax)
+    cmap = matplotlib.colormaps["inferno"]
     for ax, k in zip(axes, keys):
         ax.imshow(grey, cmap="gray", vmin=0, vmax=255)
-        im = ax.imshow(upsampled(maps[k]), cmap="inferno", alpha=0.65, vmin=vmin, vmax=vmax)
+        level = np.clip(norm(upsampled(maps[k])), 0.0, 1.0)
+        rgba = cmap(level)
+        rgba[..., 3] = 0.15 + 0.75 * level        # low attention lets the image through
+        ax.imshow(rgba)
         e, t, _ = row_stats(torch.from_numpy(maps[k]))
         ax.set_title(f"{runs[k]['label']}\nentropy {e:.3f}, top-k mass {t:.3f}", fontsize=9)
-    cb = fig.colorbar(im, ax=axes[: len(keys)].tolist(), shrink=0.8)
+    cb = fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes[: len(keys)].tolist(), shrink=0.8)
     cb.set_label("attention probability\n(mean over heads)", fontsize=8)
     ax = axes[-1]
     ax.imshow(grey, cmap="gray", vmin=0, vmax=255)
