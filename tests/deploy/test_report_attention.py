@@ -182,5 +182,9 @@ def test_recon_curves_from_records(tmp_path):
     assert float(rows[1][6]) == pytest.approx(smooth[-1] / smooth[0], abs=1e-3)
     assert [r[7] for r in rows] == ["yes", "yes", "yes", "no"]
     assert "unit by unit (blue) and JCAR (red)" in sec.markdown
-    none = recon_curves_section(ctx_with({"recon_units": [units[2]]}))
+    from carsam_onnx.calib.recon.loop import UnitStats    # the records quantize passes today (no curve yet)
+
+    real = UnitStats("enc.block0", "block", 100, 1.5, 0.5, 0.1, "cpu")
+    none = recon_curves_section(ctx_with({"recon_units": [real]}))
     assert none.images == [] and "No unit recorded a loss curve" in none.markdown
+    assert table(none.markdown, "unit") == [["`enc.block0`", "this run", "block", "100", "0.5", "0.1", "0.200", "no"]]
