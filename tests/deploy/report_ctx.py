@@ -31,5 +31,4 @@ def tiny_report_context(folder: Path, *, baseline: bool = True, num_calib: int =
     save_model(qmodel, q_path, force=True)
     ctx = ReportContext(folder, Path(path), q_path, model, qmodel, plan, artifact, held_feeds, held, ["test"],
                         progress=False, extra=extra)
-    ctx.extra["_calib_feeds"] = feeds
     return ctx
