@@ -193,7 +193,8 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
         from .deploy.report import write_quant_report
 
         write_quant_report(report_dir, model_path, output, model, qmodel, plan, artifact, held_feeds, report,
-                           held_samples=held, provider=provider, progress=progress)
+                           held_samples=held, provider=provider, progress=progress,
+                           extra={"recon_units": stats} if stats else None)
         clock.lap("report")
     report.seconds = clock.laps
     return report

@@ -11,6 +11,10 @@ Built-in sections:
 - activation SQNR per quantized activation, each quantized alone on the FP model's values over the held-out
   inputs (torch executor, the same Q/DQ arithmetic as the graph), bar chart in graph order;
 - masks: FP vs quantized mask of each held-out prompt overlaid on its image (model input frame), with their IoU.
+
+Registered from their own modules when the package is imported (deploy/__init__.py), after these: attention
+dissipation, Q.K^T error before/after MAC and attention maps (report_attention.py), reconstruction loss
+curves per unit (report_recon.py).
 """
 from __future__ import annotations
 
@@ -82,7 +86,9 @@ def _group(name: str) -> str:
 COLOURS = {"image_encoder": "#1f77b4", "mask_decoder": "#ff7f0e", "prompt_encoder": "#2ca02c", "other": "#7f7f7f"}
 
 
-def _bar_chart(path: Path, names: list[str], values: list[float], title: str, ylabel: str) -> None:
+def _bar_chart(path: Path, names: list[str], values: list[float], title: str, ylabel: str, *,
+               xlabel: str = "layer, in graph order (input -> output)", hatched: list[bool] | None = None,
+               hatch_label: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,15 +97,25 @@ def _bar_chart(path: Path, names: list[str], values: list[float], title: str, yl
     finite = [v if np.isfinite(v) else np.nan for v in values]
     fig, ax = plt.subplots(figsize=(max(6.0, min(0.12 * len(values) + 2, 24.0)), 4.0))
     colours = [COLOURS[_group(n)] for n in names]
-    ax.bar(range(len(values)), finite, color=colours, width=0.8)
-    ax.set_xlabel("layer, in graph order (input -> output)")
+    bars = ax.bar(range(len(values)), finite, color=colours, width=0.8)
+    marked = hatched is not None and any(hatched)
+    if marked:
+        for bar, h in zip(bars, hatched):
+            if h:
+                bar.set_hatch("///")
+                bar.set_edgecolor("white")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.set_xlim(-1, len(values))
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for g, c in COLOURS.items() if g in {_group(n) for n in names}]
-    labels = [g for g in COLOURS if g in {_group(n) for n in names}]
+    groups = {_group(n) for n in names}
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for g, c in COLOURS.items() if g in groups]
+    labels = [g.replace("_", " ") for g in COLOURS if g in groups]
+    if marked:
+        handles.append(plt.Rectangle((0, 0), 1, 1, facecolor="#bbbbbb", hatch="///", edgecolor="white"))
+        labels.append(hatch_label)
     if handles:
-        ax.legend(handles, labels, loc="best", fontsize=8)
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -137,15 +153,23 @@ def weight_sqnr_section(ctx: ReportContext) -> Section | None:
             continue
         w = numpy_helper.to_array(inits[site.initializer]).astype(np.float32)
         w_fp = ctx.artifact.float_weights.get(site.initializer, w)
-        rows.append((site.node, sqnr_db(w, dequantize_weight(quantize_weight(np.asarray(w_fp), wq), wq)), wq.bits))
+        rows.append((site.node, sqnr_db(w, dequantize_weight(quantize_weight(np.asarray(w_fp), wq), wq)), wq.bits,
+                     site.kind.value))
     if not rows:
         return None
     png = "weight_sqnr.png"
+    layer_bits = sorted({r[2] for r in rows if r[3] != "constant"})
+    const_bits = sorted({r[2] for r in rows if r[3] == "constant"})
     _bar_chart(ctx.folder / png, [r[0] for r in rows], [r[1] for r in rows],
-               f"Weight SQNR per layer ({len(rows)} layers)", "SQNR (dB), quantized vs float weight")
+               f"Weight SQNR per layer ({len(rows)} quantized weights; layers "
+               f"{'/'.join(map(str, layer_bits)) or '-'}-bit)", "SQNR (dB), quantized vs float weight",
+               xlabel="weight, in graph order (input -> output)", hatched=[r[3] == "constant" for r in rows],
+               hatch_label=f"constant tables ({'/'.join(map(str, const_bits))}-bit, weight-only)")
     md = (f"![Weight SQNR per layer, in graph order]({png})\n\n"
           f"*{png}: SQNR of each quantized weight against its float value (10 log10 of signal over quantization "
-          f"noise), one bar per weight layer in graph order; colour = part of SAM.* Median "
+          f"noise), one bar per weight layer in graph order; colour = part of SAM; hatched = large float constants "
+          f"that are no layer weight (position embeddings, relative-position tables), stored per channel as "
+          f"weight-only INT8.* Median "
           f"{np.median([r[1] for r in rows]):.1f} dB. Lowest:\n\n" + _worst([(r[0], r[1]) for r in rows]))
     return Section("Weight SQNR per layer", md, [png])
 
@@ -185,8 +209,11 @@ def activation_sqnr_section(ctx: ReportContext) -> Section | None:
         label = f"{a.value} ({a.kind.value}) -> {consumer}"
         rows.append((label, sqnr_from_sums(s, n)))
     png = "activation_sqnr.png"
+    bits = sorted({ctx.artifact.activations[a.value].bits for a in acts})
     _bar_chart(ctx.folder / png, [r[0] for r in rows], [r[1] for r in rows],
-               f"Activation SQNR per quantized activation ({len(rows)})", "SQNR (dB), Q/DQ vs float")
+               f"Activation SQNR per quantized activation ({len(rows)} activations, "
+               f"{'/'.join(map(str, bits))}-bit), each quantized alone", "SQNR (dB), Q/DQ vs float",
+               xlabel="quantized activation, in graph order (input -> output)")
     md = (f"![Activation SQNR per quantized activation, in graph order]({png})\n\n"
           f"*{png}: SQNR of each quantized activation (layer inputs and both inputs of the attention MatMuls), "
           f"each quantized alone on the FP model's values over {len(ctx.held_feeds)} held-out inputs, in graph "
@@ -233,7 +260,7 @@ def mask_overlay_section(ctx: ReportContext) -> Section | None:
     fp = rt.session(ctx.fp_path, "FP model")
     q = rt.session(ctx.q_path, "quantized model")
     n = len(ctx.held_feeds)
-    fig, axes = plt.subplots(n, 2, figsize=(8, 4 * n), squeeze=False)
+    fig, axes = plt.subplots(n, 3, figsize=(11, 4.2 * n), squeeze=False)
     ious = []
     for i, (feed, sample) in enumerate(zip(ctx.held_feeds, ctx.held_samples)):
         image = _image_of(sample)
@@ -243,14 +270,27 @@ def mask_overlay_section(ctx: ReportContext) -> Section | None:
         iou = float(inter / union) if union else 1.0
         ious.append(iou)
         (x0, y0), (x1, y1) = sample.point_coords[0][:2]
-        for ax, m, name in zip(axes[i], masks, ("FP", "quantized")):
-            tint = image.astype(np.float32).copy()
-            tint[m] = 0.5 * tint[m] + 0.5 * np.array([30, 144, 255])
+        grey = np.repeat(image.astype(np.float32).mean(-1, keepdims=True), 3, -1)
+        for ax, m, name in zip(axes[i][:2], masks, ("FP", "quantized")):
+            tint = grey.copy()
+            tint[m] = 0.45 * tint[m] + 0.55 * np.array([0, 200, 255])
             ax.imshow(tint.astype(np.uint8))
+            if m.any():
+                ax.contour(m.astype(np.float32), levels=[0.5], colors="yellow", linewidths=1.0)
+            ax.set_title(f"{sample.source}: {name} mask", fontsize=9)
+        diff = grey * 0.6
+        only_fp, only_q = masks[0] & ~masks[1], masks[1] & ~masks[0]
+        diff[masks[0] & masks[1]] = (200, 200, 200)
+        diff[only_fp] = (230, 40, 40)
+        diff[only_q] = (40, 90, 255)
+        axes[i][2].imshow(diff.astype(np.uint8))
+        axes[i][2].set_title(f"IoU {iou:.3f}; grey: both, red: FP only ({int(only_fp.sum())} px),\n"
+                             f"blue: quantized only ({int(only_q.sum())} px)", fontsize=9)
+        for ax in axes[i]:
             ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="lime", linewidth=1.5))
-            ax.set_title(f"{sample.source}: {name}" + (f" (IoU vs FP {iou:.3f})" if name == "quantized" else ""),
-                         fontsize=9)
             ax.axis("off")
+    fig.suptitle("Masks of the held-out box prompts (green box), FP vs quantized, on the model's input frame "
+                 "(image shown in grey)", fontsize=10)
     fig.tight_layout()
     png = "masks_fp_vs_quantized.png"
     fig.savefig(ctx.folder / png, dpi=90)
@@ -258,8 +298,9 @@ def mask_overlay_section(ctx: ReportContext) -> Section | None:
     rows = [(s.source, f"{iou:.4f}") for s, iou in zip(ctx.held_samples, ious)]
     md = (f"![FP vs quantized masks on held-out images]({png})\n\n"
           f"*{png}: for each held-out image and its box prompt (green), the FP model's mask (left) and the "
-          f"quantized model's mask (right), blue, in the model's input frame; the title gives the IoU of the "
-          f"two masks.*\n\n" + _table(rows, ("image", "mask IoU, quantized vs FP")))
+          f"quantized model's mask (middle), cyan with a yellow outline over the image in grey, in the model's "
+          f"input frame; right: where they agree (grey) and differ (red: FP only, blue: quantized only), with "
+          f"the IoU of the two masks.*\n\n" + _table(rows, ("image", "mask IoU, quantized vs FP")))
     return Section("Masks: FP vs quantized", md, [png])
 
 
@@ -292,8 +333,9 @@ def write_report(ctx: ReportContext, sections: list[SectionFn] | None = None) ->
 
 
 def write_quant_report(folder, fp_path, q_path, fp_model, q_model, plan, artifact, held_feeds, report, *,
-                       held_samples, provider=None, progress=True) -> Path:
+                       held_samples, provider=None, progress=True, extra: dict | None = None) -> Path:
+    """extra: ReportContext.extra (recon_units, recon_compare, baseline...: see the sections' modules)."""
     ctx = ReportContext(Path(folder), Path(fp_path), Path(q_path), fp_model, q_model, plan, artifact,
                         held_feeds, held_samples, [x for x in report.lines() if not x.startswith("time:")],
-                        provider, progress)
+                        provider, progress, dict(extra or {}))
     return write_report(ctx)

@@ -1,0 +1,121 @@
+"""Report section: reconstruction loss curves per unit (issue 12: the oscillation JCAR removes).
+
+ctx.extra["recon_units"]: the run's per-unit records (calib/recon/loop.py UnitStats: name, kind, iters,
+loss_start, loss_end and `curve`, the loss of every step or of an evenly spaced subsample of them);
+ctx.extra["recon_compare"]: an optional second list (e.g. unit-by-unit against JCAR), drawn in the same panel
+where the unit names match and in panels of its own where they do not; ctx.extra["recon_labels"]: legend
+names of the two lists (default "this run", "compare"). Units without a curve are left out of the plot and
+listed in the table.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .report import ReportContext, Section, _table
+
+COLOURS = ("#1f77b4", "#d62728")
+MAX_PANELS = 60
+
+
+def _curve(u) -> np.ndarray | None:
+    c = getattr(u, "curve", None)
+    if c is None:
+        return None
+    c = np.asarray(c, dtype=np.float64).reshape(-1)
+    return c if c.size else None
+
+
+def _steps(u, n: int) -> np.ndarray:
+    """Step index of each of the n curve points: the curve covers steps 0..iters evenly."""
+    iters = int(getattr(u, "iters", 0) or 0)
+    if n == 1:
+        return np.zeros(1)
+    return np.linspace(0, max(iters - 1, n - 1) if iters else n - 1, n)
+
+
+def _wrap(name: str, width: int = 34) -> str:
+    """A unit name on at most two lines, broken after a / or . separator (the middle cut out if still long)."""
+    if len(name) <= width:
+        return name
+    cut = max(name.rfind("/", 0, width), name.rfind(".", 0, width))
+    head, tail = (name[: cut + 1], name[cut + 1:]) if cut > 0 else (name[:width], name[width:])
+    if len(tail) > width:
+        tail = "..." + tail[-(width - 3):]
+    return f"{head}\n{tail}"
+
+
+def recon_curves_section(ctx: ReportContext) -> Section | None:
+    lists = [list(ctx.extra.get("recon_units") or [])]
+    if ctx.extra.get("recon_compare"):
+        lists.append(list(ctx.extra["recon_compare"]))
+    if not lists[0] and len(lists) == 1:
+        return None
+    names = list(ctx.extra.get("recon_labels") or ("this run", "compare"))[: len(lists)]
+    order: list[str] = []
+    by = [dict() for _ in lists]
+    for i, units in enumerate(lists):
+        for u in units:
+            by[i][u.name] = u
+            if u.name not in order:
+                order.append(u.name)
+    plotted = [n for n in order if any(n in b and _curve(b[n]) is not None for b in by)]
+    rows = []
+    for n in order:
+        for i, b in enumerate(by):
+            u = b.get(n)
+            if u is None:
+                continue
+            ratio = u.loss_end / u.loss_start if u.loss_start else float("nan")
+            rows.append((f"`{n}`", names[i], u.kind, u.iters, f"{u.loss_start:.4g}", f"{u.loss_end:.4g}",
+                         f"{ratio:.3f}", "yes" if _curve(u) is not None else "no"))
+    table = _table(rows, ("unit", "run", "kind", "steps", "first loss", "last loss", "last / first", "curve"))
+    if not plotted:
+        return Section("Reconstruction loss per unit", "No unit recorded a loss curve; first and last loss:\n\n"
+                       + table)
+    shown = plotted[:MAX_PANELS]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncols = min(6, len(shown))
+    nrows = math.ceil(len(shown) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.7 * ncols + 0.5, 2.4 * nrows + 1.0), squeeze=False)
+    for ax in axes.flat[len(shown):]:
+        ax.axis("off")
+    for ax, n in zip(axes.flat, shown):
+        for i, b in enumerate(by):
+            u = b.get(n)
+            c = None if u is None else _curve(u)
+            if c is None:
+                continue
+            pos = c > 0
+            ax.plot(_steps(u, c.size)[pos], c[pos], color=COLOURS[i % len(COLOURS)], linewidth=1.0,
+                    label=names[i])
+        ax.set_yscale("log")
+        ax.set_title(_wrap(n), fontsize=7)
+        ax.tick_params(which="both", labelsize=6)
+        ax.grid(alpha=0.3, which="both")
+        ax.set_xlabel("step", fontsize=7, labelpad=1)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("loss (log)", fontsize=7)
+    handles = [plt.Line2D([], [], color=COLOURS[i % len(COLOURS)]) for i in range(len(lists))]
+    fig.legend(handles, names, loc="upper right", fontsize=8, ncol=len(lists))
+    fig.suptitle("Reconstruction loss per unit (one panel per unit, graph order; log scale)"
+                 + (f"; first {MAX_PANELS} of {len(plotted)} units" if len(plotted) > MAX_PANELS else ""),
+                 fontsize=10, x=0.02, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.97 if nrows > 2 else 0.93))
+    png = "recon_loss_curves.png"
+    fig.savefig(ctx.folder / png, dpi=90)
+    plt.close(fig)
+    what = " and ".join(f"{names[i]} ({'blue' if i == 0 else 'red'})" for i in range(len(lists)))
+    md = (f"![Reconstruction loss per unit]({png})\n\n"
+          f"*{png}: the reconstruction loss of each unit against its optimisation step (log scale), {what}; "
+          f"units are the blocks optimised together, in graph order. A curve that rises and falls instead of "
+          f"settling is the oscillation joint reconstruction is meant to remove.*\n\n" + table)
+    return Section("Reconstruction loss per unit", md, [png])
+
+
+SECTIONS = (recon_curves_section,)
