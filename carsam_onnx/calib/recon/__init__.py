@@ -59,7 +59,7 @@ def _calibrate(model, plan, config, feeds, progress, *, show_units, stats, mac: 
     if mac:
         from ..mac_site import apply_mac
 
-        base = apply_mac(model, plan, base, feeds, config.mac, progress)
+        base = apply_mac(model, plan, base, feeds, config.mac)
     units = find_units(model, plan)
     if jcar is not None:
         units = joint_units(model, units, jcar)
