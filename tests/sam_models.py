@@ -68,7 +68,7 @@ def official_decoder_path(model_type: str = "vit_b", seed: int = 0) -> Path:
         "has_mask_input": torch.tensor([1], dtype=torch.float),
         "orig_im_size": torch.tensor([1500, 2250], dtype=torch.float),
     }
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")   # test workers (pytest -n) may build it at once
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(onnx_model, tuple(dummy.values()), str(tmp), dynamo=False, export_params=True,

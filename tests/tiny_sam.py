@@ -3,6 +3,7 @@ exported once as full / encoder / decoder graphs and as segment-anything's offic
 next to tests/sam_models.py's exports."""
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -25,7 +26,7 @@ def _built(seed: int) -> BuiltSam:
 
 
 def _save(model: onnx.ModelProto, path: Path) -> Path:
-    tmp = path.with_suffix(f".{id(model)}.tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.{id(model)}.tmp")
     onnx.save_model(model, str(tmp))
     tmp.rename(path)
     return path

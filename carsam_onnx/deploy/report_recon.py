@@ -92,8 +92,15 @@ def recon_curves_section(ctx: ReportContext) -> Section | None:
             if c is None:
                 continue
             pos = c > 0
-            ax.plot(_steps(u, c.size)[pos], c[pos], color=COLOURS[i % len(COLOURS)], linewidth=1.0,
-                    label=names[i])
+            steps = _steps(u, c.size)
+            colour = COLOURS[i % len(COLOURS)]
+            ax.plot(steps[pos], c[pos], color=colour, linewidth=0.5, alpha=0.3)     # every step (one batch each)
+            w = max(1, c.size // 20)                                                  # and its running mean
+            if w > 1 and c.size > w:
+                sm = np.convolve(c, np.ones(w) / w, mode="valid")
+                ax.plot(steps[w - 1:][sm > 0], sm[sm > 0], color=colour, linewidth=1.2, label=names[i])
+            else:
+                ax.plot(steps[pos], c[pos], color=colour, linewidth=1.2, label=names[i])
         ax.set_yscale("log")
         ax.set_title(_wrap(n), fontsize=7)
         ax.tick_params(which="both", labelsize=6)
@@ -103,7 +110,8 @@ def recon_curves_section(ctx: ReportContext) -> Section | None:
         ax.set_ylabel("loss (log)", fontsize=7)
     handles = [plt.Line2D([], [], color=COLOURS[i % len(COLOURS)]) for i in range(len(lists))]
     fig.legend(handles, names, loc="upper right", fontsize=8, ncol=len(lists))
-    fig.suptitle("Reconstruction loss per unit (one panel per unit, graph order; log scale)"
+    fig.suptitle("Reconstruction loss per unit (one panel per unit, graph order; log scale; faint: every step, "
+                 "bold: running mean over 5% of the steps)"
                  + (f"; first {MAX_PANELS} of {len(plotted)} units" if len(plotted) > MAX_PANELS else ""),
                  fontsize=10, x=0.02, ha="left")
     fig.tight_layout(rect=(0, 0, 1, 0.97 if nrows > 2 else 0.93))
