@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench_accuracy import fp_model, git_commit, sha256_file, write_json_atomic, write_text_atomic  # noqa: E402
-from bench_recon import CALIB_POOL, cached, dataset  # noqa: E402
+from bench_accuracy import fp_model, git_commit, sha256_file, write_json_atomic  # noqa: E402
+from bench_recon import CALIB_POOL, _stats, cached, cpu_flags, dataset, write_section  # noqa: E402
 
 BEGIN = "<!-- tools/bench_carsam.py writes from here -->"
 END = "<!-- tools/bench_carsam.py ends here -->"
@@ -211,23 +211,12 @@ def main(argv=None) -> int:
     if ex is not None:
         collect(block=True)
         ex.shutdown()
-    write_section(Path(a.out_md), markdown(results, a, fp_desc))
+    write_section(Path(a.out_md), markdown(results, a, fp_desc), BEGIN, END)
     return 0
 
 
-def _stats(xs):
-    if not xs:
-        return None
-    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0), len(xs)
-
-
 def markdown(results, a, fp_desc) -> str:
-    flags = ""
-    try:
-        cpu = Path("/proc/cpuinfo").read_text().split()
-        flags = " ".join(sorted({f for f in cpu if f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")}))
-    except OSError:
-        pass
+    flags = cpu_flags()
     cmd = "python tools/bench_carsam.py " + " ".join(shlex.quote(x) for x in (sys.argv[1:]))
     sched = f"{'GPU' if a.device.startswith('cuda') else 'CPU'} default schedule" if not a.recon_iters else \
         f"{a.recon_iters} steps per unit"
@@ -273,16 +262,6 @@ def markdown(results, a, fp_desc) -> str:
         lines += ["Median quantize wall time per cell (s; processes ran " + f"{a.jobs} at once): " +
                   ", ".join(f"{v} {t:.0f}" for v, t in qt.items()), ""]
     return "\n".join(lines)
-
-
-def write_section(md: Path, text: str) -> None:
-    old = md.read_text() if md.is_file() else ""
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in old and END in old:
-        new = old[:old.index(BEGIN)] + block + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    write_text_atomic(md, new)
 
 
 if __name__ == "__main__":

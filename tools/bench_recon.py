@@ -171,12 +171,7 @@ def _stats(xs):
 def markdown(results, a, schedule, iters, fp_desc) -> str:
     import os
 
-    flags = ""
-    try:
-        cpu = Path("/proc/cpuinfo").read_text().split()
-        flags = " ".join(sorted({f for f in cpu if f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")}))
-    except OSError:
-        pass
+    flags = cpu_flags()
     cmd = "python tools/bench_recon.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     lines = [f"## Block reconstruction (`--method recon`, issue 11): {schedule} schedule", "",
              f"Made by `{cmd}` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC ({platform.machine()}, "
@@ -210,14 +205,24 @@ def markdown(results, a, schedule, iters, fp_desc) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
+def cpu_flags() -> str:
+    """The CPU flags that decide integer-kernel speed (VNNI, AVX-512, AMX), space-separated; "" if unknown."""
+    try:
+        cpu = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return ""
+    return " ".join(sorted({f for f in cpu if f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")}))
+
+
+def write_section(path: Path, section: str, begin: str = BEGIN, end: str = END) -> None:
+    """Write `section` between the two marker comments of `path` (appended the first time), leaving the rest."""
     existing = path.read_text() if path.is_file() else ""
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}"
-    if BEGIN in existing and END in existing:
-        i, j = existing.index(BEGIN), existing.index(END)
+    block = f"{begin}\n{section.rstrip()}\n{end}"
+    if begin in existing and end in existing:
+        i, j = existing.index(begin), existing.index(end)
         if j < i:
-            raise OutputError(f"{path}: bench_recon markers out of order")
-        text = existing[:i] + block + existing[j + len(END):]
+            raise OutputError(f"{path}: markers {begin} / {end} out of order")
+        text = existing[:i] + block + existing[j + len(end):]
     else:
         text = existing.rstrip("\n") + ("\n\n" if existing else "") + block + "\n"
     write_text_atomic(path, text)
