@@ -234,18 +234,25 @@ class _PromptAction(argparse.Action):
 
 
 def _add_predict(sub):
-    p = sub.add_parser("predict", help="masks for box / point prompts on one image -> mask PNG (+ overlay PNG)")
+    p = sub.add_parser("predict", help="masks for box / point prompts on one image -> mask PNG (+ overlay PNG), "
+                                       "or on a folder of images -> a folder of mask PNGs")
     p.add_argument("model", nargs="+", help="a full model, or an encoder and a decoder model (any order; the "
                                              "decoder may be segment-anything's own export)")
-    p.add_argument("image", help="image file (RGB or gray)")
+    p.add_argument("image", help="image file (RGB or gray), or a folder of images: then -o and --overlay are "
+                                 "folders, one PNG per image named after it")
     p.add_argument("--box", nargs=4, type=float, action=_PromptAction, metavar=("X0", "Y0", "X1", "Y1"),
                    help="a box prompt in image pixels (repeatable: one prompt per box)")
     p.add_argument("--point", nargs=2, type=float, action=_PromptAction, metavar=("X", "Y"),
                    help="a point in image pixels (repeatable; all points form one prompt)")
     p.add_argument("--label", type=int, choices=[0, 1], action=_PromptAction,
                    help="label of the --point before it: 1 foreground (default), 0 background")
-    p.add_argument("-o", "--output", required=True, help="mask PNG (255/0; with several prompts: prompt index)")
-    p.add_argument("--overlay", help="also write the image with the masks and prompts drawn on it")
+    p.add_argument("--prompts", metavar="FILE.json", help="with a folder of images: box prompts from a COCO JSON "
+                   "(instances file as `data synth` writes, or detection results), one per annotation, instead of "
+                   "--box / --point")
+    p.add_argument("-o", "--output", required=True, help="mask PNG (255/0; with several prompts: prompt index); "
+                                                         "with a folder of images, the output folder")
+    p.add_argument("--overlay", help="also write the image with the masks and prompts drawn on it (a folder "
+                                     "with a folder of images)")
     p.add_argument("--multimask", action="store_true", help="ask for all masks, keep the best by predicted IoU")
     p.add_argument("--runtime", choices=["ort", "torch"], default="ort")
     p.add_argument("--device", help="torch device for --runtime torch (cpu, cuda)")
@@ -258,15 +265,22 @@ def _run_predict(a) -> int:
     from .errors import InputError
 
     items = a.prompt_items or []
-    if not items:
-        raise InputError("give at least one --box X0 Y0 X1 Y1 or --point X Y")
+    if not items and a.prompts is None:
+        raise InputError("give at least one --box X0 Y0 X1 Y1 or --point X Y (or, with a folder of images, "
+                         "--prompts FILE.json)")
     boxes = [v for kind, v, _ in items if kind == "box"] or None
     points = [v for kind, v, _ in items if kind == "point"] or None
     labels = [1 if lab is None else lab for kind, _, lab in items if kind == "point"] or None
     model = a.model[0] if len(a.model) == 1 else a.model
     out = api.predict(model, a.image, boxes=boxes, points=points, labels=labels, output=a.output,
                       overlay=a.overlay, multimask=a.multimask, runtime=a.runtime, device=a.device,
-                      provider=a.provider, force=a.force)
+                      provider=a.provider, force=a.force, prompts_file=a.prompts, progress=not a.quiet)
+    if hasattr(out, "images"):   # a folder of images
+        if not a.quiet:
+            print(f"{len(out.images)} images, {out.num_prompts} prompts; wrote masks: {out.mask_dir}"
+                  + (f", overlays: {out.overlay_dir}" if out.overlay_dir else "")
+                  + (f"; {len(out.skipped)} images without boxes in {a.prompts} skipped" if out.skipped else ""))
+        return 0
     if not a.quiet:
         for i, (q, n) in enumerate(zip(out.scores, out.areas)):
             print(f"prompt {i + 1}: predicted IoU {q:.3f}, {n} px")

@@ -48,6 +48,7 @@ QF = Q + " {in}/full.onnx -o {out}/q.onnx"
 E = "eval {in}/full.onnx"
 EDS = E + " --images {in}/ds/images"
 KEEP = {"keep.onnx": b"an existing output"}
+PF = "predict {in}/full.onnx {in}/ds/images"                         # predict over a folder of 3 images
 
 CASES: list[Case] = [
     # ---- export ----------------------------------------------------------------------------------------------
@@ -89,6 +90,30 @@ CASES: list[Case] = [
       "image.onnx"),
     C("predict-corrupt-image", "predict {in}/full.onnx {in}/calib_corrupt/corrupt.png --box 1 1 9 9 -o {out}/m.png",
       "corrupt.png"),
+    # ---- predict over a folder of images (PF: a folder predict that would otherwise succeed) ---------------------
+    C("predict-folder-empty", "predict {in}/full.onnx {in}/empty_dir --box 1 1 9 9 -o {out}/masks", "empty_dir",
+      "no image files"),
+    C("predict-folder-no-images", "predict {in}/full.onnx {in}/no_images --box 1 1 9 9 -o {out}/masks", "no_images",
+      "no image files"),
+    C("predict-folder-corrupt-image", "predict {in}/full.onnx {in}/calib_corrupt --box 1 1 9 9 -o {out}/masks "
+      "--overlay {out}/ov", "corrupt.png"),                       # found after 3 masks: they and the folders go
+    C("predict-folder-output-is-file", PF + " --box 1 1 9 9 -o {out}/keep.onnx", "keep.onnx", "is a file",
+      pre=KEEP),
+    C("predict-folder-output-image-name", PF + " --box 1 1 9 9 -o {out}/mask.png", "-o", "output folder"),
+    C("predict-folder-mask-exists", PF + " --box 1 1 9 9 -o {out}/masks", "000000000101.png", "exists", "--force",
+      pre={"masks/000000000101.png": b"an earlier mask"}),
+    C("predict-folder-overlay-is-output", PF + " --box 1 1 9 9 -o {out}/m --overlay {out}/m", "same folder"),
+    C("predict-folder-no-prompts", PF + " -o {out}/masks", "--box", "--prompts"),
+    C("predict-prompts-and-box", PF + " --prompts {in}/ds/annotations.json --box 1 1 9 9 -o {out}/masks", "not both"),
+    C("predict-prompts-single-image", "predict {in}/full.onnx {in}/ds/images/000000000100.png --prompts "
+      "{in}/ds/annotations.json -o {out}/m.png", "--prompts", "folder"),
+    C("predict-prompts-unknown-file-name", PF + " --prompts {in}/cp_unknown.json -o {out}/masks", "elsewhere.png",
+      "not an image in"),
+    C("predict-prompts-unknown-image-id", PF + " --prompts {in}/ann_unknown_image.json -o {out}/masks",
+      "image_id 999", "not an image in"),
+    C("predict-prompts-box-outside", PF + " --prompts {in}/cp_outside.json -o {out}/masks", "outside",
+      "000000000100.png"),
+    C("predict-prompts-not-json", PF + " --prompts {in}/notes.txt -o {out}/masks", "notes.txt", "JSON"),
     # ---- quantize: calibration data --------------------------------------------------------------------------
     C("quantize-calib-no-images", "quantize {in}/full.onnx -o {out}/q.onnx --calib-images {in}/no_images",
       "no_images", "no images"),
@@ -217,6 +242,7 @@ def _make_inputs(root: Path) -> None:
     shutil.copytree(images_dir, root / "calib")
     _write(root / "image.onnx", (images_dir / "000000000100.png").read_bytes())
     (root / "no_images").mkdir()
+    (root / "empty_dir").mkdir()
     _write(root / "no_images" / "readme.txt", "no images here")
     for name, bad in (("calib_empty", b""), ("calib_corrupt", None)):
         shutil.copytree(images_dir, root / name)

@@ -243,6 +243,74 @@ def _calib_boxes_from_file(prompts_file: Path, files: list[Path], ds: CocoDatase
     return out
 
 
+def list_image_files(folder: str | Path) -> list[Path]:
+    """The image files directly in `folder` (IMAGE_SUFFIXES, case-insensitive), sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_folder_prompts(prompts_file: str | Path, files: list[Path]) -> dict[Path, list[tuple]]:
+    """Box prompts for a folder of images (`predict` over a folder) -> {image file: [box x0 y0 x1 y1, ...]}.
+
+    The file is COCO JSON: an instances file as `data synth` writes (its "images" give each image_id a file_name;
+    one box per annotation), or a detection-results list whose entries name their image by "file_name" or by
+    "image_id" (then numeric file names, 000000000139.jpg -> 139). An entry for an image not among `files` is an
+    error (InputError), as are an empty or non-finite bbox and a file with no boxes. Boxes are not clipped here.
+    """
+    path = Path(prompts_file)
+    if not path.is_file():
+        raise InputError(f"prompts file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"prompts file {path} is not readable JSON ({str(e).splitlines()[0]})") from None
+    by_name = {p.name: p for p in files}
+    by_id = {int(p.stem): p for p in files if p.stem.isdigit()}
+    if isinstance(data, dict) and isinstance(data.get("images"), list) and isinstance(data.get("annotations"), list):
+        by_id = {}
+        for i, im in enumerate(data["images"]):
+            if not isinstance(im, dict) or "id" not in im or "file_name" not in im:
+                raise InputError(f"{path}: images[{i}] needs id and file_name")
+            target = by_name.get(Path(str(im["file_name"])).name)
+            by_id[str(im["id"])] = target if target is not None else str(im["file_name"])
+        entries = data["annotations"]
+        id_key = str
+    elif isinstance(data, list):
+        entries, id_key = data, int
+    else:
+        raise InputError(f"prompts file {path} is neither a COCO instances file ('images' and 'annotations') nor "
+                         'a COCO detection-results list ([{"file_name" or "image_id": ..., "bbox": [x, y, w, h]}, ...])')
+    out: dict[Path, list[tuple]] = {}
+    folder = files[0].parent if files else Path(".")
+    for i, r in enumerate(entries):
+        box = _entry_box(path, i, r, InputError)
+        if "file_name" in r:
+            name = Path(str(r["file_name"])).name
+            target = by_name.get(name)
+        elif "image_id" in r:
+            try:
+                target = by_id.get(id_key(r["image_id"]))
+            except (TypeError, ValueError):
+                target = None
+            name = target if isinstance(target, str) else f"image_id {r['image_id']!r}"
+        else:
+            raise InputError(f"{path}: entry {i} names no image (give image_id or file_name)")
+        if not isinstance(target, Path):
+            raise InputError(f"{path}: entry {i} is for {name}, which is not an image in {folder}")
+        out.setdefault(target, []).append(box)
+    if not out:
+        raise InputError(f"prompts file {path} has no boxes")
+    return out
+
+
+def check_box_inside(box, height: int, width: int, where: str) -> tuple[float, float, float, float]:
+    """A box within BOX_TOLERANCE_PX of the image, clipped to it; InputError naming `where` otherwise."""
+    if not _box_inside(box, height, width):
+        raise InputError(f"box {[round(v, 1) for v in box]} (x0, y0, x1, y1) lies outside {where} "
+                         f"({width} x {height})")
+    return _clip(box, height, width)
+
+
 def random_box(height: int, width: int, rng: np.random.Generator) -> tuple[float, float, float, float]:
     """A box with sides uniform in [20%, 90%] of the image's sides, placed uniformly inside the image."""
     bw, bh = rng.uniform(0.2, 0.9) * width, rng.uniform(0.2, 0.9) * height

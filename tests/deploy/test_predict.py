@@ -2,6 +2,10 @@
 the official decoder export predicts like the project's graphs, split cuts at the image embedding exactly."""
 from __future__ import annotations
 
+import io
+import json
+import sys
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -13,6 +17,7 @@ from carsam_onnx.cli import main
 from carsam_onnx.data.coco import load_coco_dataset
 from carsam_onnx.deploy.predictor import SamOnnxPredictor, encode_prompts
 from carsam_onnx.data.preprocess import Geometry
+from carsam_onnx.data.prompts import xywh_to_xyxy
 from carsam_onnx.errors import InputError
 from carsam_onnx.eval.runner import run_predictions, select_prompts
 from tiny_coco import write_coco
@@ -143,3 +148,91 @@ def test_split_of_a_qdq_model(tiny, tmp_path):
     got = ort.InferenceSession(str(dec), so).run(None, {"image_embeddings": e, **feed})
     for r, g in zip(ref, got):
         np.testing.assert_array_equal(r, g)
+
+
+# ---- predict over a folder of images ---------------------------------------------------------------------------
+class _TTY(io.StringIO):
+    """stderr as a terminal: tqdm shows its bar only on a TTY (disable=None), as the commands ask it to."""
+
+    def isatty(self):
+        return True
+
+
+def _png(path):
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+def test_folder_mode_writes_the_single_image_masks(tiny, ds, tmp_path, monkeypatch):
+    """A folder: one mask PNG per image, the bytes' pixels equal to predict on that image alone, with the command
+    line's prompts (same on every image) and with --prompts (the annotations file, one box per annotation);
+    a progress bar on stderr, none with --quiet."""
+    images = ds.images_dir
+    files = sorted(images.glob("*.png"))
+    assert len(files) == 2
+    err = _TTY()
+    monkeypatch.setattr(sys, "stderr", err)
+    box = ["--box", "5", "5", "70", "60"]
+    assert main(["predict", str(tiny["full"]), str(images), *box, "--point", "30", "30", "-o",
+                 str(tmp_path / "masks"), "--overlay", str(tmp_path / "ov")]) == 0
+    assert "predict" in err.getvalue() and "2/2" in err.getvalue()        # tqdm's bar, on stderr
+    for f in files:
+        single = tmp_path / f"single_{f.stem}.png"
+        assert main(["-q", "predict", str(tiny["full"]), str(f), *box, "--point", "30", "30", "-o", str(single)]) == 0
+        folder_png = _png(tmp_path / "masks" / f"{f.stem}.png")
+        assert folder_png.shape == ds.read_image(ds.image_id_for_file(f.name)).shape[:2]
+        np.testing.assert_array_equal(folder_png, _png(single))
+        assert (folder_png == 255).any()
+        with Image.open(tmp_path / "ov" / f"{f.stem}.png") as im:
+            assert im.mode == "RGB" and im.size == folder_png.shape[::-1]
+    # --prompts: every annotation of an image is one box prompt on it, as --box ... --box ... on that image
+    ann = ds.annotations_path
+    err.seek(0)
+    err.truncate()
+    assert main(["-q", "predict", str(tiny["full"]), str(images), "--prompts", str(ann), "-o",
+                 str(tmp_path / "p")]) == 0
+    assert err.getvalue() == ""                                           # --quiet: no bar
+    for f in files:
+        anns = ds.annotations(ds.image_id_for_file(f.name))
+        argv = [a for x in anns for a in ("--box", *(str(v) for v in xywh_to_xyxy(x["bbox"])))]
+        single = tmp_path / f"single_p_{f.stem}.png"
+        assert main(["-q", "predict", str(tiny["full"]), str(f), *argv, "-o", str(single)]) == 0
+        got = _png(tmp_path / "p" / f"{f.stem}.png")
+        np.testing.assert_array_equal(got, _png(single))
+        assert set(np.unique(got)) <= set(range(len(anns) + 1)) and len(anns) >= 2
+
+
+def test_folder_mode_leaves_nothing_when_an_image_fails(tiny, ds, tmp_path):
+    """The masks written before a failing image are removed with the output folder the run made."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    good = sorted(ds.images_dir.glob("*.png"))
+    for f in good:
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "zz_truncated.png").write_bytes(good[0].read_bytes()[:80])   # header readable, pixels not
+    out = tmp_path / "masks"
+    assert main(["predict", str(tiny["full"]), str(folder), "--box", "5", "5", "40", "40", "-o", str(out)]) == 2
+    assert not out.exists()
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["predict", str(tiny["full"]), str(folder), "--box", "5", "5", "40", "40", "-o", str(out)]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_folder_prompts_file_formats(tmp_path):
+    """--prompts: an instances file (ids -> file names) or detection results by file_name / numeric image_id."""
+    from carsam_onnx.data.prompts import load_folder_prompts
+
+    files = [tmp_path / "000000000007.png", tmp_path / "cat.jpg"]
+    inst = {"images": [{"id": 1, "file_name": "cat.jpg"}, {"id": 2, "file_name": "000000000007.png"}],
+            "annotations": [{"image_id": 1, "bbox": [1, 2, 3, 4]}, {"image_id": 2, "bbox": [0, 0, 5, 5]},
+                            {"image_id": 1, "bbox": [2, 2, 2, 2]}]}
+    (tmp_path / "i.json").write_text(json.dumps(inst))
+    got = load_folder_prompts(tmp_path / "i.json", files)
+    assert got == {files[1]: [(1, 2, 4, 6), (2, 2, 4, 4)], files[0]: [(0, 0, 5, 5)]}
+    dets = [{"file_name": "cat.jpg", "bbox": [1, 2, 3, 4], "score": 0.9}, {"image_id": 7, "bbox": [0, 0, 5, 5]}]
+    (tmp_path / "d.json").write_text(json.dumps(dets))
+    assert load_folder_prompts(tmp_path / "d.json", files) == {files[1]: [(1, 2, 4, 6)], files[0]: [(0, 0, 5, 5)]}
+    (tmp_path / "u.json").write_text(json.dumps([{"image_id": 8, "bbox": [0, 0, 5, 5]}]))
+    with pytest.raises(InputError, match="image_id 8.*not an image in"):
+        load_folder_prompts(tmp_path / "u.json", files)
