@@ -113,6 +113,10 @@ def _add_quantize(sub):
     dec = p.add_mutually_exclusive_group()
     dec.add_argument("--encoder", help="encoder ONNX to make calibration embeddings for a decoder-only model")
     dec.add_argument("--embeddings", help=".npz of image embeddings [K,256,H,W] for a decoder-only model")
+    p.add_argument("--calib-mask-input", action=argparse.BooleanOptionalAction,
+                   default=_default(QuantConfig, "calib_mask_input"),
+                   help="segment-anything's own decoder export: calibrate each prompt also as SAM's refinement step "
+                        "(mask_input = the FP decoder's low-res logits, has_mask_input 1), not only without a mask")
     p.add_argument("--save-calibration", metavar="FILE",
                    help="also write the calibration result here (for `carsam-onnx emit`)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
@@ -127,6 +131,7 @@ def _run_quantize(a) -> int:
     cfg = QuantConfig(bits=BitWidths.parse(a.bits), method=a.method, target=a.target, block_size=a.block_size,
                       percentile=a.percentile, keep_float=keep, num_calib=a.num_calib, seed=a.seed,
                       device=a.device, require_attention=a.require_attention, int8_weights=a.int8_weights,
+                      calib_mask_input=a.calib_mask_input,
                       recon=ReconConfig(iters=a.recon_iters, batch_size=a.recon_batch, init_method=a.recon_init,
                                         drop_prob=a.recon_drop),
                       carsam=CarsamConfig(use_mac=a.mac, use_jcar=a.jcar, pairing=a.jcar_pairing))

@@ -183,6 +183,8 @@ class QuantConfig:
     carsam: CarsamConfig = CarsamConfig()  # --method carsam only
     mac: MacConfig = MacConfig()           # MAC (calib/mac_site.apply_mac; --method carsam)
     int8_weights: str = "auto"             # INT8_WEIGHT_FORMATS: u8 (ort) / s7 (trt); figures beside the tuple
+    calib_mask_input: bool = True          # segment-anything's decoder export: per prompt also the refinement feed
+                                           # (mask_input = FP low-res logits, has_mask_input 1; calib/feeds.py)
 
     def __post_init__(self):
         if self.target not in ("ort", "trt"):

@@ -159,14 +159,14 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
         check_report_dir(report_dir, force)
     clock = _Clock()
     model = load_model(model_path)
-    model_kind(model, model_path)   # a graph that is not SAM: refused before any work
+    kind = model_kind(model, model_path)   # a graph that is not SAM: refused before any work
     model, plan, notes = _plan(model, config)
     check_opset(model)              # an opset Q/DQ cannot be written at (after any conversion in _plan)
     size = image_size(model)
     clock.lap("load and plan")
     calib, held = calibration_samples(config, size, calib_images, calib_prompts)
-    feeds = build_feeds(model, calib, encoder, embeddings)
-    held_feeds = build_feeds(model, held, encoder, embeddings)
+    feeds = build_feeds(model, calib, encoder, embeddings, mask_refinement=config.calib_mask_input)
+    held_feeds = build_feeds(model, held, encoder, embeddings, mask_refinement=False)   # one per held-out sample
     clock.lap("calibration data")
     with tqdm(total=len(feeds), desc=f"calibrating ({config.method}, {config.bits})", unit="img",
               disable=not progress or None) as bar:
@@ -176,6 +176,11 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
     qmodel, emit_notes = emit_model(model, plan, artifact, config)
     clock.lap("emit")
     sqnr = output_sqnr(model_path, qmodel, held_feeds, provider)   # before the output exists: nothing to undo if this fails
+    if kind == "official_decoder":   # and SAM's refinement step (calib/feeds.py): has_mask_input 1
+        from .calib.feeds import mask_refinement_feeds
+
+        refine = mask_refinement_feeds(model, held_feeds)
+        sqnr.update({f"{k} (mask input)": v for k, v in output_sqnr(model_path, qmodel, refine, provider).items()})
     clock.lap("held-out SQNR")
     save_model(qmodel, output, force=force)
     try:

@@ -2,6 +2,16 @@
 
 A full SAM graph takes image + prompt; an encoder takes the image; a decoder takes image embeddings
 (from an encoder ONNX model run in ONNX Runtime, or an .npz file of precomputed embeddings) + prompt.
+
+segment-anything's own decoder export (kind official_decoder) also takes a mask: SAM's interactive refinement
+sends the previous prediction's low-res logits back as ``mask_input`` with ``has_mask_input`` 1. Its calibration
+therefore gets two feeds per prompt (mask_refinement_feeds): the "no mask" one (zeros, ``has_mask_input`` 0) and
+the refinement one, whose ``mask_input`` is the FP model's ``low_res_masks`` of the first (the best mask by
+predicted IoU when the export gives several, as SamPredictor's users pass it back). The mask path itself
+(prompt_encoder.mask_downscaling) stays float under the default keep-float list; what the second feed gives real
+statistics to is everything it changes downstream: the image stream (image embedding + dense prompt embedding)
+into every two-way layer, and through the cross-attentions the token stream after the first self-attention.
+The two feeds of one prompt share the embedding array (mac_site.split_feeds keeps them on one side).
 """
 from __future__ import annotations
 
@@ -50,7 +60,9 @@ def _embeddings_from_npz(path: str | Path, count: int) -> list[np.ndarray]:
 
 
 def build_feeds(model: onnx.ModelProto, samples: list[CalibSample], encoder: str | Path | None = None,
-                embeddings: str | Path | None = None) -> list[dict[str, np.ndarray]]:
+                embeddings: str | Path | None = None, mask_refinement: bool = True) -> list[dict[str, np.ndarray]]:
+    """Feeds in sample order. segment-anything's decoder export: two per sample, the "no mask" feed and (unless
+    `mask_refinement` is false) its mask-refinement feed right after it (module docstring)."""
     kind = model_kind(model)
     if kind == "encoder":
         return [{"image": s.image} for s in samples]
@@ -62,5 +74,28 @@ def build_feeds(model: onnx.ModelProto, samples: list[CalibSample], encoder: str
     embs = (_embeddings_from_encoder(encoder, samples) if encoder is not None
             else _embeddings_from_npz(embeddings, len(samples)))
     extra = no_mask_inputs(image_size(model)) if kind == "official_decoder" else {}   # SAM's "no mask" convention
-    return [{"image_embeddings": e, "point_coords": s.point_coords, "point_labels": s.point_labels, **extra}
-            for e, s in zip(embs, samples)]
+    feeds = [{"image_embeddings": e, "point_coords": s.point_coords, "point_labels": s.point_labels, **extra}
+             for e, s in zip(embs, samples)]
+    if kind == "official_decoder" and mask_refinement:   # per prompt: no mask, then its refinement
+        feeds = [f for pair in zip(feeds, mask_refinement_feeds(model, feeds)) for f in pair]
+    return feeds
+
+
+def mask_refinement_feeds(model: onnx.ModelProto | str | Path, feeds: list[dict]) -> list[dict[str, np.ndarray]]:
+    """For segment-anything's decoder export: per feed, the feed SAM's interactive refinement sends next, the same
+    prompt with ``mask_input`` = the FP `model`'s ``low_res_masks`` for that feed (the one with the highest
+    ``iou_predictions`` when there are several) and ``has_mask_input`` 1. The embedding array is shared."""
+    from ..runtime import OrtRuntime
+
+    sess = OrtRuntime().session(model, "FP decoder")
+    out = []
+    for f in feeds:
+        r = sess.run(f)
+        low, iou = r["low_res_masks"], np.asarray(r["iou_predictions"]).reshape(-1)
+        best = int(np.argmax(iou)) if low.shape[1] > 1 else 0
+        mask = np.ascontiguousarray(low[:, best:best + 1], dtype=np.float32)
+        if mask.shape != f["mask_input"].shape:
+            raise ModelError(f"the decoder's low_res_masks {tuple(low.shape)} do not fit its mask_input "
+                             f"{tuple(f['mask_input'].shape)}; not segment-anything's decoder export")
+        out.append({**f, "mask_input": mask, "has_mask_input": np.ones((1,), np.float32)})
+    return out

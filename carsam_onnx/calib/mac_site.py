@@ -494,14 +494,32 @@ def scope_roles(scope: str) -> tuple[Role, ...]:
     return DECODER_ROLES if scope == "decoder" else tuple(Role)
 
 
+def _image_groups(feeds: list[dict]) -> list[list[dict]]:
+    """Consecutive feeds that share their image input array (the same object: segment-anything's decoder export
+    gets a "no mask" and a mask-refinement feed per prompt, calib/feeds.py) form one image's group."""
+    groups: list[list[dict]] = []
+    last = None
+    for f in feeds:
+        key = next((id(f[k]) for k in ("image_embeddings", "image") if k in f), None) if isinstance(f, dict) else None
+        if groups and key is not None and key == last:
+            groups[-1].append(f)
+        else:
+            groups.append([f])
+        last = key
+    return groups
+
+
 def split_feeds(feeds: list[dict], check_fraction: float) -> tuple[list[dict], list[dict]]:
-    """(fit, check): every k-th image, spread over the list, goes to the check part (at least one each)."""
-    n = len(feeds)
+    """(fit, check): every k-th image, spread over the list, goes to the check part (at least one each); the
+    feeds of one image (_image_groups) stay on one side."""
+    groups = _image_groups(feeds)
+    n = len(groups)
     if n < 2:
         raise CalibrationError(f"MAC needs at least 2 calibration images (one to fit, one to check); got {n}")
     n_check = min(n - 1, max(1, round(n * check_fraction)))
     idx = {int((j + 0.5) * n / n_check) for j in range(n_check)}
-    return [f for i, f in enumerate(feeds) if i not in idx], [f for i, f in enumerate(feeds) if i in idx]
+    return ([f for i, g in enumerate(groups) if i not in idx for f in g],
+            [f for i, g in enumerate(groups) if i in idx for f in g])
 
 
 def mac_sites(model: onnx.ModelProto, plan: QuantPlan, artifact: CalibrationArtifact, feeds: list[dict],

@@ -8,9 +8,12 @@ project's own graphs (labels 1/0, -1 padding, 2/3 box corners), coordinates in t
 The official export is TorchScript at opset 17. Q/DQ emission needs opset 21 (INT4 QuantizeLinear, the
 ``output_dtype`` attribute of symmetric Q), so `to_quantizable_opset` converts the graph with ONNX's
 version converter (ReduceMean axes -> input and the like; the outputs are unchanged to float rounding, tested)
-before planning. Calibration feeds it "no mask": ``mask_input`` zeros and ``has_mask_input`` 0, and
-``orig_im_size`` = (S, S) (it only sizes the ``masks`` output, which no quantized layer reads); see
-samgraph.no_mask_inputs.
+before planning. Calibration feeds each prompt twice (calib/feeds.py): "no mask" (``mask_input`` zeros,
+``has_mask_input`` 0; samgraph.no_mask_inputs) and SAM's refinement step (``mask_input`` = the FP decoder's
+``low_res_masks`` for that prompt, ``has_mask_input`` 1), unless QuantConfig.calib_mask_input is off
+(``--no-calib-mask-input``); ``orig_im_size`` = (S, S) (it only sizes the ``masks`` output, which no quantized
+layer reads). The mask-downscaling convs are prompt-encoder layers, float under the default keep-float list; the
+refinement feed gives its statistics to the transformer sites downstream of the dense prompt embedding.
 """
 from __future__ import annotations
 

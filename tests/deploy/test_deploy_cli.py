@@ -134,3 +134,80 @@ def test_official_decoder_export_quantizes_with_its_interface(tiny, emb, tmp_pat
                  str(tmp_path / "m.png")]) == 0
     assert main(["predict", str(tiny["encoder"]), str(own), str(img), "--box", "10", "10", "90", "60", "-o",
                  str(tmp_path / "m_own.png")]) == 0
+
+
+def _box_feeds(emb, idx, rng, k=3):
+    """Step-1 feeds of segment-anything's decoder export (no mask): k random boxes on each embedding in idx."""
+    from carsam_onnx.samgraph import no_mask_inputs
+
+    e = np.load(emb)["image_embeddings"]
+    feeds = []
+    for i in idx:
+        for _ in range(k):
+            x0, y0 = rng.uniform(0, 70, 2)
+            w, h = rng.uniform(20, 55, 2)
+            feeds.append({"image_embeddings": e[i:i + 1], "point_labels": np.array([[2.0, 3.0]], np.float32),
+                          "point_coords": np.array([[[x0, y0], [x0 + w, y0 + h]]], np.float32),
+                          **no_mask_inputs(128, (100, 150))})
+    return feeds
+
+
+def test_official_decoder_is_calibrated_with_a_mask_input_too(tiny, emb, tmp_path, capsys):
+    """SAM's refinement step (the previous low-res logits back as mask_input, has_mask_input 1) is calibrated:
+    every prompt gets its refinement feed, the sites downstream of the dense prompt embedding get its statistics,
+    and the quantized decoder at has_mask_input 1 agrees with the FP decoder on unseen embeddings."""
+    from carsam_onnx.calib.baseline import calibrate_baseline
+    from carsam_onnx.calib.feeds import build_feeds, mask_refinement_feeds
+    from carsam_onnx.calib.mac_site import split_feeds
+    from carsam_onnx.config import BitWidths, QuantConfig
+    from carsam_onnx.modelio import load_model
+    from carsam_onnx.qmath import sqnr_db
+    from carsam_onnx.quantize import _plan, calibration_samples
+
+    cfg = QuantConfig(bits=BitWidths.parse("w8a8"), method="minmax", num_calib=2)
+    model, plan, _ = _plan(load_model(tiny["official_decoder"]), cfg)
+    calib, _ = calibration_samples(cfg, 128, None, None)
+    feeds = build_feeds(model, calib, embeddings=emb)
+    assert len(feeds) == 4 and [float(f["has_mask_input"][0]) for f in feeds] == [0, 1, 0, 1]
+    fp = ort.InferenceSession(str(tiny["official_decoder"]))
+    for first, second in (feeds[0:2], feeds[2:4]):
+        assert second["image_embeddings"] is first["image_embeddings"]
+        np.testing.assert_allclose(second["mask_input"], fp.run(["low_res_masks"], first)[0], atol=1e-5)
+        assert np.abs(second["mask_input"]).max() > 0
+    fit, check = split_feeds(feeds, 0.25)                # MAC's fit/check split keeps an image's two feeds together
+    assert len(fit) == 2 and len(check) == 2 and check[0]["image_embeddings"] is check[1]["image_embeddings"]
+    # the refinement feeds reach the statistics: min-max ranges only widen, and do at sites fed by the dense
+    # embedding; the first self-attention (the prompt tokens alone) is untouched
+    art = {r: calibrate_baseline(model, plan, cfg, build_feeds(model, calib, embeddings=emb, mask_refinement=r))
+           for r in (False, True)}
+    changed = []
+    for site in plan.activations:
+        a, b = art[False].activations[site.value], art[True].activations[site.value]
+        lo_a, lo_b = -a.scale * a.zero_point, -b.scale * b.zero_point   # the range's low end, to a step (rounded zp)
+        assert b.scale >= a.scale * (1 - 1e-6) and lo_b <= lo_a + a.scale, site.value
+        if not np.allclose(a.scale, b.scale):
+            changed.append(site.value)
+        if "layers.0/self_attn" in site.value:
+            assert np.allclose(a.scale, b.scale), site.value
+    assert len(changed) >= len(plan.activations) // 3, changed
+    # through the CLI: W8A8, then SAM's two steps on embeddings calibration never saw
+    off = tmp_path / "off.onnx"
+    assert main(["quantize", str(tiny["official_decoder"]), "-o", str(off), "--embeddings", str(emb),
+                 "--num-calib", "2", "--bits", "w8a8", "--method", "minmax"]) == 0
+    assert "low_res_masks (mask input)" in capsys.readouterr().out          # held-out SQNR of the refinement step
+    off0 = tmp_path / "off0.onnx"                                       # switched off: the no-mask feeds only
+    assert main(["-q", "quantize", str(tiny["official_decoder"]), "-o", str(off0), "--embeddings", str(emb),
+                 "--num-calib", "2", "--bits", "w8a8", "--method", "minmax", "--no-calib-mask-input"]) == 0
+    assert off0.read_bytes() != off.read_bytes()
+    step1 = _box_feeds(emb, [2, 3], np.random.default_rng(4))
+    step2 = mask_refinement_feeds(str(tiny["official_decoder"]), step1)
+    q = ort.InferenceSession(str(off))
+    assert [i.name for i in q.get_inputs()] == [i.name for i in fp.get_inputs()]
+    for step, floor in ((step1, 25.0), (step2, 25.0)):
+        ref = [fp.run(["low_res_masks"], f)[0] for f in step]
+        got = [q.run(["low_res_masks"], f)[0] for f in step]
+        snr = sqnr_db(np.concatenate([r.ravel() for r in ref]), np.concatenate([g.ravel() for g in got]))
+        iou = np.mean([np.logical_and(r > 0, g > 0).sum() / max(np.logical_or(r > 0, g > 0).sum(), 1)
+                       for r, g in zip(ref, got)])
+        print(f"SQNR {snr:.2f} dB, IoU {iou:.4f}")
+        assert snr > floor and iou > 0.95, (snr, iou)
