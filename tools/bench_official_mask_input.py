@@ -5,7 +5,8 @@
 
 Per ground-truth box of the first N images of `data synth --seed 2`: step 1 runs the decoder without a mask
 (has_mask_input 0); step 2 feeds the FP decoder's step-1 low-res logits back with has_mask_input 1, the same
-box, as SAM's interactive refinement does. For each quantized decoder it prints, per step, the low-res logits'
+box, as SAM's interactive refinement does. It prints how the FP decoder's step 2 relates to its step 1 (mask
+IoU, predicted IoU, logit magnitude), then for each quantized decoder, per step, the low-res logits'
 SQNR against the FP decoder (over all boxes) and the mean IoU of the low-res masks (logit > 0) with the FP
 decoder's. Each decoder is `carsam-onnx quantize official.onnx --encoder ref.encoder.onnx` (built-in calibration
 set, --num-calib images) with `--no-calib-mask-input` ("0 only": no-mask feeds alone, the behaviour before the
@@ -100,6 +101,14 @@ def main() -> int:
     step1 = test_feeds(parts["encoder"], fp_model, val, a.num_images)
     step2 = mask_refinement_feeds(fp_model, step1)
     fp_sess = OrtRuntime().session(official, "FP decoder")
+    fp1, fp2 = [fp_sess.run(f) for f in step1], [fp_sess.run(f) for f in step2]
+    overlap = [np.logical_and(a["low_res_masks"] > 0, b["low_res_masks"] > 0).sum()
+               / max(np.logical_or(a["low_res_masks"] > 0, b["low_res_masks"] > 0).sum(), 1) for a, b in zip(fp1, fp2)]
+    pred = [np.mean([float(o["iou_predictions"].max()) for o in outs]) for outs in (fp1, fp2)]
+    mag = [np.mean([float(np.abs(o["low_res_masks"]).mean()) for o in outs]) for outs in (fp1, fp2)]
+    print(f"FP decoder, step 2 vs step 1: mask IoU mean {np.mean(overlap):.3f} (min {np.min(overlap):.3f}, max "
+          f"{np.max(overlap):.3f}); predicted IoU mean {pred[0]:.3f} -> {pred[1]:.3f}; mean |logit| {mag[0]:.2f} -> "
+          f"{mag[1]:.2f}", flush=True)
     rows = []
     for bits in a.bits:
         cfg = QuantConfig(bits=BitWidths.parse(bits), method=a.method, num_calib=a.num_calib)
