@@ -103,6 +103,7 @@ CASES: list[Case] = [
     C("predict-folder-mask-exists", PF + " --box 1 1 9 9 -o {out}/masks", "000000000101.png", "exists", "--force",
       pre={"masks/000000000101.png": b"an earlier mask"}),
     C("predict-folder-overlay-is-output", PF + " --box 1 1 9 9 -o {out}/m --overlay {out}/m", "same folder"),
+    C("predict-folder-output-is-input", PF + " --box 1 1 9 9 -o {in}/ds/images --force", "folder of input images"),
     C("predict-folder-no-prompts", PF + " -o {out}/masks", "--box", "--prompts"),
     C("predict-prompts-and-box", PF + " --prompts {in}/ds/annotations.json --box 1 1 9 9 -o {out}/masks", "not both"),
     C("predict-prompts-single-image", "predict {in}/full.onnx {in}/ds/images/000000000100.png --prompts "

@@ -205,6 +205,10 @@ def predict_folder(model, folder, *, boxes=None, points=None, labels=None, outpu
     overlay_dir = _output_folder(overlay, "--overlay") if overlay is not None else None
     if overlay_dir is not None and overlay_dir.resolve() == mask_dir.resolve():
         raise OutputError(f"-o and --overlay name the same folder {mask_dir}; the overlays would replace the masks")
+    for option, d in (("-o", mask_dir), ("--overlay", overlay_dir)):
+        if d is not None and d.resolve() == folder.resolve():
+            raise OutputError(f"{option} {d} is the folder of input images; their PNGs would be replaced by masks "
+                              "(name another folder)")
     sizes = {f: _image_size(f) for f in files}
     if prompts_file is not None:
         per_image = load_folder_prompts(prompts_file, files)
