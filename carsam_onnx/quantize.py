@@ -171,7 +171,9 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
     with tqdm(total=len(feeds), desc=f"calibrating ({config.method}, {config.bits})", unit="img",
               disable=not progress or None) as bar:
         stats: list = []
-        artifact = method.calibrate(model, plan, config, feeds, bar, **({"stats": stats} if method.stats else {}))
+        baseline: list = []
+        kw = {**({"stats": stats} if method.stats else {}), **({"baseline": baseline} if method.baseline else {})}
+        artifact = method.calibrate(model, plan, config, feeds, bar, **kw)
     clock.lap("calibration")
     qmodel, emit_notes = emit_model(model, plan, artifact, config)
     clock.lap("emit")
@@ -194,10 +196,22 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
 
         write_quant_report(report_dir, model_path, output, model, qmodel, plan, artifact, held_feeds, report,
                            held_samples=held, provider=provider, progress=progress,
-                           extra={"recon_units": stats} if stats else None)
+                           extra=_report_extra(stats, baseline))
         clock.lap("report")
     report.seconds = clock.laps
     return report
+
+
+def _report_extra(stats: list, baseline: list) -> dict | None:
+    """ReportContext.extra of a method run: its reconstruction units, and the calibrator artifact it started
+    from as the report's baseline (attention dissipation: FP / calibrator only / this run)."""
+    extra: dict = {}
+    if stats:
+        extra["recon_units"] = stats
+    if baseline:
+        extra["baseline"] = baseline[0]
+        extra["baseline_label"] = "calibrator only"
+    return extra or None
 
 
 def emit(model_path: str | Path, calibration: str | Path, output: str | Path, *, force: bool = False) -> QuantizeReport:

@@ -134,3 +134,15 @@ def test_official_decoder_export_quantizes_with_its_interface(tiny, emb, tmp_pat
                  str(tmp_path / "m.png")]) == 0
     assert main(["predict", str(tiny["encoder"]), str(own), str(img), "--box", "10", "10", "90", "60", "-o",
                  str(tmp_path / "m_own.png")]) == 0
+
+
+def test_quantize_report_of_a_method_compares_against_its_calibrator(tiny, emb, tmp_path):
+    """--method carsam / recon pass the calibrator artifact they start from to the report: the attention
+    dissipation section then has three runs (FP, calibrator only, this run), and the loss curves are drawn."""
+    rep = tmp_path / "rep"
+    _quantize(tiny, emb, tmp_path / "q.onnx", "--bits", "w4a8", "--method", "carsam", "--recon-iters", "2",
+              "--report", str(rep))
+    text = (rep / "report.md").read_text()
+    section = text.split("ttention dissipation", 1)[1]
+    assert "calibrator only (mse" in section                   # the baseline's label: the calibrator and its bits
+    assert (rep / "recon_loss_curves.png").is_file()
