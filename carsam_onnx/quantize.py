@@ -60,7 +60,15 @@ class QuantizeReport:
         rate = ", ".join(f"{k} {sum(u.iters for u in us) / sum(u.seconds for u in us):.1f}" for k, us in by_kind.items())
         return [f"reconstruction: {len(self.recon_units)} units x {self.recon_units[0].iters} steps "
                 f"({sum(u.iters for u in self.recon_units)} in all) in {sum(u.seconds for u in self.recon_units):.0f} s; "
-                f"steps/s by unit kind (capture included): {rate}"]
+                f"steps/s by unit kind (capture included): {rate}"] + self._step_mode_lines()
+
+    def _step_mode_lines(self) -> list[str]:
+        modes = [getattr(u, "step_mode", "eager") for u in self.recon_units]
+        if all(m == "eager" for m in modes):
+            return []
+        refused = sorted({m for m in modes if m.startswith("eager (")})
+        return [f"reconstruction steps as CUDA graphs: {modes.count('cuda graph')} of {len(modes)} units"] + \
+            [f"  {m}" for m in refused]
 
 
 def file_bytes(path: Path) -> int:
