@@ -95,13 +95,15 @@ def output_sqnr(fp_path: Path, q_model, feeds: list[dict], provider: str | None 
     from .runtime.providers import ort_runtime_for
 
     rt = ort_runtime_for(provider) if provider is not None else OrtRuntime()
-    fp, q = rt.session(fp_path, "FP model"), rt.session(q_model, "quantized model")
-    refs, tests = {}, {}
-    for feed in feeds:
-        for k, v in fp.run(feed).items():
-            refs.setdefault(k, []).append(v)
-        for k, v in q.run(feed).items():
-            tests.setdefault(k, []).append(v)
+
+    def outputs(model, what: str) -> dict[str, list]:
+        sess, out = rt.session(model, what), {}
+        for feed in feeds:
+            for k, v in sess.run(feed).items():
+                out.setdefault(k, []).append(v)
+        return out
+    refs = outputs(fp_path, "FP model")        # one session at a time: vit_h's sessions take GBs each
+    tests = outputs(q_model, "quantized model")
     return {k: sqnr_db(np.concatenate([r.ravel() for r in refs[k]]), np.concatenate([t.ravel() for t in tests[k]]))
             for k in refs}
 
