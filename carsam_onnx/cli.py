@@ -102,6 +102,9 @@ def _add_quantize(sub):
                    help="calibrator for the weight scales and initial step sizes: minmax | percentile | mse")
     r.add_argument("--recon-drop", type=float, default=_default(ReconConfig, "drop_prob"),
                    help="QDrop: probability that an activation keeps its float value while its unit learns")
+    r.add_argument("--recon-cuda-graphs", action=argparse.BooleanOptionalAction,
+                   default=_default(ReconConfig, "cuda_graphs"),
+                   help="GPU: replay each unit's step as a CUDA graph (a unit that cannot be captured runs eagerly)")
     c = p.add_argument_group("CAR-SAM (--method carsam)")
     c.add_argument("--mac", action=argparse.BooleanOptionalAction, default=_default(CarsamConfig, "use_mac"),
                    help="MatMul-aware compensation of the decoder attention projections before reconstruction")
@@ -133,7 +136,7 @@ def _run_quantize(a) -> int:
                       device=a.device, require_attention=a.require_attention, int8_weights=a.int8_weights,
                       calib_mask_input=a.calib_mask_input,
                       recon=ReconConfig(iters=a.recon_iters, batch_size=a.recon_batch, init_method=a.recon_init,
-                                        drop_prob=a.recon_drop),
+                                        drop_prob=a.recon_drop, cuda_graphs=a.recon_cuda_graphs),
                       carsam=CarsamConfig(use_mac=a.mac, use_jcar=a.jcar, pairing=a.jcar_pairing))
     report = api.quantize(a.model, a.output, cfg, calib_images=a.calib_images, calib_prompts=a.calib_prompts,
                           encoder=a.encoder, embeddings=a.embeddings, save_calibration=a.save_calibration,

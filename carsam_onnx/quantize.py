@@ -60,7 +60,15 @@ class QuantizeReport:
         rate = ", ".join(f"{k} {sum(u.iters for u in us) / sum(u.seconds for u in us):.1f}" for k, us in by_kind.items())
         return [f"reconstruction: {len(self.recon_units)} units x {self.recon_units[0].iters} steps "
                 f"({sum(u.iters for u in self.recon_units)} in all) in {sum(u.seconds for u in self.recon_units):.0f} s; "
-                f"steps/s by unit kind (capture included): {rate}"]
+                f"steps/s by unit kind (capture included): {rate}"] + self._step_mode_lines()
+
+    def _step_mode_lines(self) -> list[str]:
+        modes = [getattr(u, "step_mode", "eager") for u in self.recon_units]
+        if all(m == "eager" for m in modes):
+            return []
+        refused = sorted({m for m in modes if m.startswith("eager (")})
+        return [f"reconstruction steps as CUDA graphs: {modes.count('cuda graph')} of {len(modes)} units"] + \
+            [f"  {m}" for m in refused]
 
 
 def file_bytes(path: Path) -> int:
@@ -87,13 +95,15 @@ def output_sqnr(fp_path: Path, q_model, feeds: list[dict], provider: str | None 
     from .runtime.providers import ort_runtime_for
 
     rt = ort_runtime_for(provider) if provider is not None else OrtRuntime()
-    fp, q = rt.session(fp_path, "FP model"), rt.session(q_model, "quantized model")
-    refs, tests = {}, {}
-    for feed in feeds:
-        for k, v in fp.run(feed).items():
-            refs.setdefault(k, []).append(v)
-        for k, v in q.run(feed).items():
-            tests.setdefault(k, []).append(v)
+
+    def outputs(model, what: str) -> dict[str, list]:
+        sess, out = rt.session(model, what), {}
+        for feed in feeds:
+            for k, v in sess.run(feed).items():
+                out.setdefault(k, []).append(v)
+        return out
+    refs = outputs(fp_path, "FP model")        # one session at a time: vit_h's sessions take GBs each
+    tests = outputs(q_model, "quantized model")
     return {k: sqnr_db(np.concatenate([r.ravel() for r in refs[k]]), np.concatenate([t.ravel() for t in tests[k]]))
             for k in refs}
 
@@ -171,7 +181,9 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
     with tqdm(total=len(feeds), desc=f"calibrating ({config.method}, {config.bits})", unit="img",
               disable=not progress or None) as bar:
         stats: list = []
-        artifact = method.calibrate(model, plan, config, feeds, bar, **({"stats": stats} if method.stats else {}))
+        baseline: list = []
+        kw = {**({"stats": stats} if method.stats else {}), **({"baseline": baseline} if method.baseline else {})}
+        artifact = method.calibrate(model, plan, config, feeds, bar, **kw)
     clock.lap("calibration")
     qmodel, emit_notes = emit_model(model, plan, artifact, config)
     clock.lap("emit")
@@ -199,10 +211,22 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
 
         write_quant_report(report_dir, model_path, output, model, qmodel, plan, artifact, held_feeds, report,
                            held_samples=held, provider=provider, progress=progress,
-                           extra={"recon_units": stats} if stats else None)
+                           extra=_report_extra(stats, baseline))
         clock.lap("report")
     report.seconds = clock.laps
     return report
+
+
+def _report_extra(stats: list, baseline: list) -> dict | None:
+    """ReportContext.extra of a method run: its reconstruction units, and the calibrator artifact it started
+    from as the report's baseline (attention dissipation: FP / calibrator only / this run)."""
+    extra: dict = {}
+    if stats:
+        extra["recon_units"] = stats
+    if baseline:
+        extra["baseline"] = baseline[0]
+        extra["baseline_label"] = "calibrator only"
+    return extra or None
 
 
 def emit(model_path: str | Path, calibration: str | Path, output: str | Path, *, force: bool = False) -> QuantizeReport:

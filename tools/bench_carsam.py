@@ -72,6 +72,12 @@ def quantize_cmd(fp: Path, out: Path, variant: str, bits: str, cseed: int, pool:
     return cmd
 
 
+def _lower_priority() -> None:
+    """Evaluation workers yield the CPU to the quantize processes: on a GPU, reconstruction is bound by one
+    Python thread launching kernels (GPU 11-17% busy while other jobs loaded the CPU; docs/results.md)."""
+    os.nice(10)
+
+
 def _evaluate(model: str, val: str, threads: int, limit) -> dict:
     import warnings
 
@@ -149,7 +155,8 @@ def main(argv=None) -> int:
         pending_e.setdefault(str(m), []).append((k, vs, val, m, path, fpr))
     ex = None
     if a.phase in ("all", "eval") and not a.table_only:   # spawn: forked workers deadlock in torch's thread pool
-        ex = ProcessPoolExecutor(max_workers=max(1, a.eval_jobs), mp_context=multiprocessing.get_context("spawn"))
+        ex = ProcessPoolExecutor(max_workers=max(1, a.eval_jobs), mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_lower_priority)
     futs: dict = {}
 
     def submit_evals(model: Path) -> None:

@@ -213,3 +213,15 @@ def test_official_decoder_is_calibrated_with_a_mask_input_too(tiny, emb, tmp_pat
                        for r, g in zip(ref, got)])
         print(f"{'step 2 (mask input)' if step is step2 else 'step 1 (no mask)'}: SQNR {snr:.2f} dB, IoU {iou:.4f}")
         assert snr > floor and iou > 0.95, (snr, iou)
+
+
+def test_quantize_report_of_a_method_compares_against_its_calibrator(tiny, emb, tmp_path):
+    """--method carsam / recon pass the calibrator artifact they start from to the report: the attention
+    dissipation section then has three runs (FP, calibrator only, this run), and the loss curves are drawn."""
+    rep = tmp_path / "rep"
+    _quantize(tiny, emb, tmp_path / "q.onnx", "--bits", "w4a8", "--method", "carsam", "--recon-iters", "2",
+              "--report", str(rep))
+    text = (rep / "report.md").read_text()
+    section = text.split("ttention dissipation", 1)[1]
+    assert "calibrator only (mse" in section                   # the baseline's label: the calibrator and its bits
+    assert (rep / "recon_loss_curves.png").is_file()

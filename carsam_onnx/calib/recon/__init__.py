@@ -24,24 +24,28 @@ __all__ = ["Unit", "calibrate_carsam", "calibrate_recon", "find_units", "joint_u
 
 
 def calibrate_recon(model: onnx.ModelProto, plan: QuantPlan, config: QuantConfig, feeds: list[dict],
-                    progress=None, *, show_units: bool | None = None, stats: list | None = None) -> CalibrationArtifact:
+                    progress=None, *, show_units: bool | None = None, stats: list | None = None,
+                    baseline: list | None = None) -> CalibrationArtifact:
     """Calibrator init (config.recon.init_method), then reconstruction of every unit. `stats`, if given, receives
-    one loop.UnitStats per unit (time, steps/s, first and last loss)."""
-    return _calibrate(model, plan, config, feeds, progress, show_units=show_units, stats=stats,
+    one loop.UnitStats per unit (time, steps/s, first and last loss); `baseline` the calibrator's artifact (the
+    report compares against it)."""
+    return _calibrate(model, plan, config, feeds, progress, show_units=show_units, stats=stats, baseline=baseline,
                       mac=False, jcar=None)
 
 
 def calibrate_carsam(model: onnx.ModelProto, plan: QuantPlan, config: QuantConfig, feeds: list[dict],
-                     progress=None, *, show_units: bool | None = None, stats: list | None = None) -> CalibrationArtifact:
+                     progress=None, *, show_units: bool | None = None, stats: list | None = None,
+                     baseline: list | None = None) -> CalibrationArtifact:
     """CAR-SAM: calibrator init, MAC on the attention sites of config.mac.scope (their corrected float weights
     are where AdaRound starts), then reconstruction with JCAR's joint decoder units (config.carsam.pairing).
-    config.carsam.use_mac / use_jcar switch either part off (the ablation)."""
+    config.carsam.use_mac / use_jcar switch either part off (the ablation). `stats`, `baseline`: as
+    calibrate_recon (the baseline is the calibrator's artifact before MAC)."""
     cs = config.carsam
-    return _calibrate(model, plan, config, feeds, progress, show_units=show_units, stats=stats,
+    return _calibrate(model, plan, config, feeds, progress, show_units=show_units, stats=stats, baseline=baseline,
                       mac=cs.use_mac, jcar=cs.pairing if cs.use_jcar else None)
 
 
-def _calibrate(model, plan, config, feeds, progress, *, show_units, stats, mac: bool, jcar: str | None):
+def _calibrate(model, plan, config, feeds, progress, *, show_units, stats, baseline, mac: bool, jcar: str | None):
     import torch
 
     from ...errors import InputError
@@ -56,6 +60,8 @@ def _calibrate(model, plan, config, feeds, progress, *, show_units, stats, mac: 
     module = OnnxModule(model).to(config.device).eval()
     base = calibrate_baseline(model, plan, base_cfg, feeds, progress, module=module)
     del module
+    if baseline is not None:
+        baseline.append(base)
     if mac:
         from ..mac_site import apply_mac
 

@@ -69,6 +69,7 @@ class UnitStats:
     loss_end: float
     cache_device: str
     curve: tuple[float, ...] = ()      # the reconstruction loss at every step (report: loss curves)
+    step_mode: str = "eager"           # "cuda graph", or "eager" (with the reason when a capture was refused)
 
     @property
     def steps_per_second(self) -> float:
@@ -233,12 +234,31 @@ class Reconstructor:
     def _run_vmapped(self, unit, names, n_main, starts, hooks) -> tuple[torch.Tensor, ...]:
         """The unit on a batch of images: torch.func.vmap over the per-image graph (SAM graphs are exported for
         batch 1); inputs that are no float activations (shape values) are shared, not batched."""
-        batched = {n: torch.stack([s[n] for s in starts]) for n in names[:n_main]}
-        shared = {n: starts[0][n] for n in names[n_main:]}
+        return self._run_batched(unit, names, n_main, [torch.stack([s[n] for s in starts]) for n in names[:n_main]],
+                                 {n: starts[0][n] for n in names[n_main:]}, hooks)
 
+    def _run_batched(self, unit, names, n_main, batched: list, shared: dict, hooks) -> tuple[torch.Tensor, ...]:
         def f(b, sh):
-            return self._run(unit, {**b, **sh}, hooks)
+            return self._run(unit, {**dict(zip(names[:n_main], b)), **sh}, hooks)
         return torch.func.vmap(f, in_dims=(0, None), randomness="different")(batched, shared)
+
+    def _graph_step(self, unit, names, n_main, q_in, fp_in, fp_out, where, bs, hooks, axes, rounding, acts):
+        """(GraphStep or None, step mode): the unit's step captured as a CUDA graph, where the device allows."""
+        if self.device.type != "cuda" or not self.rc.cuda_graphs:
+            return None, "eager"
+        if where != self.device:
+            return None, "eager (cached inputs kept on the host)"
+        from .graph_step import GraphStep
+
+        g = GraphStep(lambda b, sh: self._run_batched(unit, names, n_main, b, sh, hooks), names, n_main, q_in,
+                      fp_in, fp_out, axes, rounding, self.rc.round_weight, self.rc.drop_prob, bs, self.device)
+        try:
+            g.capture([q.alpha for q in rounding] + [q.scale for q in acts])
+        except Exception as e:   # a host sync or an op graphs refuse: this unit runs eagerly
+            g.release()
+            torch.cuda.synchronize(self.device)
+            return None, f"eager (capture refused: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+        return g, "cuda graph"
 
     def _vmap_works(self, unit, names, q_in, hooks) -> bool:
         """Whether the vmapped unit computes what per-image runs compute (fixed quantizers, two images);
@@ -272,6 +292,30 @@ class Reconstructor:
             self._vmap_ok[key] = ok
         return self._vmap_ok[key]
 
+    def _eager_step(self, unit, names, n_main, idx, q_in, fp_in, fp_out, bs, use_vmap, hooks, axes, rounding,
+                    beta) -> torch.Tensor:
+        """Loss and gradients of one step on images `idx` (vmapped, or image by image); the regulariser's
+        gradient is added unless `beta` is None (warm-up). Returns the reconstruction loss (detached)."""
+        starts = [self._start(names, n_main, q_in[i], fp_in[i]) for i in idx]
+        tgts = [[x.to(self.device, non_blocking=True) for x in fp_out[i]] for i in idx]
+        if use_vmap:
+            outs = self._run_vmapped(unit, names, n_main, starts, hooks)
+            rec_t = sum((out - torch.stack([t[k] for t in tgts])).pow(2).sum(dim=ax if ax < 0 else ax + 1).mean()
+                        for k, (out, ax) in enumerate(zip(outs, axes)))
+            rec_t.backward()
+            rec_t = rec_t.detach()
+        else:
+            rec_t = 0.0
+            for start, tgt in zip(starts, tgts):
+                outs = self._run(unit, start, hooks)
+                rec_i = sum((out - t).pow(2).sum(dim=ax).mean() for out, t, ax in zip(outs, tgt, axes)) / bs
+                rec_i.backward()
+                rec_t = rec_t + rec_i.detach()
+        if beta is not None and rounding:
+            reg = self.rc.round_weight * sum(q.regularizer(beta) for q in rounding)
+            reg.backward()
+        return rec_t
+
     # ---- one unit ----------------------------------------------------------------------------------------
 
     def reconstruct(self, unit: Unit, feeds: list[dict], iters: int, progress: bool, gen: torch.Generator) -> UnitStats:
@@ -295,35 +339,27 @@ class Reconstructor:
             bar = tqdm(total=iters, desc=f"recon {unit.name}", unit="step", leave=False)
         bs = max(1, min(self.rc.batch_for(self.config.device), len(feeds)))
         use_vmap = bs > 1 and self._vmap_works(unit, names, q_in, hooks)
+        graph, mode = (None, "eager")
+        if use_vmap:
+            graph, mode = self._graph_step(unit, names, n_main, q_in, fp_in, fp_out, where, bs, hooks, axes,
+                                           rounding, acts)
         try:
             for step in range(iters):
                 idx = torch.randint(0, len(feeds), (bs,), generator=gen).tolist()
                 if opt_a is not None:
                     for g in opt_a.param_groups:
                         g["lr"] = cosine_lr(self.rc.scale_lr, step, iters)
-                starts = [self._start(names, n_main, q_in[i], fp_in[i]) for i in idx]
-                tgts = [[x.to(self.device, non_blocking=True) for x in fp_out[i]] for i in idx]
-                if use_vmap:
-                    outs = self._run_vmapped(unit, names, n_main, starts, hooks)
-                    rec_t = sum((out - torch.stack([t[k] for t in tgts])).pow(2).sum(dim=ax if ax < 0 else ax + 1).mean()
-                                for k, (out, ax) in enumerate(zip(outs, axes)))
-                    rec_t.backward()
-                    rec_t = rec_t.detach()
-                else:
-                    rec_t = 0.0
-                    for start, tgt in zip(starts, tgts):
-                        outs = self._run(unit, start, hooks)
-                        rec_i = sum((out - t).pow(2).sum(dim=ax).mean() for out, t, ax in zip(outs, tgt, axes)) / bs
-                        rec_i.backward()
-                        rec_t = rec_t + rec_i.detach()
                 beta = beta_at(step, iters, self.rc.warmup, self.rc.beta_start, self.rc.beta_end)
-                if beta is not None and rounding:
-                    reg = self.rc.round_weight * sum(q.regularizer(beta) for q in rounding)
-                    reg.backward()
+                if graph is not None:   # the replay overwrites the gradients in place: no zero_grad
+                    rec_t = graph.step(idx, beta)
+                else:
+                    rec_t = self._eager_step(unit, names, n_main, idx, q_in, fp_in, fp_out, bs, use_vmap, hooks,
+                                             axes, rounding, beta)
                 for opt in (opt_w, opt_a):
                     if opt is not None:
                         opt.step()
-                        opt.zero_grad(set_to_none=True)
+                        if graph is None:
+                            opt.zero_grad(set_to_none=True)
                 losses.append(rec_t)
                 if bar is not None:
                     bar.update(1)
@@ -332,6 +368,8 @@ class Reconstructor:
         finally:
             if bar is not None:
                 bar.close()
+            if graph is not None:
+                graph.release()
             for q in rounding + acts:
                 q.finish()
             self.done_acts.update(unit.activations)
@@ -339,7 +377,8 @@ class Reconstructor:
         k = max(1, min(20, len(losses) // 10 or 1))
         return UnitStats(unit.name, unit.kind, iters, time.perf_counter() - t0,
                          float(np.mean(losses[:k])) if losses else float("nan"),
-                         float(np.mean(losses[-k:])) if losses else float("nan"), where.type, tuple(losses))
+                         float(np.mean(losses[-k:])) if losses else float("nan"), where.type, tuple(losses),
+                         step_mode=mode)
 
     def artifact(self, info: dict) -> CalibrationArtifact:
         art = CalibrationArtifact(activations={v: q.activation_quant() for v, q in self.aq.items()},

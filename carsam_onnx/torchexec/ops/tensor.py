@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from . import NodeCtx, ints, register, tensor_from_proto, torch_dtype
@@ -132,6 +133,27 @@ def _gather(node: NodeCtx):
         i = torch.where(i < 0, i + x.shape[a], i)
         return x.index_select(a, i).reshape(x.shape[:a] + idx.shape + x.shape[a + 1:])
     return gather
+
+
+@register("GatherND")
+def _gather_nd(node: NodeCtx):
+    """data[i_0, ..., i_{k-1}] for each k-vector of indices; batch_dims leading dims index together. (vit_h's
+    relative-position lookup: its table is too large for the exporter's constant folding, so it stays a node.)"""
+    b = node.attr("batch_dims", 0)
+
+    def gather_nd(x, idx):
+        k = idx.shape[-1]
+        i = idx.long()
+        lead = x.shape[:b]
+        nb = int(np.prod(lead)) if b else 1
+        xb = x.reshape((nb,) + tuple(x.shape[b:]))
+        ib = i.reshape((nb, -1, k))
+        dims = torch.tensor(xb.shape[1:1 + k], device=i.device)
+        ib = torch.where(ib < 0, ib + dims, ib)
+        rows = torch.arange(nb, device=x.device).reshape(nb, 1).expand(nb, ib.shape[1])
+        out = xb[(rows,) + tuple(ib[..., j] for j in range(k))]        # [nb, m, *x.shape[b + k:]]
+        return out.reshape(tuple(idx.shape[:-1]) + tuple(x.shape[b + k:]))
+    return gather_nd
 
 
 @register("GatherElements")
