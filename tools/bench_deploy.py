@@ -10,8 +10,9 @@ quantized once into WORK (built-in calibration set, MinMax, `--target ort`) and 
 vit_b` uses random weights (sizes and speed do not depend on the values).
 
 ORT configurations timed for each model: graph optimisation level (basic / extended / all), intra-op threads
-(`--threads`), and for the Q/DQ models the two session options eval sets (MatMulNBits accuracy level 0 and
-WeightBiasQuantization off: what the Q/DQ graph says) against ORT's defaults (faster INT4 kernels, ~1e-1 error).
+(`--threads`), and for the Q/DQ models the session options eval sets (runtime/ort_settings.py: MatMulNBits accuracy
+level 0 and WeightBiasQuantization off, what the Q/DQ graph says; MatMulAddFusion off, so that quantized Linear
+layers reach the integer kernels) against ORT's defaults.
 Sequential execution, arena off as in eval; 3 warm-up runs, then the median of `--repeats` runs.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ import onnx  # noqa: E402
 
 from carsam_onnx import api  # noqa: E402
 from carsam_onnx.config import BitWidths, ExportConfig, QuantConfig  # noqa: E402
+from carsam_onnx.runtime.ort_settings import SESSION_CONFIG  # noqa: E402
 
 PARTS = ("encoder", "decoder")
 FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
@@ -135,7 +137,7 @@ def latency(a) -> None:
               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
               "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
     print(f"\n{provenance()}, onnxruntime {ort.__version__}, {a.repeats} runs (median)\n")
-    print("| part | setting | opt level | threads | Q/DQ semantics options | median ms | x FP32 best |")
+    print("| part | setting | opt level | threads | session options | median ms | x FP32 best |")
     print("|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     for p in PARTS:
@@ -154,8 +156,8 @@ def latency(a) -> None:
                         so.log_severity_level = 3
                         kw = {}
                         if exact:
-                            so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-                            kw["disabled_optimizers"] = ["WeightBiasQuantization"]
+                            for key, value in SESSION_CONFIG.items():
+                                so.add_session_config_entry(key, value)
                         sess = ort.InferenceSession(str(ms[(p, setting)]), so, providers=["CPUExecutionProvider"],
                                                     **kw)
                         for _ in range(3):
@@ -171,7 +173,7 @@ def latency(a) -> None:
                 best_fp = best
             for level, threads, exact, ms_ in rows:
                 mark = " **fastest**" if ms_ == best else ""
-                sem = "-" if setting == "fp32" else ("eval's (exact Q/DQ)" if exact else "ORT defaults")
+                sem = "-" if setting == "fp32" else ("project's (ort_settings)" if exact else "ORT defaults")
                 print(f"| {p} | {setting.upper()} | {level} | {threads} | {sem} | {ms_:.1f}{mark} | "
                       f"{best_fp / ms_:.2f}x |", flush=True)
 

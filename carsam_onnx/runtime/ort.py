@@ -28,7 +28,9 @@ class OrtRuntime(Runtime):
       default level the error reaches ~1e-1 (FACTS.md);
     - the WeightBiasQuantization optimizer is off: after MatMul + Add -> Gemm fusion it rounds a float bias to
       int32 at scale (input scale x weight scale), which at 4-bit activations moved the tiny SAM's mask logits
-      by ~10% of their range (tests/eval/test_ort_runtime.py, test_runtime_parity_qdq.py).
+      by ~10% of their range (tests/eval/test_ort_runtime.py, test_runtime_parity_qdq.py);
+    - MatMulAddFusion is off, so that quantized Linear layers become integer kernels (MatMulIntegerToFloat)
+      instead of a float Gemm on weights dequantized at every run.
     """
 
     name = "ort"

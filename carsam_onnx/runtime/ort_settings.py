@@ -9,6 +9,11 @@ SESSION_CONFIG_KEY, JSON), and README says what a user's own code must set. Fact
   `session.qdq_matmulnbits_accuracy_level = 0` keeps the float activations;
 - its WeightBiasQuantization optimizer rounds a float bias of a Conv / ConvTranspose / Gemm that reads a DQ
   input to int32 at (input scale x weight scale); `optimization.disable_specified_optimizers` turns it off;
+- its MatMulAddFusion (level 1) turns MatMul + bias Add into Gemm before the QDQ fusions (level 2) run, so a
+  quantized Linear layer's DQ -> MatMul group is never fused into MatMulIntegerToFloat: the weights are
+  dequantized at every run and the float Gemm makes a W8A8 encoder slower than FP32 (reference encoder, 1 thread:
+  229 ms against 155 FP32; with the fusion off 123 ms, all 72 MatMuls integer; docs/benchmarks.md). It is in
+  the same disabled list (`;`-separated);
 - ORT cannot apply these from the model itself: its `ORT_LOAD_CONFIG_FROM_MODEL` / "ort_config" metadata accepts
   thread counts, execution mode, optimisation level and profiling only, no session config entries.
 The 8-bit integer kernels need no option: the default integer format (QuantConfig.int8_weights) is exact on every

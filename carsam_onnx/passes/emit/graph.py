@@ -53,7 +53,7 @@ def set_metadata(model: onnx.ModelProto, info: dict[str, str]) -> None:
 # here, below runtime/, because emission records them in each model's metadata under ORT_SESSION_CONFIG_KEY (JSON).
 ORT_SESSION_CONFIG: dict[str, str] = {
     "session.qdq_matmulnbits_accuracy_level": "0",
-    "optimization.disable_specified_optimizers": "WeightBiasQuantization",
+    "optimization.disable_specified_optimizers": "WeightBiasQuantization;MatMulAddFusion",
 }
 ORT_SESSION_CONFIG_KEY = "carsam.ort_session_config"
 
