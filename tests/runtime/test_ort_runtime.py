@@ -143,3 +143,45 @@ def test_ort_runtime_does_not_quantize_float_biases():
     model, x, ref = _biased_qdq_matmul()
     y = OrtRuntime().session(model, "test").run({"x": x})["y"]
     np.testing.assert_allclose(y, ref, atol=1e-5)
+
+
+def test_project_session_runs_every_quantized_linear_on_integer_kernels(tmp_path):
+    """With ORT's defaults, MatMulAddFusion turns a quantized Linear (DQ(x), DQ(W) -> MatMul -> bias Add) into a
+    float Gemm before the QDQ fusions run, so its weight is dequantized at every run; the project's session
+    settings (ort_settings.SESSION_CONFIG) leave it to the integer kernels. Tiny SAM, W8A8 MinMax."""
+    import collections
+    import warnings
+
+    import onnxruntime
+
+    from carsam_onnx.config import BitWidths, QuantConfig
+    from carsam_onnx.quantize import quantize
+    from carsam_onnx.runtime.ort_settings import session_options
+
+    q = tmp_path / "q.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize(tiny_sam_paths()["full"], q, QuantConfig(bits=BitWidths(8, 8), method="minmax", num_calib=2),
+                 progress=False)
+    g = onnx.load(str(q)).graph
+    dq_out = {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}
+    quantized = sum(1 for n in g.node if n.op_type == "MatMul" and all(x in dq_out for x in n.input[:2]))
+
+    def optimized_ops(so) -> collections.Counter:
+        """Op counts of ORT's optimised graph; "float on DQ": float MatMul / Gemm nodes reading a DequantizeLinear."""
+        so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+        onnxruntime.InferenceSession(str(q), so, providers=["CPUExecutionProvider"])
+        nodes = onnx.load(str(tmp_path / "opt.onnx")).graph.node
+        dq = {o for n in nodes if n.op_type == "DequantizeLinear" for o in n.output}
+        c = collections.Counter(n.op_type for n in nodes)
+        c["float on DQ"] = sum(1 for n in nodes if n.op_type in ("MatMul", "Gemm") and any(x in dq for x in n.input))
+        return c
+
+    ours = optimized_ops(session_options())
+    plain = onnxruntime.SessionOptions()
+    plain.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    default = optimized_ops(plain)
+    integer = ours["MatMulIntegerToFloat"] + ours["QLinearMatMul"]
+    assert quantized >= 20
+    assert default["float on DQ"] > 0                           # what the settings avoid (ORT 1.31)
+    assert ours["float on DQ"] == 0 and integer == quantized, (ours, quantized)
