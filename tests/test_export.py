@@ -114,7 +114,6 @@ def test_random_init_fills_zero_initialised_tensors():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("large_encoders")   # with tests/passes/test_attention.py's: one worker exports each once
 @pytest.mark.parametrize("model_type,blocks,size_gb", [("vit_l", 24, 1.2), ("vit_h", 32, 2.5)])
 def test_large_encoders_export_and_load(model_type, blocks, size_gb):
     path = sam_onnx_path(model_type, "encoder", "dynamo")

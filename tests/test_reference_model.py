@@ -18,7 +18,6 @@ from carsam_onnx.export.models import ARCHS, REFERENCE_WEIGHTS, build_sam
 
 VAL_SEED = 2
 NUM_IMAGES = 20
-pytestmark = pytest.mark.xdist_group("reference_model")   # the slow tests share one SamPredictor pass
 
 
 def _box_xyxy(mask: np.ndarray) -> np.ndarray:

@@ -297,7 +297,6 @@ def test_mac_runs_from_the_fixed_part_give_the_same_values(reference_w4a4):
         assert all(torch.equal(g[k], h[k]) for g, h in zip(got, want) for k in wanted)
 
 
-@pytest.mark.xdist_group("mac_tiny_full")   # shares no fixture with the module: its own unit (CI balance)
 def test_mac_on_a_full_tiny_sam_lowers_heldout_decoder_qk_error():
     """A full model (encoder + decoder, what the reconstruction pipeline hands MAC): the encoder runs once per
     image, the seven decoder sites are corrected and none's held-out Q.K^T error rises (tiny SAM, W4A4 MSE,

@@ -19,7 +19,6 @@ from carsam_onnx.data.builtin import VALIDATION_SEED
 from carsam_onnx.data.synth import write_synthetic_coco
 from carsam_onnx.export.models import REFERENCE_WEIGHTS
 
-pytestmark = pytest.mark.xdist_group("runtime_parity_reference")   # both tests read the module fixture
 MAX_GAP = {None: (0.2, 0.001), "w8a8": (0.5, 0.003), "w4a4": (2.0, 0.02)}   # (mAP, mIoU)
 
 

@@ -172,7 +172,6 @@ def test_softmax_head_added_to_sam_decoder_is_left_alone():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("large_encoders")   # with tests/test_export.py's: one worker exports each once
 @pytest.mark.parametrize("model_type,depth", [("vit_l", 24), ("vit_h", 32)])
 def test_large_encoders(model_type, depth):
     """vit_l / vit_h encoder exports (dynamo; exported once and cached: minutes, vit_h writes ~2.5 GB)."""

@@ -16,8 +16,6 @@ from carsam_onnx.config import BitWidths, CarsamConfig, QuantConfig, ReconConfig
 from carsam_onnx.passes.emit import emit_qdq, target_options
 from carsam_onnx.passes.plan import plan_quantization
 
-pytestmark = pytest.mark.xdist_group("carsam_tiny")   # one worker builds the module fixtures once
-
 
 @pytest.fixture(scope="module")
 def tiny():
