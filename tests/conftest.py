@@ -21,8 +21,9 @@ def pytest_configure(config):
     """One compute thread per worker when pytest -n 2 runs on a 2-core machine. torch and ONNX Runtime otherwise
     start a thread per core in every worker; on 2 cores two workers then run 4 spinning threads, and the spinning
     roughly doubles the CPU time of a test (measured 2026-12-02: a tiny-SAM reconstruction test 23.1 s CPU with the
-    default 2 torch threads, 11.2 s with 1). Results do not depend on it: every comparison the tests make runs in
-    one process, under one setting."""
+    default 2 torch threads, 11.2 s with 1). Subprocesses inherit OMP_NUM_THREADS; the byte-for-byte comparisons
+    between processes (tests/test_determinism.py) hold under it. CARSAM_TEST_THREADS=default keeps the libraries'
+    defaults (for comparison)."""
     threads = _threads_per_worker()
     if threads is None or os.environ.get("CARSAM_TEST_THREADS") == "default":
         return
@@ -30,8 +31,6 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(threads)
-    if os.environ.get("CARSAM_TEST_ORT_THREADS") == "0":
-        return
     _default_ort_threads(threads)
 
 
