@@ -10,10 +10,11 @@ PYTEST_ARGS ?=
 
 venv: $(STAMP)
 
+# --no-compile: byte-compiling the ~10k installed .py files costs ~40 s of CPU; imports compile what they use.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install -q --no-compile -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 demo: venv
@@ -22,8 +23,9 @@ demo: venv
 lint: venv
 	$(BIN)/ruff check .
 
+# Two workers, one thread each (tests/conftest.py); loadgroup + the collection order there: costliest first.
 test: venv
-	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

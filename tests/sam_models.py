@@ -1,9 +1,13 @@
-"""Exported SAM graphs for tests, built once per process and cached on disk under CARSAM_TEST_CACHE.
+"""Exported SAM graphs for tests, built once and cached on disk under CARSAM_TEST_CACHE.
 
-The cache key includes the package's export code hash, so a change to export/ rebuilds the files.
+The cache key includes the package's export code hash, so a change to export/ rebuilds the files. Test workers
+(pytest -n) that need the same graph at once take turns through a lock file: one exports, the others wait and
+read its file, instead of each exporting it again (a vit_b export costs about a minute of the CI machine).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import warnings
@@ -34,16 +38,47 @@ def _code_hash() -> str:
     return h.hexdigest()[:10]
 
 
+@contextlib.contextmanager
+def cache_lock(path: Path):
+    """Exclusive lock on PATH's cache entry while it is being built (a PATH.lock file beside it)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def sam_onnx_path(model_type: str = "vit_b", part: str = "full", exporter: str = "dynamo", seed: int = 0,
                   multimask: bool = False) -> Path:
     """Path of an exported random-init SAM graph (exported on first use)."""
     name = f"{model_type}_{part}_{exporter}_s{seed}_{'mm' if multimask else 'sm'}_{_code_hash()}.onnx"
     path = CACHE / name
     if not path.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        built = build_sam(model_type, seed=seed)
-        model = export_onnx(built, part=part, exporter=exporter, multimask=multimask)
-        save_model(model, path, force=True)   # atomic; external data (PATH.data) above ~1.8 GB
+        with cache_lock(path):
+            if not path.exists():
+                built = build_sam(model_type, seed=seed)
+                model = export_onnx(built, part=part, exporter=exporter, multimask=multimask)
+                save_model(model, path, force=True)   # atomic; external data (PATH.data) above ~1.8 GB
+    return path
+
+
+def reference_onnx_path(part: str = "full", exporter: str = "dynamo") -> Path:
+    """The bundled trained reference model exported as `carsam-onnx export --model-type reference` does (the same
+    build_sam + export_onnx), cached; shared by every test that needs the trained graph. The caller skips when
+    the weights are missing (export.models.REFERENCE_WEIGHTS)."""
+    from carsam_onnx.export.models import REFERENCE_WEIGHTS
+
+    tag = hashlib.sha256(REFERENCE_WEIGHTS.read_bytes()).hexdigest()[:10]
+    suffix = "" if exporter == "dynamo" else f"_{exporter}"
+    path = CACHE / f"reference_trained_{part}{suffix}_{tag}_{_code_hash()}.onnx"
+    if not path.exists():
+        with cache_lock(path):
+            if not path.exists():
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    save_model(export_onnx(build_sam("reference"), part, exporter=exporter), path, force=True)
     return path
 
 
@@ -51,12 +86,18 @@ def official_decoder_path(model_type: str = "vit_b", seed: int = 0) -> Path:
     """segment-anything's own decoder export (SamOnnxModel, TorchScript exporter, opset 17), as its
     scripts/export_onnx_model.py makes it: inputs image_embeddings, point_coords, point_labels,
     mask_input, has_mask_input, orig_im_size."""
-    from segment_anything.utils.onnx import SamOnnxModel
-
     path = CACHE / f"official_decoder_{model_type}_s{seed}_{_code_hash()}.onnx"
     if path.exists():
         return path
-    CACHE.mkdir(parents=True, exist_ok=True)
+    with cache_lock(path):
+        if not path.exists():
+            _export_official_decoder(model_type, seed, path)
+    return path
+
+
+def _export_official_decoder(model_type: str, seed: int, path: Path) -> None:
+    from segment_anything.utils.onnx import SamOnnxModel
+
     sam = build_sam(model_type, seed=seed).sam
     onnx_model = SamOnnxModel(sam, return_single_mask=True)
     embed_size = sam.prompt_encoder.image_embedding_size
@@ -68,7 +109,7 @@ def official_decoder_path(model_type: str = "vit_b", seed: int = 0) -> Path:
         "has_mask_input": torch.tensor([1], dtype=torch.float),
         "orig_im_size": torch.tensor([1500, 2250], dtype=torch.float),
     }
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")   # test workers (pytest -n) may build it at once
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(onnx_model, tuple(dummy.values()), str(tmp), dynamo=False, export_params=True,
@@ -76,4 +117,3 @@ def official_decoder_path(model_type: str = "vit_b", seed: int = 0) -> Path:
                           input_names=list(dummy), output_names=["masks", "iou_predictions", "low_res_masks"],
                           dynamic_axes={"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}})
     tmp.rename(path)
-    return path

@@ -12,7 +12,7 @@ import onnx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sam_models import CACHE, _code_hash  # noqa: E402
+from sam_models import CACHE, _code_hash, cache_lock  # noqa: E402
 
 from carsam_onnx.export.models import BuiltSam, SamArch, build_sam_arch  # noqa: E402
 from carsam_onnx.export.onnx_export import export_onnx  # noqa: E402
@@ -37,13 +37,15 @@ def tiny_sam_paths(seed: int = 0) -> dict[str, Path]:
     paths = {p: CACHE / f"tiny_{p}_s{seed}_{_code_hash()}.onnx" for p in ("full", "encoder", "decoder", "official_decoder")}
     if all(p.exists() for p in paths.values()):
         return paths
-    CACHE.mkdir(parents=True, exist_ok=True)
-    built = _built(seed)
-    for part in ("full", "encoder", "decoder"):
-        if not paths[part].exists():
-            _save(export_onnx(built, part=part), paths[part])
-    if not paths["official_decoder"].exists():
-        _save(_official_decoder(built.sam), paths["official_decoder"])
+    with cache_lock(paths["full"]):
+        if all(p.exists() for p in paths.values()):    # another test worker built them meanwhile
+            return paths
+        built = _built(seed)
+        for part in ("full", "encoder", "decoder"):
+            if not paths[part].exists():
+                _save(export_onnx(built, part=part), paths[part])
+        if not paths["official_decoder"].exists():
+            _save(_official_decoder(built.sam), paths["official_decoder"])
     return paths
 
 

@@ -155,23 +155,16 @@ def reference_decoder():
     """The trained reference model's decoder ONNX (cached on disk) and decoder feeds: calibration images
     from the built-in set (seed 1), held-out images from validation seed 2 (one box prompt each); embeddings
     from the torch encoder (what the exported encoder computes)."""
-    import hashlib
-
-    from sam_models import CACHE, _code_hash
+    from sam_models import reference_onnx_path
 
     from carsam_onnx.data.builtin import VALIDATION_SEED, builtin_calibration_set
     from carsam_onnx.export.models import REFERENCE_WEIGHTS, build_sam
-    from carsam_onnx.export.onnx_export import export_onnx
-    from carsam_onnx.modelio import load_model, save_model
+    from carsam_onnx.modelio import load_model
 
     if not REFERENCE_WEIGHTS.exists():
         pytest.skip(f"bundled reference weights not present at {REFERENCE_WEIGHTS}")
     built = build_sam("reference")
-    tag = hashlib.sha256(REFERENCE_WEIGHTS.read_bytes()).hexdigest()[:10]
-    path = CACHE / f"reference_trained_decoder_{tag}_{_code_hash()}.onnx"
-    if not path.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        save_model(export_onnx(built, part="decoder"), path, force=True)
+    path = reference_onnx_path("decoder")
     size = built.sam.image_encoder.img_size
     calib = builtin_calibration_set(NUM_CALIB, 0, size, warn=False)
     held = builtin_calibration_set(NUM_HELD, 0, size, data_seed=VALIDATION_SEED, warn=False)

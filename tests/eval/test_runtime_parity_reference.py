@@ -14,7 +14,7 @@ import warnings
 import pytest
 
 from carsam_onnx import api
-from carsam_onnx.config import BitWidths, ExportConfig, QuantConfig
+from carsam_onnx.config import BitWidths, QuantConfig
 from carsam_onnx.data.builtin import VALIDATION_SEED
 from carsam_onnx.data.synth import write_synthetic_coco
 from carsam_onnx.export.models import REFERENCE_WEIGHTS
@@ -26,8 +26,10 @@ MAX_GAP = {None: (0.2, 0.001), "w8a8": (0.5, 0.003), "w4a4": (2.0, 0.02)}   # (m
 def reference(tmp_path_factory):
     if not REFERENCE_WEIGHTS.is_file():
         pytest.skip("bundled reference weights are missing")
+    from sam_models import reference_onnx_path
+
     tmp = tmp_path_factory.mktemp("ref")
-    fp = api.export(tmp / "ref.onnx", ExportConfig(model_type="reference"))["full"]
+    fp = reference_onnx_path("full")   # what `carsam-onnx export --model-type reference` writes; cached, shared
     val = tmp / "val"
     write_synthetic_coco(val, 12, VALIDATION_SEED)
     return tmp, fp, val

@@ -34,7 +34,22 @@ def _bytes(model, plan, cfg, art) -> bytes:
     return emit_qdq(model, plan, art, **target_options(cfg)).SerializeToString()
 
 
-def test_carsam_runs_mac_and_joint_units_and_is_deterministic(tiny):
+@pytest.fixture(scope="module")
+def carsam_by_hand(tiny):
+    """CAR-SAM spelled out: calibrator init, MAC, JCAR's joint units, reconstruction; (result, reconstructor).
+    Shared by the two tests below (a tiny-SAM CAR-SAM run is the costliest part of this module)."""
+    from carsam_onnx.calib.mac_site import apply_mac
+
+    model, cfg, plan, feeds, _ = tiny
+    base = calibrate_baseline(model, plan, replace(cfg, method=cfg.recon.init_method), feeds)
+    base = apply_mac(model, plan, base, feeds, cfg.mac)
+    units = joint_units(model, find_units(model, plan), cfg.carsam.pairing)
+    return reconstruct(model, plan, base, cfg, feeds, units, progress=False)
+
+
+def test_carsam_runs_mac_and_joint_units_and_is_deterministic(tiny, carsam_by_hand):
+    """calibrate_carsam: MAC reached the artifact, the paired decoder units ran jointly; and it gives the same
+    bytes as a second, separate run of the same steps (carsam_by_hand): the same seed, the same bytes."""
     model, cfg, plan, feeds, held = tiny
     stats: list = []
     art = calibrate_carsam(model, plan, cfg, feeds, stats=stats)
@@ -44,22 +59,23 @@ def test_carsam_runs_mac_and_joint_units_and_is_deterministic(tiny):
     assert joint.iters == 3 * 3 and len(joint.curve) == joint.iters          # 3 members x 3 steps
     assert art.float_weights, "MAC corrected no projection"
     assert art.info["method"] == "carsam" and art.info["carsam_jcar"] == "mlp"
-    assert _bytes(model, plan, cfg, art) == _bytes(model, plan, cfg, calibrate_carsam(model, plan, cfg, feeds))
+    again = carsam_by_hand[0].artifact
+    again = replace(again, info={**again.info, "method": "carsam", "carsam_mac": "True", "carsam_jcar": "mlp"})
+    assert _bytes(model, plan, cfg, art) == _bytes(model, plan, cfg, again)
 
 
-def test_carsam_fake_quant_model_equals_emitted_file(tiny):
+def test_carsam_fake_quant_model_equals_emitted_file(tiny, carsam_by_hand):
     model, cfg, plan, feeds, held = tiny
-    from carsam_onnx.calib.mac_site import apply_mac
-
-    base = calibrate_baseline(model, plan, replace(cfg, method=cfg.recon.init_method), feeds)
-    base = apply_mac(model, plan, base, feeds, cfg.mac)
-    units = joint_units(model, find_units(model, plan), cfg.carsam.pairing)
-    result, r = reconstruct(model, plan, base, cfg, feeds, units, progress=False)
+    result, r = carsam_by_hand
     _check_emitted_equals_torch(model, plan, cfg, result.artifact, r, held, min_db=None)
 
 
 def test_carsam_without_mac_and_jcar_is_recon(tiny):
+    """Two images of the four: the two paths must agree byte for byte whatever the data, and each run costs
+    in proportion to the images."""
     model, cfg, plan, feeds, _ = tiny
+    cfg = replace(cfg, num_calib=2)
+    feeds = feeds[:2]
     off = replace(cfg, carsam=CarsamConfig(use_mac=False, use_jcar=False))
     assert _bytes(model, plan, cfg, calibrate_carsam(model, plan, off, feeds)) == \
         _bytes(model, plan, cfg, calibrate_recon(model, plan, replace(cfg, method="recon"), feeds))

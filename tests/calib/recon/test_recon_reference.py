@@ -55,22 +55,11 @@ def test_tiny_sam_reconstructed_torch_model_equals_emitted_onnx():
 
 def _reference_full_model():
     """The bundled reference model as a full ONNX (dynamo), cached on disk like the other test models."""
-    import hashlib
+    from sam_models import reference_onnx_path
 
-    from sam_models import CACHE, _code_hash
+    from carsam_onnx.modelio import load_model
 
-    from carsam_onnx.export.models import build_sam
-    from carsam_onnx.export.onnx_export import export_onnx
-    from carsam_onnx.modelio import load_model, save_model
-
-    tag = hashlib.sha256(REFERENCE_WEIGHTS.read_bytes()).hexdigest()[:10]
-    path = CACHE / f"reference_trained_full_{tag}_{_code_hash()}.onnx"
-    if not path.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            save_model(export_onnx(build_sam("reference"), "full", exporter="dynamo"), path, force=True)
-    return load_model(path)
+    return load_model(reference_onnx_path("full"))
 
 
 # 2026-12-02 on the shared 2-core dev host at load average 7-10: 92 s with the exported model cached, 191 s with
