@@ -62,14 +62,19 @@ def gt_box_prompts(dataset: CocoDataset) -> dict[int, list[BoxPrompt]]:
     return out
 
 
-def _read_results(path: Path, error) -> list:
+def _read_json(path: Path, error):
+    """The parsed prompts file; `error` (an error class) with one line when it is missing or not JSON."""
     if not path.is_file():
         raise error(f"prompts file not found: {path}")
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            return json.load(f)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"prompts file {path} is not readable JSON ({str(e).splitlines()[0]})") from None
+
+
+def _read_results(path: Path, error) -> list:
+    data = _read_json(path, error)
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):
         data = data["annotations"]
     if not isinstance(data, list):
@@ -257,13 +262,7 @@ def load_folder_prompts(prompts_file: str | Path, files: list[Path]) -> dict[Pat
     error (InputError), as are an empty or non-finite bbox and a file with no boxes. Boxes are not clipped here.
     """
     path = Path(prompts_file)
-    if not path.is_file():
-        raise InputError(f"prompts file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"prompts file {path} is not readable JSON ({str(e).splitlines()[0]})") from None
+    data = _read_json(path, InputError)
     by_name = {p.name: p for p in files}
     by_id = {int(p.stem): p for p in files if p.stem.isdigit()}
     if isinstance(data, dict) and isinstance(data.get("images"), list) and isinstance(data.get("annotations"), list):
