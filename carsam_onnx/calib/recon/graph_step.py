@@ -20,6 +20,12 @@ import torch
 WARMUP_RUNS = 2   # eager runs on a side stream before capture (allocator and executor plans settle)
 
 
+def batch_loss(outs, targets, axes) -> torch.Tensor:
+    """The reconstruction loss of a vmapped step: per target, the squared error summed over its channel axis
+    (per-image axis `ax`, shifted by the batch dimension), averaged over the rest; summed over targets."""
+    return sum((out - t).pow(2).sum(dim=ax if ax < 0 else ax + 1).mean() for out, t, ax in zip(outs, targets, axes))
+
+
 class GraphStep:
     def __init__(self, run_vmapped, names: list[str], n_main: int, q_in: list, fp_in: list, fp_out: list,
                  axes: list[int], rounding: list, round_weight: float, drop_prob: float, batch: int, device):
@@ -46,8 +52,7 @@ class GraphStep:
                 x = torch.where(torch.rand_like(x) < self.drop_prob, f, x)
             starts.append(x)
         outs = self.run_vmapped(starts, self.shared)
-        rec = sum((out - self.tg[k].index_select(0, self.idx)).pow(2).sum(dim=ax if ax < 0 else ax + 1).mean()
-                  for k, (out, ax) in enumerate(zip(outs, self.axes)))
+        rec = batch_loss(outs, [t.index_select(0, self.idx) for t in self.tg], self.axes)
         total = rec
         if self.rounding:
             reg = sum(q.regularizer(self.beta) for q in self.rounding)

@@ -28,6 +28,7 @@ from ...artifact import CalibrationArtifact
 from ...config import QuantConfig, ReconConfig
 from ...passes.sites import QuantPlan, WeightKind
 from ...torchexec import OnnxModule
+from .graph_step import batch_loss
 from .quantizers import AdaRoundWeight, FixedWeight, LsqActivation, beta_at, cosine_lr
 from ...passes.units import Unit
 
@@ -300,8 +301,7 @@ class Reconstructor:
         tgts = [[x.to(self.device, non_blocking=True) for x in fp_out[i]] for i in idx]
         if use_vmap:
             outs = self._run_vmapped(unit, names, n_main, starts, hooks)
-            rec_t = sum((out - torch.stack([t[k] for t in tgts])).pow(2).sum(dim=ax if ax < 0 else ax + 1).mean()
-                        for k, (out, ax) in enumerate(zip(outs, axes)))
+            rec_t = batch_loss(outs, [torch.stack([t[k] for t in tgts]) for k in range(len(axes))], axes)
             rec_t.backward()
             rec_t = rec_t.detach()
         else:
