@@ -56,8 +56,11 @@ def eval_set(tmp_path_factory):
 def _start(argv: list[str], tmp: Path) -> subprocess.Popen:
     env = _env()
     env["TMPDIR"] = str(tmp)
+    # SIGINT at its default, as under a terminal: a shell that starts pytest in the background (`&`) has its
+    # children ignore SIGINT, and the CLI rightly keeps an ignored signal ignored (nohup).
     return subprocess.Popen([sys.executable, "-m", "carsam_onnx", "-q", *argv], env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 SIGNALS = [pytest.param(signal.SIGINT, 130, id="SIGINT"), pytest.param(signal.SIGTERM, 143, id="SIGTERM")]
