@@ -1,5 +1,6 @@
 """`--runtime torch`: the same ONNX graph through the project's torch executor (torchexec/), on the CPU or
-a GPU (`--device cuda`). Q/DQ nodes execute with ONNX semantics there, so metrics match ORT's.
+a GPU (`--device cuda`). Q/DQ nodes execute with ONNX semantics there, and in IEEE float32 (no TF32: see
+torchexec/precision.py), so metrics match ORT's.
 
 On a GPU, all prompts of one image go through the prompt part in one call: SAM graphs are exported for one
 prompt (batch 1, constants of batch 1 concatenated with the prompt tokens), so the batch is made with
@@ -19,6 +20,7 @@ import torch
 
 from ..errors import InputError
 from ..modelio import load_model
+from ..torchexec.precision import ieee_fp32
 from .base import Runtime, Session
 
 MAX_VMAP_BATCH = 64          # prompts per vmapped call (bounds activation memory)
@@ -56,7 +58,7 @@ class TorchSession(Session):
                 for k, v in out.items()}
 
     def run(self, feeds):
-        with torch.no_grad():
+        with torch.no_grad(), ieee_fp32():
             return self._numpy(self.module.run(self._tensors(feeds)))
 
     def run_many(self, feeds):
@@ -82,7 +84,7 @@ class TorchSession(Session):
         def one(per: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             return self.module.run({**fixed, **{k: v[None] for k, v in per.items()}})
 
-        with torch.no_grad():
+        with torch.no_grad(), ieee_fp32():
             out = torch.func.vmap(one)(stacked)
         out = self._numpy(out)
         return [{k: v[i] for k, v in out.items()} for i in range(len(feeds))]

@@ -73,3 +73,28 @@ def test_torch_runtime_pair_and_per_prompt_fallback(ds, monkeypatch):
 def test_cuda_without_a_gpu_is_a_clear_error():
     with pytest.raises(InputError, match="torch sees no CUDA device"):
         TorchRuntime("cuda")
+
+
+
+def test_graphs_run_in_ieee_fp32_and_the_settings_come_back(ds, monkeypatch):
+    """TF32 (cuDNN's default for convolutions on GPUs) moves values across 4-bit rounding boundaries, so the
+    torch runtime turns it off while it runs a graph, single and vmapped, and restores the caller's settings."""
+    from carsam_onnx.torchexec import OnnxModule
+
+    seen = set()
+    run = OnnxModule.run
+
+    def spy(self, *args, **kwargs):
+        seen.add((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return run(self, *args, **kwargs)
+    monkeypatch.setattr(OnnxModule, "run", spy)
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True   # a caller that wants TF32
+    try:
+        predictor, preds, _ = _predictions(tiny_sam_paths()["full"], ds, "torch")
+        after = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    assert predictor.decoder._vmap_ok is True and len(preds) == 6    # single and vmapped calls both seen
+    assert seen == {(False, False)}
+    assert after == (True, True)
