@@ -26,13 +26,16 @@ class MinMaxObserver:
 
     def observe(self, x: torch.Tensor) -> None:
         x = x.detach()
-        if not torch.isfinite(x).all():
+        lo, hi = torch.aminmax(x)          # one pass; NaN and inf propagate into these two, so they tell
+        self.last_finite = bool(torch.isfinite(lo) & torch.isfinite(hi))  # whether the tensor is all finite
+        if not self.last_finite:
             self.nonfinite = True
             x = x[torch.isfinite(x)]
             if x.numel() == 0:
                 return
-        self.lo = min(self.lo, float(x.min()))
-        self.hi = max(self.hi, float(x.max()))
+            lo, hi = x.min(), x.max()
+        self.lo = min(self.lo, float(lo))
+        self.hi = max(self.hi, float(hi))
 
     @property
     def seen(self) -> bool:
@@ -52,7 +55,8 @@ class _SampledObserver(MinMaxObserver):
     def observe(self, x: torch.Tensor) -> None:
         super().observe(x)
         flat = x.detach().reshape(-1)
-        flat = flat[torch.isfinite(flat)]
+        if not self.last_finite:           # masking copies the tensor: only when something is to be dropped
+            flat = flat[torch.isfinite(flat)]
         if flat.numel() > SAMPLE_PER_BATCH:
             idx = torch.randint(0, flat.numel(), (SAMPLE_PER_BATCH,), generator=self.gen).to(flat.device)
             flat = flat[idx]
