@@ -105,6 +105,12 @@ def _add_quantize(sub):
     r.add_argument("--recon-cuda-graphs", action=argparse.BooleanOptionalAction,
                    default=_default(ReconConfig, "cuda_graphs"),
                    help="GPU: replay each unit's step as a CUDA graph (a unit that cannot be captured runs eagerly)")
+    r.add_argument("--recon-scale-lr-ref", type=float, default=_default(ReconConfig, "scale_lr_ref"),
+                   help="learn each activation step size s0 at scale_lr * s0 / this (relative); default: one "
+                        "absolute learning rate for all")
+    r.add_argument("--recon-guard", action=argparse.BooleanOptionalAction, default=_default(ReconConfig, "unit_guard"),
+                   help="after each unit, keep the calibrator's rounding and step sizes where they reconstruct the "
+                        "unit better than what was learned")
     c = p.add_argument_group("CAR-SAM (--method carsam)")
     c.add_argument("--mac", action=argparse.BooleanOptionalAction, default=_default(CarsamConfig, "use_mac"),
                    help="MatMul-aware compensation of the decoder attention projections before reconstruction")
@@ -136,7 +142,8 @@ def _run_quantize(a) -> int:
                       device=a.device, require_attention=a.require_attention, int8_weights=a.int8_weights,
                       calib_mask_input=a.calib_mask_input,
                       recon=ReconConfig(iters=a.recon_iters, batch_size=a.recon_batch, init_method=a.recon_init,
-                                        drop_prob=a.recon_drop, cuda_graphs=a.recon_cuda_graphs),
+                                        drop_prob=a.recon_drop, cuda_graphs=a.recon_cuda_graphs,
+                                        unit_guard=a.recon_guard, scale_lr_ref=a.recon_scale_lr_ref),
                       carsam=CarsamConfig(use_mac=a.mac, use_jcar=a.jcar, pairing=a.jcar_pairing))
     report = api.quantize(a.model, a.output, cfg, calib_images=a.calib_images, calib_prompts=a.calib_prompts,
                           encoder=a.encoder, embeddings=a.embeddings, save_calibration=a.save_calibration,

@@ -76,6 +76,9 @@ class ReconConfig:
     gpu_batch_size: int = 8           # one vmapped step over 8 images (SAM graphs are exported for batch 1)
     round_lr: float = 1e-3            # Adam, AdaRound offsets
     scale_lr: float = 4e-5            # Adam with cosine decay to 0, LSQ step sizes
+    scale_lr_ref: float | None = None  # None: scale_lr for every step size (published). A number: each step size
+                                      # s0 learns at scale_lr * s0 / scale_lr_ref (Adam's steps are absolute, so
+                                      # small step sizes, e.g. softmax outputs, would move most in relative terms)
     round_weight: float = 0.01        # weight of the rounding regulariser sum(1 - |2h - 1|^beta)
     warmup: float = 0.2               # share of a unit's steps without the regulariser
     beta_start: float = 20.0          # regulariser exponent, annealed linearly after the warm-up ...
@@ -85,21 +88,29 @@ class ReconConfig:
     image_cut: bool = True            # full models: decoder units' captures start at the cached encoder output
     cuda_graphs: bool = True          # GPU: each unit's vmapped step is captured once as a CUDA graph and replayed
                                       # (calib/recon/graph_step.py); a unit that cannot be captured runs eagerly
+    unit_guard: bool = True           # after each unit: keep the calibrator's rounding and step sizes if they
+                                      # reconstruct the unit better than what was learned (fully quantized, on ...
+    guard_images: int = 8             # ... the first this many calibration images)
 
     def __post_init__(self):
         if self.init_method not in ("minmax", "percentile", "mse"):
             raise InputError(f"recon init method {self.init_method!r}: choose minmax, percentile or mse")
-        for name in ("cpu_iters", "gpu_iters", "cpu_batch_size", "gpu_batch_size"):
+        for name in ("cpu_iters", "gpu_iters", "cpu_batch_size", "gpu_batch_size", "guard_images"):
             if getattr(self, name) < 1:
                 raise InputError(f"recon {name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
         if self.iters is not None and self.iters < 1:
             raise InputError(f"--recon-iters {self.iters}: must be >= 1")
         if self.batch_size is not None and self.batch_size < 1:
             raise InputError(f"--recon-batch {self.batch_size}: must be >= 1")
+        if self.scale_lr_ref is not None and not self.scale_lr_ref > 0:
+            raise InputError(f"--recon-scale-lr-ref {self.scale_lr_ref}: must be > 0")
         if not 0 <= self.drop_prob < 1:
             raise InputError(f"--recon-drop {self.drop_prob}: must be in [0, 1)")
         if not 0 <= self.warmup < 1:
             raise InputError(f"recon warm-up {self.warmup}: must be in [0, 1)")
+
+    def scale_lr_for(self, s0: float) -> float:
+        return self.scale_lr if self.scale_lr_ref is None else self.scale_lr * s0 / self.scale_lr_ref
 
     def iters_for(self, device: str) -> int:
         if self.iters is not None:

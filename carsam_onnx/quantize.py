@@ -60,7 +60,14 @@ class QuantizeReport:
         rate = ", ".join(f"{k} {sum(u.iters for u in us) / sum(u.seconds for u in us):.1f}" for k, us in by_kind.items())
         return [f"reconstruction: {len(self.recon_units)} units x {self.recon_units[0].iters} steps "
                 f"({sum(u.iters for u in self.recon_units)} in all) in {sum(u.seconds for u in self.recon_units):.0f} s; "
-                f"steps/s by unit kind (capture included): {rate}"] + self._step_mode_lines()
+                f"steps/s by unit kind (capture included): {rate}"] + self._guard_lines() + self._step_mode_lines()
+
+    def _guard_lines(self) -> list[str]:
+        init = [u.name for u in self.recon_units if getattr(u, "kept", "learned") == "init"]
+        if not any(getattr(u, "guard_loss", ()) for u in self.recon_units):
+            return []
+        return [f"unit guard: the calibrator's rounding and step sizes kept in {len(init)} of "
+                f"{len(self.recon_units)} units" + (f" ({', '.join(init)})" if init else "")]
 
     def _step_mode_lines(self) -> list[str]:
         modes = [getattr(u, "step_mode", "eager") for u in self.recon_units]

@@ -71,6 +71,9 @@ class UnitStats:
     cache_device: str
     curve: tuple[float, ...] = ()      # the reconstruction loss at every step (report: loss curves)
     step_mode: str = "eager"           # "cuda graph", or "eager" (with the reason when a capture was refused)
+    kept: str = "learned"              # "learned", or "init" when the unit guard found the calibrator's rounding
+                                       # and step sizes reconstruct the unit better (ReconConfig.unit_guard)
+    guard_loss: tuple[float, float] = ()   # (learned, init) unit loss, fully quantized, on the guard images
 
     @property
     def steps_per_second(self) -> float:
@@ -325,10 +328,12 @@ class Reconstructor:
         n_main = len(unit.inputs)
         rounding = [self.wq[w] for w in unit.weights if isinstance(self.wq[w], AdaRoundWeight)]
         acts = [self.aq[v] for v in unit.activations if v in self.aq and v not in self.done_acts]
+        init = ([q.alpha.detach().clone() for q in rounding], [q.scale.detach().clone() for q in acts])
         for q in rounding + acts:
             q.start()
         opt_w = torch.optim.Adam([q.alpha for q in rounding], lr=self.rc.round_lr) if rounding else None
-        opt_a = torch.optim.Adam([q.scale for q in acts], lr=self.rc.scale_lr) if acts else None
+        opt_a = torch.optim.Adam([{"params": [q.scale], "base_lr": self.rc.scale_lr_for(float(q.scale.detach()))}
+                                  for q in acts], lr=self.rc.scale_lr) if acts else None
         hooks = self.hooks()
         axes = [a for _, a in unit.losses]
         losses: list[float] = []
@@ -348,7 +353,7 @@ class Reconstructor:
                 idx = torch.randint(0, len(feeds), (bs,), generator=gen).tolist()
                 if opt_a is not None:
                     for g in opt_a.param_groups:
-                        g["lr"] = cosine_lr(self.rc.scale_lr, step, iters)
+                        g["lr"] = cosine_lr(g["base_lr"], step, iters)
                 beta = beta_at(step, iters, self.rc.warmup, self.rc.beta_start, self.rc.beta_end)
                 if graph is not None:   # the replay overwrites the gradients in place: no zero_grad
                     rec_t = graph.step(idx, beta)
@@ -373,12 +378,52 @@ class Reconstructor:
             for q in rounding + acts:
                 q.finish()
             self.done_acts.update(unit.activations)
+        kept, guard = "learned", ()
+        if self.rc.unit_guard:
+            kept, guard = self._guard(unit, names, q_in, fp_out, hooks, axes, rounding, acts, init)
         losses = [float(x) for x in losses]
         k = max(1, min(20, len(losses) // 10 or 1))
         return UnitStats(unit.name, unit.kind, iters, time.perf_counter() - t0,
                          float(np.mean(losses[:k])) if losses else float("nan"),
                          float(np.mean(losses[-k:])) if losses else float("nan"), where.type, tuple(losses),
-                         step_mode=mode)
+                         step_mode=mode, kept=kept, guard_loss=guard)
+
+    def _final_loss(self, unit, names, q_in, fp_out, hooks, axes) -> float:
+        """The unit's loss as emitted (every quantizer fixed, no drop, hard rounding) on the first
+        `guard_images` calibration images."""
+        n = min(self.rc.guard_images, len(q_in))
+        total = 0.0
+        with torch.no_grad():
+            for i in range(n):
+                start = {nm: q_in[i][j].to(self.device, non_blocking=True) for j, nm in enumerate(names)}
+                outs = self._run(unit, start, hooks)
+                total += float(sum((o - t.to(self.device)).pow(2).sum(dim=ax).mean()
+                                   for o, t, ax in zip(outs, fp_out[i], axes)))
+        return total / max(n, 1)
+
+    def _guard(self, unit, names, q_in, fp_out, hooks, axes, rounding, acts, init) -> tuple[str, tuple]:
+        """Keep what the unit learned only if it reconstructs the unit better than where it started (the
+        calibrator's nearest rounding and step sizes: AdaRound's initial alpha hard-rounds to nearest). A
+        schedule too short to converge must not leave a unit worse than the calibrator it started from."""
+        if not rounding and not acts:
+            return "learned", ()
+        learned = ([q.alpha.detach().clone() for q in rounding], [q.scale.detach().clone() for q in acts])
+
+        def load(state):
+            with torch.no_grad():
+                for q, a in zip(rounding, state[0]):
+                    q.alpha.copy_(a)
+                for q, sc in zip(acts, state[1]):
+                    q.scale.copy_(sc)
+            for q in rounding + acts:
+                q.finish()
+        loss_learned = self._final_loss(unit, names, q_in, fp_out, hooks, axes)
+        load(init)
+        loss_init = self._final_loss(unit, names, q_in, fp_out, hooks, axes)
+        if loss_init < loss_learned:
+            return "init", (loss_learned, loss_init)
+        load(learned)
+        return "learned", (loss_learned, loss_init)
 
     def artifact(self, info: dict) -> CalibrationArtifact:
         art = CalibrationArtifact(activations={v: q.activation_quant() for v, q in self.aq.items()},

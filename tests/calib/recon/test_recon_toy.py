@@ -134,3 +134,31 @@ def test_batched_steps_run_vmapped_and_learn():
     opts = target_options(cfg)
     assert _ort_mse(model, emit_qdq(model, plan, r.artifact({}), **opts), held) < \
         _ort_mse(model, emit_qdq(model, plan, base, **opts), held)
+
+
+def test_unit_guard_keeps_the_calibrator_where_learning_made_the_unit_worse():
+    """A schedule that wrecks the unit (step sizes and roundings driven off by a huge learning rate): the guard
+    finds the calibrator's nearest rounding and step sizes reconstruct it better, and the artifact is exactly
+    what the reconstructor starts from (AdaRound's initial alpha hard-rounds to nearest). With a sane schedule
+    the learned values stay."""
+    model = _toy()
+    bad = _config(iters=30)
+    bad = replace(bad, recon=replace(bad.recon, scale_lr=5.0, round_lr=5.0))
+    plan = plan_quantization(model, bad)
+    calib = _feeds(8, 1)
+    base = calibrate_baseline(model, plan, replace(bad, method="mse"), calib)
+    units = find_units(model, plan)
+    start = Reconstructor(model, plan, base, bad, units).artifact({})
+    r = Reconstructor(model, plan, base, bad, units)
+    stats = r.reconstruct(units[0], calib, 30, False, torch.Generator().manual_seed(0))
+    learned, init = stats.guard_loss
+    assert stats.kept == "init" and init < learned
+    art = r.artifact({})
+    for w in ("w1", "w2"):
+        np.testing.assert_array_equal(art.weights[w].values, start.weights[w].values)
+    assert art.activations == start.activations
+
+    good = _config(iters=200, batch_size=4)
+    r = Reconstructor(model, plan, base, good, units)
+    stats = r.reconstruct(units[0], calib, 200, False, torch.Generator().manual_seed(0))
+    assert stats.kept == "learned" and stats.guard_loss[0] <= stats.guard_loss[1]
