@@ -103,13 +103,18 @@ def test_same_seed_same_bytes(tmp_path):
     assert (tmp_path / "c" / "annotations.json").read_bytes() != (tmp_path / "a" / "synth" / "annotations.json").read_bytes()
 
 
-def _job_slow(out: Path) -> None:
-    """The whole reference model through `carsam-onnx export`, from its weights and from random init; MSE's
-    activation search."""
+def _job_slow(out: Path, ref: Path | None = None) -> None:
+    """The whole reference model through `carsam-onnx export` (or a copy of `ref`), from its weights and from
+    random init; MSE's activation search."""
+    import shutil
+
     from tiny_sam import tiny_sam_paths
 
     out.mkdir()
-    _cli("export", "--model-type", "reference", "-o", out / "ref.onnx")
+    if ref is None:
+        _cli("export", "--model-type", "reference", "-o", out / "ref.onnx")
+    else:
+        shutil.copy(ref, out / "ref.onnx")
     _cli("export", "--model-type", "reference", "--random-init", "--seed", 5, "-o", out / "ref_random.onnx")
     _cli("quantize", tiny_sam_paths()["full"], "-o", out / "tiny.mse_w8a8.onnx", "--method", "mse", "--bits", "w8a8",
          "--num-calib", 2)
@@ -117,6 +122,11 @@ def _job_slow(out: Path) -> None:
 
 @pytest.mark.slow
 def test_same_seed_same_bytes_reference_export_and_mse_activations(tmp_path):
-    _run_job(tmp_path / "a", 1, "_job_slow")
+    """Run A here, its trained export the suite's shared one (tests/sam_models.py: the same build_sam + export_onnx
+    as `carsam-onnx export`, made in whichever worker needed it first); run B in a fresh process with another hash
+    seed, every export through the CLI: every byte equal."""
+    from sam_models import reference_onnx_path
+
+    _job_slow(tmp_path / "a", reference_onnx_path("full"))
     _run_job(tmp_path / "b", 2, "_job_slow")
     assert set(_compare(tmp_path / "a", tmp_path / "b")) == {"ref.onnx", "ref_random.onnx", "tiny.mse_w8a8.onnx"}
