@@ -20,10 +20,15 @@ import torch
 WARMUP_RUNS = 2   # eager runs on a side stream before capture (allocator and executor plans settle)
 
 
+def image_loss(outs, targets, axes) -> torch.Tensor:
+    """A unit's reconstruction loss on one image: per target, the squared error summed over its channel axis
+    `ax`, averaged over the rest; summed over targets."""
+    return sum((out - t).pow(2).sum(dim=ax).mean() for out, t, ax in zip(outs, targets, axes))
+
+
 def batch_loss(outs, targets, axes) -> torch.Tensor:
-    """The reconstruction loss of a vmapped step: per target, the squared error summed over its channel axis
-    (per-image axis `ax`, shifted by the batch dimension), averaged over the rest; summed over targets."""
-    return sum((out - t).pow(2).sum(dim=ax if ax < 0 else ax + 1).mean() for out, t, ax in zip(outs, targets, axes))
+    """The same on a vmapped batch: the per-image channel axes shifted by the batch dimension."""
+    return image_loss(outs, targets, [ax if ax < 0 else ax + 1 for ax in axes])
 
 
 class GraphStep:

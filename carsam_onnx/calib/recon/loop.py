@@ -28,7 +28,7 @@ from ...artifact import CalibrationArtifact
 from ...config import QuantConfig, ReconConfig
 from ...passes.sites import QuantPlan, WeightKind
 from ...torchexec import OnnxModule
-from .graph_step import batch_loss
+from .graph_step import batch_loss, image_loss
 from .quantizers import AdaRoundWeight, FixedWeight, LsqActivation, beta_at, cosine_lr
 from ...passes.units import Unit
 
@@ -311,7 +311,7 @@ class Reconstructor:
             rec_t = 0.0
             for start, tgt in zip(starts, tgts):
                 outs = self._run(unit, start, hooks)
-                rec_i = sum((out - t).pow(2).sum(dim=ax).mean() for out, t, ax in zip(outs, tgt, axes)) / bs
+                rec_i = image_loss(outs, tgt, axes) / bs
                 rec_i.backward()
                 rec_t = rec_t + rec_i.detach()
         if beta is not None and rounding:
@@ -397,8 +397,7 @@ class Reconstructor:
             for i in range(n):
                 start = {nm: q_in[i][j].to(self.device, non_blocking=True) for j, nm in enumerate(names)}
                 outs = self._run(unit, start, hooks)
-                total += float(sum((o - t.to(self.device)).pow(2).sum(dim=ax).mean()
-                                   for o, t, ax in zip(outs, fp_out[i], axes)))
+                total += float(image_loss(outs, [t.to(self.device) for t in fp_out[i]], axes))
         return total / max(n, 1)
 
     def _guard(self, unit, names, q_in, fp_out, hooks, axes, rounding, acts, init) -> tuple[str, tuple]:
