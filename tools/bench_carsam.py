@@ -2,7 +2,7 @@
 ONNX Runtime on the validation seeds, quantization and evaluation each run as parallel processes.
 
     python tools/bench_carsam.py --device cuda --bits w6a6 w4a4 w3a3 --calib-seeds 1 2 3 \
-        --variants mse recon recon+mac recon+jcar carsam --jobs 8 --eval-jobs 8 --eval-threads 2
+        --variants mse recon recon+mac recon+jcar carsam --jobs 3 --eval-jobs 4 --eval-threads 2
 
 - Variants: `mse` (the best calibrator-only baseline), `recon` (--method recon), `recon+mac` (carsam --no-jcar),
   `recon+jcar` (carsam --no-mac), `carsam` (both). `--jcar-pairing` and `--recon-iters` pass through; a
@@ -11,7 +11,8 @@ ONNX Runtime on the validation seeds, quantization and evaluation each run as pa
   s draws --num-calib images from a pool of data seed 1 and seeds everything random in the method).
 - Phase 1 quantizes every missing cell with `carsam-onnx quantize` processes (--jobs at once; on one GPU they
   share it). Phase 2 evaluates every (cell, validation seed) in a process pool (--eval-jobs processes, ONNX
-  Runtime with --eval-threads threads each). Results are cached per (cell, validation seed) in WORK/cells/ with
+  Runtime with --eval-threads threads each). The quantize processes share the cores left over (--cores minus
+  the evaluations' threads; OMP_NUM_THREADS): at torch's defaults they spin against each other. Results are cached per (cell, validation seed) in WORK/cells/ with
   a fingerprint, so a rerun (or a second machine with the same --work-dir) only does what is missing;
   `--table-only` writes the section from the cache. Quantized models are kept in WORK/models/ until evaluated.
 - Writes its section of --out-md between two marker comments: per validation seed and bit width, mean +- std
@@ -72,10 +73,24 @@ def quantize_cmd(fp: Path, out: Path, variant: str, bits: str, cseed: int, pool:
     return cmd
 
 
-def _lower_priority() -> None:
-    """Evaluation workers yield the CPU to the quantize processes: on a GPU, reconstruction is bound by one
-    Python thread launching kernels (GPU 11-17% busy while other jobs loaded the CPU; docs/results.md)."""
+def _eval_worker_init(threads: int) -> None:
+    """Evaluation workers yield the CPU to the quantize processes (on a GPU, reconstruction is bound by one
+    Python thread launching kernels: GPU 11-17% busy while other jobs loaded the CPU; docs/results.md), and
+    keep torch to their share of the cores."""
     os.nice(10)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def thread_budget(cores: int, jobs: int, eval_jobs: int, eval_threads: int) -> tuple[int, int]:
+    """(threads per quantize process, threads per evaluation process) so that all of them together use at most
+    `cores`. Every process left at torch's default (one thread per core) spins OpenMP threads against the
+    others: on the 16-core device machine, 3 quantize and 5 evaluation processes at their defaults (load 81)
+    made a 200-image evaluation take 1,092 s and left the GPU idle for 20 minutes (docs/results.md)."""
+    ev = max(1, eval_threads or 1)
+    left = max(1, cores - eval_jobs * ev)
+    return max(1, left // max(1, jobs)), ev
 
 
 def _evaluate(model: str, val: str, threads: int, limit) -> dict:
@@ -107,7 +122,9 @@ def main(argv=None) -> int:
     ap.add_argument("--jcar-pairing", default="mlp")
     ap.add_argument("--jobs", type=int, default=1, help="quantize processes at once")
     ap.add_argument("--eval-jobs", type=int, default=1, help="evaluation processes at once")
-    ap.add_argument("--eval-threads", type=int, default=0, help="ONNX Runtime threads per evaluation (0: ORT's default)")
+    ap.add_argument("--eval-threads", type=int, default=1, help="ONNX Runtime and torch threads per evaluation")
+    ap.add_argument("--cores", type=int, default=os.cpu_count(),
+                    help="cores this run may use (two runs at once on one machine: give each its share)")
     ap.add_argument("--phase", choices=["all", "quantize", "eval"], default="all")
     ap.add_argument("--deadline", type=float, help="stop starting new work after this many seconds")
     ap.add_argument("--out-md", default=str(ROOT / "docs" / "results.md"))
@@ -124,6 +141,9 @@ def main(argv=None) -> int:
     def late() -> bool:
         return a.deadline is not None and time.perf_counter() - t_start > a.deadline
 
+    q_threads, eval_threads = thread_budget(a.cores, a.jobs, a.eval_jobs, a.eval_threads)
+    log(f"threads: {q_threads} per quantize process x {a.jobs}, {eval_threads} per evaluation x {a.eval_jobs} "
+        f"({a.cores} cores)")
     fp, fp_desc = fp_model(work, a.model, None)
     fp_hash = sha256_file(fp)[:16]
     vals = {s: dataset(work, s, a.num_val) for s in a.val_seeds}
@@ -156,7 +176,7 @@ def main(argv=None) -> int:
     ex = None
     if a.phase in ("all", "eval") and not a.table_only:   # spawn: forked workers deadlock in torch's thread pool
         ex = ProcessPoolExecutor(max_workers=max(1, a.eval_jobs), mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_lower_priority)
+                                 initializer=_eval_worker_init, initargs=(eval_threads,))
     futs: dict = {}
 
     def submit_evals(model: Path) -> None:
@@ -164,7 +184,7 @@ def main(argv=None) -> int:
         if ex is None or late():
             return
         for k, vs, val, m, path, fpr in pending_e.pop(str(model), []):
-            futs[ex.submit(_evaluate, str(m), str(val), a.eval_threads or None, a.limit)] = (k, vs, m, path, fpr)
+            futs[ex.submit(_evaluate, str(m), str(val), eval_threads, a.limit)] = (k, vs, m, path, fpr)
 
     def collect(block: bool) -> None:
         done = [f for f in futs if f.done()] if not block else list(as_completed(list(futs)))
@@ -189,7 +209,8 @@ def main(argv=None) -> int:
     if not a.table_only and a.phase in ("all", "quantize"):
         running: list = []
         queue = list(todo_q)
-        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(q_threads),
+               "MKL_NUM_THREADS": str(q_threads)}
         while queue or running:
             while queue and len(running) < a.jobs and not late():
                 key, cmd, model = queue.pop(0)

@@ -1,0 +1,24 @@
+"""tools/bench_carsam.py: the thread budget keeps every process of a run inside the cores it is given."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+import bench_carsam  # noqa: E402
+
+
+@pytest.mark.parametrize("cores,jobs,eval_jobs,eval_threads", [(16, 3, 4, 2), (16, 1, 2, 2), (2, 1, 1, 1),
+                                                               (16, 8, 8, 2), (4, 2, 0, 0)])
+def test_thread_budget_never_oversubscribes(cores, jobs, eval_jobs, eval_threads):
+    q, ev = bench_carsam.thread_budget(cores, jobs, eval_jobs, eval_threads)
+    assert q >= 1 and ev >= 1
+    if jobs + eval_jobs * ev <= cores:        # enough cores for one thread each: the sum stays inside them
+        assert jobs * q + eval_jobs * ev <= cores
+
+
+def test_thread_budget_gives_quantize_the_cores_evaluation_leaves():
+    assert bench_carsam.thread_budget(16, 3, 4, 2) == (2, 2)     # 16 - 8 = 8 left, 2 each for 3 processes
+    assert bench_carsam.thread_budget(16, 1, 2, 2) == (12, 2)
