@@ -105,6 +105,13 @@ def _add_quantize(sub):
     r.add_argument("--recon-cuda-graphs", action=argparse.BooleanOptionalAction,
                    default=_default(ReconConfig, "cuda_graphs"),
                    help="GPU: replay each unit's step as a CUDA graph (a unit that cannot be captured runs eagerly)")
+    r.add_argument("--recon-round-lr", type=float, default=_default(ReconConfig, "round_lr"),
+                   help=f"Adam learning rate of the AdaRound offsets (default: {_default(ReconConfig, 'cpu_round_lr'):g} "
+                        f"on a CPU, {_default(ReconConfig, 'gpu_round_lr'):g} on a GPU)")
+    r.add_argument("--recon-scale-lr", type=float, default=_default(ReconConfig, "scale_lr"),
+                   help="Adam learning rate (cosine decay to 0) of the LSQ activation step sizes; 0 keeps the "
+                        f"calibrator's (default: {_default(ReconConfig, 'cpu_scale_lr'):g} on a CPU, "
+                        f"{_default(ReconConfig, 'gpu_scale_lr'):g} on a GPU)")
     r.add_argument("--recon-scale-lr-ref", type=float, default=_default(ReconConfig, "scale_lr_ref"),
                    help="learn each activation step size s0 at scale_lr * s0 / this (relative); default: one "
                         "absolute learning rate for all")
@@ -143,7 +150,8 @@ def _run_quantize(a) -> int:
                       calib_mask_input=a.calib_mask_input,
                       recon=ReconConfig(iters=a.recon_iters, batch_size=a.recon_batch, init_method=a.recon_init,
                                         drop_prob=a.recon_drop, cuda_graphs=a.recon_cuda_graphs,
-                                        unit_guard=a.recon_guard, scale_lr_ref=a.recon_scale_lr_ref),
+                                        unit_guard=a.recon_guard, scale_lr_ref=a.recon_scale_lr_ref,
+                                        round_lr=a.recon_round_lr, scale_lr=a.recon_scale_lr),
                       carsam=CarsamConfig(use_mac=a.mac, use_jcar=a.jcar, pairing=a.jcar_pairing))
     report = api.quantize(a.model, a.output, cfg, calib_images=a.calib_images, calib_prompts=a.calib_prompts,
                           encoder=a.encoder, embeddings=a.embeddings, save_calibration=a.save_calibration,

@@ -74,8 +74,15 @@ class ReconConfig:
     batch_size: int | None = None     # calibration images per step; None: cpu_batch_size / gpu_batch_size
     cpu_batch_size: int = 1           # published: 1 (vmapped batches were slower than a loop on 2 CPU cores)
     gpu_batch_size: int = 8           # one vmapped step over 8 images (SAM graphs are exported for batch 1)
-    round_lr: float = 1e-3            # Adam, AdaRound offsets
-    scale_lr: float = 4e-5            # Adam with cosine decay to 0, LSQ step sizes
+    round_lr: float | None = None     # Adam, AdaRound offsets; None: cpu_round_lr / gpu_round_lr
+    cpu_round_lr: float = 1e-2        # CPU schedule: 10x the published rate. At 1e-3, 200 steps move an offset by
+                                      # at most 0.2 (h by 0.06): few weights leave nearest rounding (0.7% in a
+                                      # 50 x 8 probe; 6.4% at 1e-2), docs/results.md; chosen on seed 2
+    gpu_round_lr: float = 1e-3        # published
+    scale_lr: float | None = None     # Adam with cosine decay to 0, LSQ step sizes; None: cpu_ / gpu_scale_lr
+    cpu_scale_lr: float = 0.0         # CPU schedule: the calibrator's step sizes stay (LSQ on 200 one-image steps
+                                      # cost 0.85 mAP on seed 2: docs/results.md)
+    gpu_scale_lr: float = 4e-5        # published
     scale_lr_ref: float | None = None  # None: scale_lr for every step size (published). A number: each step size
                                       # s0 learns at scale_lr * s0 / scale_lr_ref (Adam's steps are absolute, so
                                       # small step sizes, e.g. softmax outputs, would move most in relative terms)
@@ -102,6 +109,9 @@ class ReconConfig:
             raise InputError(f"--recon-iters {self.iters}: must be >= 1")
         if self.batch_size is not None and self.batch_size < 1:
             raise InputError(f"--recon-batch {self.batch_size}: must be >= 1")
+        for name in ("round_lr", "scale_lr", "cpu_round_lr", "gpu_round_lr", "cpu_scale_lr", "gpu_scale_lr"):
+            if getattr(self, name) is not None and not getattr(self, name) >= 0:
+                raise InputError(f"--recon-{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
         if self.scale_lr_ref is not None and not self.scale_lr_ref > 0:
             raise InputError(f"--recon-scale-lr-ref {self.scale_lr_ref}: must be > 0")
         if not 0 <= self.drop_prob < 1:
@@ -109,8 +119,19 @@ class ReconConfig:
         if not 0 <= self.warmup < 1:
             raise InputError(f"recon warm-up {self.warmup}: must be in [0, 1)")
 
-    def scale_lr_for(self, s0: float) -> float:
-        return self.scale_lr if self.scale_lr_ref is None else self.scale_lr * s0 / self.scale_lr_ref
+    def round_lr_for(self, device: str) -> float:
+        if self.round_lr is not None:
+            return self.round_lr
+        return self.gpu_round_lr if str(device).startswith("cuda") else self.cpu_round_lr
+
+    def scale_lr_base(self, device: str) -> float:
+        if self.scale_lr is not None:
+            return self.scale_lr
+        return self.gpu_scale_lr if str(device).startswith("cuda") else self.cpu_scale_lr
+
+    def scale_lr_for(self, s0: float, device: str) -> float:
+        lr = self.scale_lr_base(device)
+        return lr if self.scale_lr_ref is None else lr * s0 / self.scale_lr_ref
 
     def iters_for(self, device: str) -> int:
         if self.iters is not None:

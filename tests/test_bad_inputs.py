@@ -81,6 +81,8 @@ CASES: list[Case] = [
     C("quantize-not-sam", Q + " {in}/not_sam.onnx -o {out}/q.onnx", "not a SAM graph"),
     C("quantize-old-opset", Q + " {in}/encoder_opset16.onnx -o {out}/q.onnx", "opset 16", "17"),
     C("quantize-missing-external-data", Q + " {in}/ext/encoder.onnx -o {out}/q.onnx", "encoder.onnx.data"),
+    C("quantize-recon-negative-lr", Q + " {in}/full.onnx -o {out}/q.onnx --method recon --recon-round-lr -1",
+      "--recon-round-lr", ">= 0"),
     # ---- emit, split, check-trt, predict --------------------------------------------------------------------
     C("emit-calibration-not-a-calibration", "emit {in}/full.onnx --calibration {in}/notes.txt -o {out}/q.onnx",
       "notes.txt"),

@@ -331,9 +331,11 @@ class Reconstructor:
         init = ([q.alpha.detach().clone() for q in rounding], [q.scale.detach().clone() for q in acts])
         for q in rounding + acts:
             q.start()
-        opt_w = torch.optim.Adam([q.alpha for q in rounding], lr=self.rc.round_lr) if rounding else None
-        opt_a = torch.optim.Adam([{"params": [q.scale], "base_lr": self.rc.scale_lr_for(float(q.scale.detach()))}
-                                  for q in acts], lr=self.rc.scale_lr) if acts else None
+        dev = self.config.device
+        opt_w = torch.optim.Adam([q.alpha for q in rounding], lr=self.rc.round_lr_for(dev)) if rounding else None
+        opt_a = torch.optim.Adam([{"params": [q.scale], "base_lr": self.rc.scale_lr_for(float(q.scale.detach()), dev)}
+                                  for q in acts], lr=self.rc.scale_lr_base(dev)) \
+            if acts and self.rc.scale_lr_base(dev) > 0 else None   # rate 0: the step sizes stay as calibrated
         hooks = self.hooks()
         axes = [a for _, a in unit.losses]
         losses: list[float] = []

@@ -79,7 +79,8 @@ def _joint_loss(model, plan, cfg, art, feeds) -> float:
 
 def test_joint_reconstruction_ends_lower_than_unit_by_unit():
     model = _toy()
-    cfg = QuantConfig(bits=BitWidths(3, 8), method="recon", num_calib=16, seed=3, recon=ReconConfig(iters=ITERS))
+    cfg = QuantConfig(bits=BitWidths(3, 8), method="recon", num_calib=16, seed=3,
+                      recon=ReconConfig(iters=ITERS, round_lr=1e-3, scale_lr=4e-5))   # the published rates
     plan = plan_quantization(model, cfg)
     calib, held = _feeds(16, 1), _feeds(16, 2)
     base = calibrate_baseline(model, plan, QuantConfig(bits=cfg.bits, method="mse"), calib)

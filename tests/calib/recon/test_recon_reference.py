@@ -43,7 +43,9 @@ def test_tiny_sam_reconstructed_torch_model_equals_emitted_onnx():
     from carsam_onnx.modelio import load_model
 
     model = load_model(tiny_sam_paths()["full"])
-    cfg = QuantConfig(bits=BitWidths(4, 4), method="recon", num_calib=4, seed=1, recon=ReconConfig(iters=3))
+    # both learned parts on (the CPU defaults leave LSQ off): the learned step sizes must reach the file too
+    cfg = QuantConfig(bits=BitWidths(4, 4), method="recon", num_calib=4, seed=1,
+                      recon=ReconConfig(iters=3, round_lr=1e-3, scale_lr=4e-5))
     calib, held = _samples(cfg, 128)
     plan = plan_quantization(model, cfg)
     feeds = build_feeds(model, calib)
