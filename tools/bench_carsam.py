@@ -12,9 +12,10 @@ ONNX Runtime on the validation seeds, quantization and evaluation each run as pa
 - Phase 1 quantizes every missing cell with `carsam-onnx quantize` processes (--jobs at once; on one GPU they
   share it). Phase 2 evaluates every (cell, validation seed) in a process pool (--eval-jobs processes, ONNX
   Runtime with --eval-threads threads each). The quantize processes share the cores left over (--cores minus
-  the evaluations' threads; OMP_NUM_THREADS): at torch's defaults they spin against each other. Results are cached per (cell, validation seed) in WORK/cells/ with
-  a fingerprint, so a rerun (or a second machine with the same --work-dir) only does what is missing;
-  `--table-only` writes the section from the cache. Quantized models are kept in WORK/models/ until evaluated.
+  the evaluations' threads; OMP_NUM_THREADS): at torch's defaults they spin against each other. Results are
+  cached per (cell, validation seed) in WORK/cells/ with a fingerprint, so a rerun (or a second machine with the
+  same --work-dir) only does what is missing; `--table-only` writes the section from the cache. Quantized
+  models are kept in WORK/models/ until evaluated.
 - Writes its section of --out-md between two marker comments: per validation seed and bit width, mean +- std
   over calibration seeds per variant, the share of the gap closed against the baseline, (v - mse) / (FP - mse),
   and the share of FP kept.

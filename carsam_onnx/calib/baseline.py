@@ -29,7 +29,8 @@ def to_torch(feed: dict[str, np.ndarray], device: str) -> dict[str, torch.Tensor
 def observe_activations(module: OnnxModule, feeds: Iterable[dict], values: list[str], config: QuantConfig,
                         progress=None) -> dict:
     """Run the FP graph over `feeds` with an observer hooked on each value; return value -> observer."""
-    observers = {v: make_observer(config.method, config.percentile, config.seed) for v in values}
+    observers = {v: make_observer(config.method, config.percentile, config.seed, config.device)
+                 for v in values}
     hooks = {v: obs.observe for v, obs in observers.items()}
     with torch.no_grad(), module.value_hooks(hooks):
         for feed in feeds:
@@ -50,7 +51,7 @@ def weight_quant(w: np.ndarray, axis: int, config: QuantConfig) -> WeightQuant:
     bits = config.layer_weight_bits    # 7 for 8-bit weights under format "s7" (config.py)
     if config.method != "mse" or config.block_size:
         return weight_quant_from_minmax(w, axis, bits, config.block_size)
-    absmax = weight_channel_absmax(torch.from_numpy(w), axis, "mse", bits).numpy()
+    absmax = weight_channel_absmax(torch.from_numpy(w).to(config.device), axis, "mse", bits).cpu().numpy()
     return WeightQuant(scale=symmetric_scale(absmax, bits), axis=axis, bits=bits)
 
 
