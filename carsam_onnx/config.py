@@ -119,30 +119,28 @@ class ReconConfig:
         if not 0 <= self.warmup < 1:
             raise InputError(f"recon warm-up {self.warmup}: must be in [0, 1)")
 
+    def for_device(self, name: str, device: str):
+        """The field `name` if set, else its device default (`gpu_<name>` on CUDA, `cpu_<name>` otherwise)."""
+        value = getattr(self, name)
+        if value is not None:
+            return value
+        return getattr(self, ("gpu_" if str(device).startswith("cuda") else "cpu_") + name)
+
     def round_lr_for(self, device: str) -> float:
-        if self.round_lr is not None:
-            return self.round_lr
-        return self.gpu_round_lr if str(device).startswith("cuda") else self.cpu_round_lr
+        return self.for_device("round_lr", device)
 
     def scale_lr_base(self, device: str) -> float:
-        if self.scale_lr is not None:
-            return self.scale_lr
-        return self.gpu_scale_lr if str(device).startswith("cuda") else self.cpu_scale_lr
+        return self.for_device("scale_lr", device)
 
     def scale_lr_for(self, s0: float, device: str) -> float:
         lr = self.scale_lr_base(device)
         return lr if self.scale_lr_ref is None else lr * s0 / self.scale_lr_ref
 
     def iters_for(self, device: str) -> int:
-        if self.iters is not None:
-            return self.iters
-        return self.gpu_iters if str(device).startswith("cuda") else self.cpu_iters
+        return self.for_device("iters", device)
 
     def batch_for(self, device: str) -> int:
-        if self.batch_size is not None:
-            return self.batch_size
-        return self.gpu_batch_size if str(device).startswith("cuda") else self.cpu_batch_size
-
+        return self.for_device("batch_size", device)
 
 JCAR_PAIRINGS: tuple[str, ...] = ("attn", "mlp", "layer")
 
