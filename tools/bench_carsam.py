@@ -94,6 +94,14 @@ def thread_budget(cores: int, jobs: int, eval_jobs: int, eval_threads: int) -> t
     return max(1, left // max(1, jobs)), ev
 
 
+def queue_order(variants: list[str], bits: list[str], seeds: list[int], order: str) -> list[tuple]:
+    """(variant, bits, calibration seed) cells in the order they are quantized; seeds always innermost, so a
+    cut-short run leaves whole mean +- std cells rather than one seed of each."""
+    if order == "variant":
+        return [(v, b, c) for v in variants for b in bits for c in seeds]
+    return [(v, b, c) for b in bits for v in variants for c in seeds]
+
+
 def _evaluate(model: str, val: str, threads: int, limit) -> dict:
     import warnings
 
@@ -126,8 +134,16 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-threads", type=int, default=1, help="ONNX Runtime and torch threads per evaluation")
     ap.add_argument("--cores", type=int, default=os.cpu_count(),
                     help="cores this run may use (two runs at once on one machine: give each its share)")
+    ap.add_argument("--order", choices=["bits", "variant"], default="bits",
+                    help="quantize queue: every variant of one bit width first (bits), or every bit width of one "
+                         "variant first (variant: the variants' order is their priority)")
     ap.add_argument("--phase", choices=["all", "quantize", "eval"], default="all")
-    ap.add_argument("--deadline", type=float, help="stop starting new work after this many seconds")
+    ap.add_argument("--deadline", type=float, help="start no quantize process after this many seconds")
+    ap.add_argument("--eval-deadline", type=float,
+                    help="start no evaluation after this many seconds (default: --deadline)")
+    ap.add_argument("--first-alone", action="store_true",
+                    help="quantize the first missing cell alone, on every core, before the others start: its "
+                         "wall time is the method's cost with nothing else on the machine")
     ap.add_argument("--out-md", default=str(ROOT / "docs" / "results.md"))
     ap.add_argument("--table-only", action="store_true")
     a = ap.parse_args(argv)
@@ -139,8 +155,9 @@ def main(argv=None) -> int:
     def log(*x):
         print(f"[{time.perf_counter() - t_start:6.0f} s]", *x, file=sys.stderr, flush=True)
 
-    def late() -> bool:
-        return a.deadline is not None and time.perf_counter() - t_start > a.deadline
+    def late(deadline=None) -> bool:
+        deadline = a.deadline if deadline is None else deadline
+        return deadline is not None and time.perf_counter() - t_start > deadline
 
     q_threads, eval_threads = thread_budget(a.cores, a.jobs, a.eval_jobs, a.eval_threads)
     log(f"threads: {q_threads} per quantize process x {a.jobs}, {eval_threads} per evaluation x {a.eval_jobs} "
@@ -151,7 +168,7 @@ def main(argv=None) -> int:
     from carsam_onnx.data.builtin import CALIBRATION_SEED
 
     pool = dataset(work, CALIBRATION_SEED, CALIB_POOL)
-    cells = [("fp", None, None)] + [(v, b, c) for b in a.bits for v in a.variants for c in a.calib_seeds]
+    cells = [("fp", None, None)] + queue_order(a.variants, a.bits, a.calib_seeds, a.order)
     results: dict = {}
     todo_q, todo_e = [], []
     for v, b, c in cells:
@@ -182,7 +199,7 @@ def main(argv=None) -> int:
 
     def submit_evals(model: Path) -> None:
         """Evaluations start as soon as their model exists (they overlap the quantize processes)."""
-        if ex is None or late():
+        if ex is None or late(a.eval_deadline):
             return
         for k, vs, val, m, path, fpr in pending_e.pop(str(model), []):
             futs[ex.submit(_evaluate, str(m), str(val), eval_threads, a.limit)] = (k, vs, m, path, fpr)
@@ -212,14 +229,16 @@ def main(argv=None) -> int:
         queue = list(todo_q)
         env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(q_threads),
                "MKL_NUM_THREADS": str(q_threads)}
+        alone = a.first_alone
         while queue or running:
-            while queue and len(running) < a.jobs and not late():
+            while queue and len(running) < (1 if alone else a.jobs) and not late():
                 key, cmd, model = queue.pop(0)
                 tmp = model.with_suffix(".part.onnx")
                 cmd = [x if x != str(model) else str(tmp) for x in cmd]
-                log("quantize", key)
-                running.append((key, subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
-                                                      stderr=open(work / "models" / f"{key}.log", "w")),
+                log("quantize", key, "(alone)" if alone else "")
+                penv = {**env, "OMP_NUM_THREADS": str(a.cores), "MKL_NUM_THREADS": str(a.cores)} if alone else env
+                running.append((key, subprocess.Popen(cmd, env=penv, stdout=open(work / "models" / f"{key}.log", "w"),
+                                                      stderr=subprocess.STDOUT),
                                 time.perf_counter(), tmp, model))
             if late():
                 queue.clear()
@@ -229,6 +248,7 @@ def main(argv=None) -> int:
                 key, p, t0, tmp, model = r
                 if p.poll() is not None:
                     running.remove(r)
+                    alone = False
                     if p.returncode == 0:
                         tmp.rename(model)
                         t = round(time.perf_counter() - t0, 1)

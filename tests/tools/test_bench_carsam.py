@@ -22,3 +22,11 @@ def test_thread_budget_never_oversubscribes(cores, jobs, eval_jobs, eval_threads
 def test_thread_budget_gives_quantize_the_cores_evaluation_leaves():
     assert bench_carsam.thread_budget(16, 3, 4, 2) == (2, 2)     # 16 - 8 = 8 left, 2 each for 3 processes
     assert bench_carsam.thread_budget(16, 1, 2, 2) == (12, 2)
+
+
+def test_queue_order_keeps_seeds_innermost():
+    by_variant = bench_carsam.queue_order(["recon", "carsam"], ["w4a4", "w3a3"], [1, 2], "variant")
+    assert by_variant[:4] == [("recon", "w4a4", 1), ("recon", "w4a4", 2), ("recon", "w3a3", 1), ("recon", "w3a3", 2)]
+    by_bits = bench_carsam.queue_order(["recon", "carsam"], ["w4a4", "w3a3"], [1, 2], "bits")
+    assert by_bits[:4] == [("recon", "w4a4", 1), ("recon", "w4a4", 2), ("carsam", "w4a4", 1), ("carsam", "w4a4", 2)]
+    assert sorted(by_variant) == sorted(by_bits) and len(by_bits) == 8
