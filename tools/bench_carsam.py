@@ -60,17 +60,19 @@ def cell_key(variant: str, bits: str, cseed: int, a) -> str:
             key += f"_it{a.recon_iters}"
         if "jcar" in variant or variant == "carsam":
             key += f"_{a.jcar_pairing}"
+        if a.tag:
+            key += f"_{a.tag}"
     return key
 
 
 def quantize_cmd(fp: Path, out: Path, variant: str, bits: str, cseed: int, pool: Path, a) -> list[str]:
-    cmd = [sys.executable, "-m", "carsam_onnx", "--quiet", "quantize", str(fp), "-o", str(out), "--bits", bits,
+    cmd = [sys.executable, "-m", "carsam_onnx", "quantize", str(fp), "-o", str(out), "--bits", bits,
            *VARIANTS[variant], "--calib-images", str(pool), "--num-calib", str(a.num_calib), "--seed", str(cseed),
            "--device", a.device if variant != "mse" else "cpu", "--force"]
     if variant != "mse":
         if a.recon_iters:
             cmd += ["--recon-iters", str(a.recon_iters)]
-        cmd += ["--jcar-pairing", a.jcar_pairing]
+        cmd += ["--jcar-pairing", a.jcar_pairing, *shlex.split(a.quantize_args or "")]
     return cmd
 
 
@@ -129,6 +131,10 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, help="evaluate only the first N validation images (quick runs)")
     ap.add_argument("--recon-iters", type=int, help="steps per unit (default: the device's schedule)")
     ap.add_argument("--jcar-pairing", default="mlp")
+    ap.add_argument("--quantize-args", help="more quantize arguments for the reconstruction variants, e.g. "
+                                             "'--recon-round-lr 1e-2' (a probe: give it a --tag)")
+    ap.add_argument("--tag", help="suffix of the cell keys of this run's reconstruction cells (required with "
+                                  "--quantize-args, so that probes never overwrite the default cells)")
     ap.add_argument("--jobs", type=int, default=1, help="quantize processes at once")
     ap.add_argument("--eval-jobs", type=int, default=1, help="evaluation processes at once")
     ap.add_argument("--eval-threads", type=int, default=1, help="ONNX Runtime and torch threads per evaluation")
@@ -147,6 +153,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out-md", default=str(ROOT / "docs" / "results.md"))
     ap.add_argument("--table-only", action="store_true")
     a = ap.parse_args(argv)
+    if a.quantize_args and not a.tag:
+        ap.error("--quantize-args needs --tag (the cells of a probe must not take the default cells' keys)")
     t_start = time.perf_counter()
     work = Path(a.work_dir)
     (work / "models").mkdir(parents=True, exist_ok=True)

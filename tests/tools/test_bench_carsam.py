@@ -30,3 +30,22 @@ def test_queue_order_keeps_seeds_innermost():
     by_bits = bench_carsam.queue_order(["recon", "carsam"], ["w4a4", "w3a3"], [1, 2], "bits")
     assert by_bits[:4] == [("recon", "w4a4", 1), ("recon", "w4a4", 2), ("carsam", "w4a4", 1), ("carsam", "w4a4", 2)]
     assert sorted(by_variant) == sorted(by_bits) and len(by_bits) == 8
+
+
+def test_probe_cells_never_take_the_default_keys(tmp_path):
+    """A probe (--quantize-args) must carry a --tag, which goes into its reconstruction cells' keys and its
+    quantize command; the mse cells (calibrator only) are shared with the default run."""
+    from types import SimpleNamespace
+
+    base = dict(device="cuda", recon_iters=None, jcar_pairing="mlp", num_calib=32)
+    plain = SimpleNamespace(**base, tag=None, quantize_args=None)
+    probe = SimpleNamespace(**base, tag="rl1e-2", quantize_args="--recon-round-lr 1e-2")
+    assert bench_carsam.cell_key("recon", "w4a4", 1, plain) == "recon_w4a4_c1_gpu"
+    assert bench_carsam.cell_key("recon", "w4a4", 1, probe) == "recon_w4a4_c1_gpu_rl1e-2"
+    assert bench_carsam.cell_key("mse", "w4a4", 1, probe) == bench_carsam.cell_key("mse", "w4a4", 1, plain)
+    cmd = bench_carsam.quantize_cmd(tmp_path / "fp.onnx", tmp_path / "m.onnx", "recon", "w4a4", 1, tmp_path, probe)
+    assert cmd[-2:] == ["--recon-round-lr", "1e-2"]
+    assert "--recon-round-lr" not in bench_carsam.quantize_cmd(tmp_path / "fp.onnx", tmp_path / "m.onnx", "mse",
+                                                               "w4a4", 1, tmp_path, probe)
+    with pytest.raises(SystemExit):
+        bench_carsam.main(["--quantize-args", "--recon-iters 5", "--table-only", "--work-dir", str(tmp_path)])
