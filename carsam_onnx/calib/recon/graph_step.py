@@ -38,7 +38,7 @@ class GraphStep:
         self.axes, self.rounding, self.round_weight, self.drop_prob = axes, rounding, round_weight, drop_prob
         # Stacked caches [N, ...] on the device: the step gathers its images by index inside the graph.
         self.q = [torch.stack([xs[j] for xs in q_in]).to(device) for j in range(n_main)]
-        self.fp = [torch.stack([xs[j] for xs in fp_in]).to(device) for j in range(n_main)]
+        self.fp = [torch.stack([xs[j] for xs in fp_in]).to(device) for j in range(len(fp_in[0]))]  # the mixed inputs
         self.tg = [torch.stack([ts[k] for ts in fp_out]).to(device) for k in range(len(axes))]
         self.shared = {n: q_in[0][j].to(device) for j, n in enumerate(names) if j >= n_main}
         self.idx = torch.zeros(batch, dtype=torch.long, device=device)
@@ -52,7 +52,7 @@ class GraphStep:
         starts = []
         for j in range(self.n_main):
             x = self.q[j].index_select(0, self.idx)
-            if self.drop_prob > 0 and x.is_floating_point():
+            if j < len(self.fp) and self.drop_prob > 0 and x.is_floating_point():
                 f = self.fp[j].index_select(0, self.idx)
                 x = torch.where(torch.rand_like(x) < self.drop_prob, f, x)
             starts.append(x)

@@ -16,11 +16,11 @@ from tiny_sam import tiny_sam_paths
 from carsam_onnx.calib.baseline import calibrate_baseline
 from carsam_onnx.calib.feeds import build_feeds
 from carsam_onnx.calib.recon.graph_step import GraphStep
-from carsam_onnx.calib.recon.loop import Reconstructor
+from carsam_onnx.calib.recon.loop import Reconstructor, batch_order
 from carsam_onnx.calib.recon.quantizers import AdaRoundWeight
 from carsam_onnx.config import BitWidths, QuantConfig, ReconConfig
 from carsam_onnx.passes.plan import plan_quantization
-from carsam_onnx.passes.units import find_units
+from carsam_onnx.passes.units import find_units, joint_units
 from carsam_onnx.quantize import calibration_samples
 
 
@@ -39,14 +39,19 @@ def setup():
     return model, plan, base, cfg, feeds, units
 
 
-@pytest.mark.parametrize("role", ["encoder_window", "decoder_token_to_image"])
-def test_graph_step_body_equals_the_eager_step(setup, role):
+@pytest.mark.parametrize("role,pairing", [("encoder_window", None), ("decoder_token_to_image", None),
+                                          ("decoder_joint_mlp", "mlp"), ("decoder_joint_layer", "layer")])
+def test_graph_step_body_equals_the_eager_step(setup, role, pairing):
+    """JCAR's joint units read per-image float values from outside their inputs (the token stream for the
+    residual adds, the prompt tokens): batched, they must match per-image runs (before batch_order they were
+    shared as if every image had the first one's, failed the check and stepped image by image on the GPU)."""
     model, plan, base, cfg, feeds, units = setup
+    if pairing is not None:
+        units = joint_units(model, units, pairing)
     unit = next(u for u in units if u.role == role)
     r = Reconstructor(model, plan, base, cfg, units)
     q_in, fp_in, fp_out, where = r.capture(unit, feeds)
-    names = list(unit.inputs) + list(unit.extra_inputs)
-    n_main = len(unit.inputs)
+    names, n_main, q_in = batch_order(list(unit.inputs) + list(unit.extra_inputs), len(unit.inputs), q_in)
     rounding = [r.wq[w] for w in unit.weights if isinstance(r.wq[w], AdaRoundWeight)]
     acts = [r.aq[v] for v in unit.activations if v in r.aq]
     assert rounding and acts
@@ -54,7 +59,7 @@ def test_graph_step_body_equals_the_eager_step(setup, role):
         q.start()
     hooks = r.hooks()
     axes = [a for _, a in unit.losses]
-    assert r._vmap_works(unit, names, q_in, hooks)
+    assert r._vmap_works(unit, names, n_main, q_in, hooks)
     params = [q.alpha for q in rounding] + [q.scale for q in acts]
     idx, beta = [2, 0], 7.0
 
@@ -93,3 +98,21 @@ def test_cpu_reconstruction_runs_eager_steps(setup):
     r = Reconstructor(model, plan, base, cfg, units[:1])
     stats = r.reconstruct(units[0], feeds, 2, False, torch.Generator().manual_seed(0))
     assert stats.step_mode == "eager"
+
+
+def test_batch_check_tolerates_a_boundary_flip_and_refuses_shared_images():
+    """One activation code of one image landing on the other side of a quantization boundary (batched and
+    per-image float arithmetic differ in the last bits) is no batching fault; an image that reads another
+    image's values is."""
+    from carsam_onnx.calib.recon.loop import batch_agrees
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(2, 1, 64, 256, generator=g)
+    flip = ref.clone()
+    flip[1, 0, 3, 7] += 0.05 * float(ref.abs().max())      # one element, a 4-6-bit step of the output's range
+    assert float((flip - ref).abs().max()) > 1e-3 * float(ref.abs().max())   # what the old max-element test refused
+    assert batch_agrees(flip, ref)
+    shared = ref.clone()
+    shared[1] = ref[0]                                      # the second image computed from the first one's values
+    assert not batch_agrees(shared, ref)
+    assert not batch_agrees(ref[:1], ref)
