@@ -168,6 +168,7 @@ class CarsamConfig:
             raise InputError(f"--jcar-pairing {self.pairing!r}: choose one of {', '.join(JCAR_PAIRINGS)}")
 MAC_QK_MODES: tuple[str, ...] = ("q", "k", "qk", "none")
 MAC_SCOPES: tuple[str, ...] = ("decoder", "all")
+MAC_WHEN: tuple[str, ...] = ("start", "decoder")
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,9 @@ class MacConfig:
     v: bool = True                 # the softmax output's error into W_V (seed 2, k: 21.54 dB with, 18.36 without)
     solve: str = "factored"        # factored | exact (calib/mac.py)
     scope: str = "decoder"         # decoder: the two-way decoder's attention sites (the paper's); all: also encoder
+    when: str = "start"            # start: on the calibrator's model, before any unit is reconstructed; decoder:
+                                   # just before the first unit with a corrected projection (the encoder's units
+                                   # finished, so MAC sees the embeddings the quantized decoder will get)
     check_fraction: float = 0.25   # share of the calibration images held back to judge each correction
     shrink: tuple[float, ...] = (1.0, 0.5, 0.25)   # correction strengths tried on the check images
 
@@ -191,6 +195,8 @@ class MacConfig:
             raise InputError(f"MAC qk mode {self.qk!r}: choose one of {', '.join(MAC_QK_MODES)}")
         if self.solve not in ("factored", "exact"):
             raise InputError(f"MAC solve {self.solve!r}: choose factored or exact")
+        if self.when not in MAC_WHEN:
+            raise InputError(f"MAC when {self.when!r}: choose one of {', '.join(MAC_WHEN)}")
         if self.scope not in MAC_SCOPES:
             raise InputError(f"MAC scope {self.scope!r}: choose one of {', '.join(MAC_SCOPES)}")
         if not self.lam_rel > 0:

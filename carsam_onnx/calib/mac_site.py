@@ -574,14 +574,21 @@ def apply_mac(model: onnx.ModelProto, plan: QuantPlan, artifact: CalibrationArti
     quantizes them with the artifact's weight scales) and whose info records what was done. Deterministic on
     CPU. `feeds`: calibration feeds of `model` (the split into fit and check images is MacConfig's)."""
     fw, records = mac_sites(model, plan, artifact, feeds, config, progress=progress)
+    out = CalibrationArtifact(activations=dict(artifact.activations), weights=dict(artifact.weights),
+                              float_weights=fw, info={**artifact.info, **mac_info(config, records, feeds)})
+    out.check_names(model)
+    return out
+
+
+def mac_info(config: MacConfig, records: list[SiteRecord], feeds: list[dict]) -> dict[str, str]:
+    """What MAC did, as artifact info entries (the quantize summary and the report read them)."""
     kept = sum(1 for r in records for a in r.strengths.values() if a > 0)
     dropped = sum(1 for r in records for a in r.strengths.values() if a == 0)
     fit, check = split_feeds(list(feeds), config.check_fraction)
-    info = {**artifact.info,
-            "mac": "on",
+    return {"mac": "on",
             "mac_config": ",".join(f"{k}={v}" for k, v in (("lam_rel", config.lam_rel), ("qk", config.qk),
                                                              ("v", config.v), ("solve", config.solve),
-                                                             ("scope", config.scope))),
+                                                             ("scope", config.scope), ("when", config.when))),
             "mac_sites": str(len(records)),
             "mac_lam_rel": f"{config.lam_rel:g}",
             "mac_images": f"{len(fit)} fit, {len(check)} check",
@@ -591,10 +598,15 @@ def apply_mac(model: onnx.ModelProto, plan: QuantPlan, artifact: CalibrationArti
             "mac_check_qk_error": "; ".join(f"{r.role}:{r.block} {r.check_baseline:.4f}->{r.check_after:.4f} "
                                             + " ".join(f"{k}={a:g}" for k, a in r.strengths.items())
                                             for r in records)}
-    out = CalibrationArtifact(activations=dict(artifact.activations), weights=dict(artifact.weights),
-                              float_weights=fw, info=info)
-    out.check_names(model)
-    return out
+
+
+def mac_weight_names(model: onnx.ModelProto, plan: QuantPlan, config: MacConfig) -> set[str]:
+    """The initializers MAC may correct: weights and biases of the q, k and v projections of config.scope's
+    sites."""
+    roles = scope_roles(config.scope)
+    projs = [find_projection(model, n) for s in plan.attention if s.role in roles
+             for n in (s.q_proj, s.k_proj, s.v_proj)]
+    return {n for p in projs for n in (p.weight, p.bias) if n is not None}
 
 
 def qk_error(model: onnx.ModelProto, plan: QuantPlan, artifact: CalibrationArtifact, feeds: list[dict],

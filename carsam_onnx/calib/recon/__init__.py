@@ -62,7 +62,8 @@ def _calibrate(model, plan, config, feeds, progress, *, show_units, stats, basel
     del module
     if baseline is not None:
         baseline.append(base)
-    if mac:
+    deferred = DeferredMac(model, plan, feeds, config.mac) if mac and config.mac.when != "start" else None
+    if mac and deferred is None:
         from ..mac_site import apply_mac
 
         base = apply_mac(model, plan, base, feeds, config.mac)
@@ -71,10 +72,38 @@ def _calibrate(model, plan, config, feeds, progress, *, show_units, stats, basel
         units = joint_units(model, units, jcar)
     if show_units is None:
         show_units = progress is not None and not getattr(progress, "disable", False)
-    result, _ = reconstruct(model, plan, base, config, feeds, units, progress=show_units)
+    result, _ = reconstruct(model, plan, base, config, feeds, units, progress=show_units, before_unit=deferred)
+    if deferred is not None:
+        result.artifact.info.update(deferred.info)
     if mac or jcar is not None:
         result.artifact.info.update({"method": config.method, "carsam_mac": str(mac), "carsam_jcar": str(jcar)})
     if stats is not None:
         stats.extend(result.units)
     result.artifact.check_names(model)
     return result.artifact
+
+
+class DeferredMac:
+    """MAC run once, just before the first unit that holds a weight MAC corrects (`MacConfig.when` "decoder"):
+    the quantized model it measures then has every earlier unit (the encoder's) reconstructed, so its
+    corrections fit the embeddings the decoder will get, not the calibrator's. Those weights' AdaRound starts
+    from the corrected values."""
+
+    def __init__(self, model, plan, feeds, config):
+        from ..mac_site import mac_weight_names
+
+        self.model, self.plan, self.feeds, self.config = model, plan, feeds, config
+        self.names = mac_weight_names(model, plan, config)
+        self.info: dict[str, str] = {}
+        self.done = False
+
+    def __call__(self, reconstructor, unit: Unit) -> None:
+        if self.done or not self.names & set(unit.weights):
+            return
+        from ..mac_site import mac_info, mac_sites
+
+        self.done = True
+        art = reconstructor.artifact({}, finished_only=True)
+        fw, records = mac_sites(self.model, self.plan, art, self.feeds, self.config)
+        reconstructor.set_float_weights({k: v for k, v in fw.items() if k in self.names})
+        self.info = mac_info(self.config, records, self.feeds)

@@ -121,6 +121,7 @@ class Reconstructor:
         self.aq = {v: LsqActivation(aq, self.device, self.rc.drop_prob) for v, aq in base.activations.items()}
         self.base = base
         self.done_acts: set[str] = set()
+        self.done_weights: set[str] = set()
         self._vmap_ok: dict = {}
         self._cut = None
         self._cut_plan = self._plan_image_cut(model, units) if config.recon.image_cut else None
@@ -387,6 +388,7 @@ class Reconstructor:
             for q in rounding + acts:
                 q.finish()
             self.done_acts.update(unit.activations)
+            self.done_weights.update(unit.weights)
         kept, guard = "learned", ()
         if self.rc.unit_guard:
             kept, guard = self._guard(unit, names, q_in, fp_out, hooks, axes, rounding, acts, init)
@@ -433,14 +435,28 @@ class Reconstructor:
         load(learned)
         return "learned", (loss_learned, loss_init)
 
-    def artifact(self, info: dict) -> CalibrationArtifact:
+    def artifact(self, info: dict, finished_only: bool = False) -> CalibrationArtifact:
+        """The calibration result: learned step sizes and integer weights (`finished_only`: the integers of the
+        finished units only; the others keep the calibrator's scales without fixed values)."""
         art = CalibrationArtifact(activations={v: q.activation_quant() for v, q in self.aq.items()},
                                   weights=dict(self.base.weights), info={**self.base.info, **info},
                                   float_weights=dict(self.float_weights))
         for name, q in self.wq.items():
-            if isinstance(q, AdaRoundWeight):
+            if isinstance(q, AdaRoundWeight) and (not finished_only or name in self.done_weights):
                 art.weights[name] = q.weight_quant()
         return art
+
+    def set_float_weights(self, corrected: dict[str, np.ndarray]) -> None:
+        """New float weights and biases for units not reconstructed yet (deferred MAC): AdaRound starts from
+        them."""
+        done = sorted(set(corrected) & self.done_weights)
+        if done:
+            raise ValueError(f"{done[0]} belongs to a finished unit; its rounding is already learned")
+        for name, w in corrected.items():
+            self.float_weights[name] = w
+            q = self.wq.get(name)
+            if q is not None:
+                self.wq[name] = type(q)(np.array(w, dtype=np.float32), self.base.weights[name], self.device)
 
 
 class _Const:
@@ -468,7 +484,9 @@ def batch_order(names: list[str], n_inputs: int, q_in: list[list]) -> tuple[list
 
 
 def reconstruct(model: onnx.ModelProto, plan: QuantPlan, base: CalibrationArtifact, config: QuantConfig,
-                feeds: list[dict], units: list[Unit], progress: bool = True) -> tuple[ReconResult, "Reconstructor"]:
+                feeds: list[dict], units: list[Unit], progress: bool = True,
+                before_unit=None) -> tuple[ReconResult, "Reconstructor"]:
+    """Every unit in order. `before_unit(reconstructor, unit)`, if given, runs before each unit (deferred MAC)."""
     rc: ReconConfig = config.recon
     iters = rc.iters_for(config.device)
     gen = torch.Generator().manual_seed(config.seed)
@@ -483,6 +501,8 @@ def reconstruct(model: onnx.ModelProto, plan: QuantPlan, base: CalibrationArtifa
 
             outer = tqdm(total=len(units), desc="reconstruction units", unit="unit")
         for unit in units:
+            if before_unit is not None:
+                before_unit(r, unit)
             stats.append(r.reconstruct(unit, feeds, iters * max(1, len(unit.members)), progress, gen))
             if outer is not None:
                 outer.set_postfix(unit=unit.name, loss=f"{stats[-1].loss_end:.4g}")

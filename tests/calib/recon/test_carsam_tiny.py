@@ -79,3 +79,31 @@ def test_carsam_without_mac_and_jcar_is_recon(tiny):
     off = replace(cfg, carsam=CarsamConfig(use_mac=False, use_jcar=False))
     assert _bytes(model, plan, cfg, calibrate_carsam(model, plan, off, feeds)) == \
         _bytes(model, plan, cfg, calibrate_recon(model, plan, replace(cfg, method="recon"), feeds))
+
+
+def test_deferred_mac_sees_the_reconstructed_encoder_and_corrects_only_what_is_not_learned_yet(tiny, monkeypatch):
+    """`MacConfig.when` "decoder": MAC runs once, just before the first unit holding a projection it corrects;
+    the model it measures has the earlier units' rounding fixed (learned), the corrected ones' not."""
+    from carsam_onnx.calib import mac_site
+
+    model, cfg, plan, feeds, _ = tiny
+    seen = []
+    real = mac_site.mac_sites
+
+    def spy(*args, **kw):
+        seen.append(args[2])
+        return real(*args, **kw)
+    monkeypatch.setattr(mac_site, "mac_sites", spy)
+    cfg = replace(cfg, carsam=CarsamConfig(use_jcar=False), mac=replace(cfg.mac, when="decoder"))
+    art = calibrate_carsam(model, plan, cfg, feeds)
+    assert len(seen) == 1
+    names = mac_site.mac_weight_names(model, plan, cfg.mac)
+    units = find_units(model, plan)
+    first = next(i for i, u in enumerate(units) if names & set(u.weights))
+    assert first > 0 and units[first].name.startswith("decoder")
+    learned = {n for n, w in seen[0].weights.items() if w.values is not None}
+    assert learned and learned <= {w for u in units[:first] for w in u.weights} and not learned & names
+    assert art.float_weights and set(art.float_weights) <= names
+    assert "when=decoder" in art.info["mac_config"] and art.info["mac"] == "on"
+    start = calibrate_carsam(model, plan, replace(cfg, mac=replace(cfg.mac, when="start")), feeds)
+    assert _bytes(model, plan, cfg, art) != _bytes(model, plan, cfg, start)
