@@ -60,10 +60,13 @@ def preprocess_image(image: np.ndarray, image_size: int) -> tuple[np.ndarray, Ge
     """HxWx3 uint8 RGB -> ([1, 3, S, S] float32 normalised and zero-padded bottom-right, Geometry)."""
     image = to_rgb_uint8(image)
     geo = Geometry.of(image.shape[0], image.shape[1], image_size)
-    resized = resize_image(image, image_size).astype(np.float32)
+    resized = resize_image(image, image_size)
     out = np.zeros((1, 3, image_size, image_size), dtype=np.float32)
     h, w = geo.resized_hw
-    out[0, :, :h, :w] = ((resized - PIXEL_MEAN) / PIXEL_STD).transpose(2, 0, 1)
+    for c in range(3):   # (x - mean) / std in float32 per channel plane: contiguous writes, no HxWx3 temporaries
+        plane = out[0, c, :h, :w]
+        np.subtract(resized[:, :, c], PIXEL_MEAN[c], out=plane, dtype=np.float32)
+        np.divide(plane, PIXEL_STD[c], out=plane)
     return out, geo
 
 

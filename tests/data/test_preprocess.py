@@ -41,6 +41,20 @@ def test_preprocess_image_matches_sam_predictor(tiny_sam, hw):
     assert not ours[..., h:, :].any() and not ours[..., :, w:].any()
 
 
+@pytest.mark.parametrize("hw", [(120, 200), (200, 120), (97, 97)])
+def test_preprocess_image_is_the_float32_formula_bit_for_bit(hw):
+    """Per-plane in-place normalisation (fast) gives exactly the bytes of (x - mean) / std on the HxWx3 float32
+    image: every score measured before the change stays valid."""
+    from carsam_onnx.data.preprocess import PIXEL_MEAN, PIXEL_STD, resize_image
+
+    image = np.random.default_rng(2).integers(0, 256, (*hw, 3), dtype=np.uint8)
+    ours, geo = preprocess_image(image, 256)
+    ref = np.zeros_like(ours)
+    h, w = geo.resized_hw
+    ref[0, :, :h, :w] = ((resize_image(image, 256).astype(np.float32) - PIXEL_MEAN) / PIXEL_STD).transpose(2, 0, 1)
+    assert ours.tobytes() == ref.tobytes()
+
+
 def test_gray_and_rgba_become_rgb():
     g = np.arange(12, dtype=np.uint8).reshape(3, 4)
     assert to_rgb_uint8(g).shape == (3, 4, 3) and (to_rgb_uint8(g)[..., 2] == g).all()
