@@ -54,3 +54,27 @@ def test_ort_and_torch_runtimes_agree(reference, bits, method):
     assert abs(ort_r.mIoU - torch_r.mIoU) <= max_miou, (ort_r.summary(), torch_r.summary())
     if bits is None:
         assert ort_r.segm_mAP > 50     # the trained model segments this data (80.1 mAP on 200 images)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.xfail(reason="not met yet: ORT 73.98 against torch CUDA 74.63 on an H200, TF32 off (docs/results.md, "
+                          "sixth GPU round)", strict=False)
+def test_torch_runtime_on_cuda_scores_as_ort_at_w4a4(tmp_path):
+    """Issue 11's promise for `eval --runtime torch --device cuda`: within 0.2 mAP of ONNX Runtime on 80 images of
+    a validation seed, W4A4 MSE model (measured 0.45 apart before the graphs ran in IEEE float32, TF32 off)."""
+    if not REFERENCE_WEIGHTS.is_file():
+        pytest.skip("bundled reference weights are missing")
+    from sam_models import reference_onnx_path
+
+    fp, val, model = reference_onnx_path("full"), tmp_path / "val", tmp_path / "w4a4.onnx"
+    write_synthetic_coco(val, 80, 7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        api.quantize(fp, model, QuantConfig(bits=BitWidths.parse("w4a4"), method="mse", num_calib=32),
+                     force=True, progress=False)
+    ort_r = api.evaluate(model, dataset=val, runtime="ort", progress=False)
+    cuda_r = api.evaluate(model, dataset=val, runtime="torch", device="cuda", progress=False)
+    print(f"W4A4 MSE, 80 images of validation seed 7: ORT {ort_r.segm_mAP:.2f}, torch CUDA {cuda_r.segm_mAP:.2f}")
+    assert ort_r.num_instances == cuda_r.num_instances > 200
+    assert abs(ort_r.segm_mAP - cuda_r.segm_mAP) <= 0.2, (ort_r.summary(), cuda_r.summary())
