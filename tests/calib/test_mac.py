@@ -271,7 +271,8 @@ def test_mac_is_deterministic_and_checks_its_input(reference_w4a4):
         wq.scale, wq.axis, wq.bits, wq.block_size, values=quantize_weight(arr, wq))})
     with pytest.raises(CalibrationError, match="AdaRound"):
         apply_mac(model, plan, fixed, calib[:4], cfg)
-    for bad in ({"qk": "x"}, {"scope": "encoder"}, {"lam_rel": 0.0}, {"check_fraction": 1.0}, {"shrink": ()}):
+    for bad in ({"qk": "x"}, {"scope": "encoder"}, {"lam_rel": 0.0}, {"check_fraction": 1.0}, {"shrink": ()},
+                {"when": "later"}):
         with pytest.raises(InputError):
             MacConfig(**bad)
 
