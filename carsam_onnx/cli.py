@@ -8,8 +8,8 @@ from dataclasses import fields
 
 from . import api
 from .calib.registry import method_names, methods_help
-from .config import (INT8_WEIGHT_FORMATS, JCAR_PAIRINGS, MAC_WHEN, BitWidths, CarsamConfig, EvalConfig, ExportConfig,
-                     MacConfig, QuantConfig, ReconConfig)
+from .config import (INT8_WEIGHT_FORMATS, JCAR_PAIRINGS, MAC_ROUNDING, MAC_WHEN, BitWidths, CarsamConfig, EvalConfig,
+                     ExportConfig, MacConfig, QuantConfig, ReconConfig)
 from .errors import CarsamError
 from .runtime import RUNTIMES
 
@@ -124,6 +124,9 @@ def _add_quantize(sub):
     c.add_argument("--mac-when", choices=list(MAC_WHEN), default=_default(MacConfig, "when"),
                    help="start: MAC on the calibrator's model, before reconstruction; decoder: just before the first "
                         "decoder unit, on the model with the encoder's units reconstructed")
+    c.add_argument("--mac-rounding", choices=list(MAC_ROUNDING), default=_default(CarsamConfig, "mac_rounding"),
+                   help="learn: AdaRound starts from MAC's corrected weights; nearest: the projections MAC corrects "
+                        "keep nearest rounding of them (the other weights learn their rounding)")
     c.add_argument("--jcar", action=argparse.BooleanOptionalAction, default=_default(CarsamConfig, "use_jcar"),
                    help="joint reconstruction of each two-way layer's token->image and image->token branches")
     c.add_argument("--jcar-pairing", choices=list(JCAR_PAIRINGS), default=_default(CarsamConfig, "pairing"),
@@ -155,7 +158,8 @@ def _run_quantize(a) -> int:
                                         drop_prob=a.recon_drop, cuda_graphs=a.recon_cuda_graphs,
                                         unit_guard=a.recon_guard, scale_lr_ref=a.recon_scale_lr_ref,
                                         round_lr=a.recon_round_lr, scale_lr=a.recon_scale_lr),
-                      carsam=CarsamConfig(use_mac=a.mac, use_jcar=a.jcar, pairing=a.jcar_pairing),
+                      carsam=CarsamConfig(use_mac=a.mac, use_jcar=a.jcar, pairing=a.jcar_pairing,
+                                          mac_rounding=a.mac_rounding),
                       mac=MacConfig(when=a.mac_when))
     report = api.quantize(a.model, a.output, cfg, calib_images=a.calib_images, calib_prompts=a.calib_prompts,
                           encoder=a.encoder, embeddings=a.embeddings, save_calibration=a.save_calibration,

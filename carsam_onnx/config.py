@@ -160,15 +160,20 @@ class CarsamConfig:
 
     use_mac: bool = True              # --mac / --no-mac
     use_jcar: bool = True             # --jcar / --no-jcar
+    mac_rounding: str = "learn"       # --mac-rounding: learn (AdaRound from MAC's corrected weights) | nearest
+                                      # (the q/k/v projections MAC corrects keep nearest rounding of them)
     pairing: str = "mlp"              # --jcar-pairing (JCAR_PAIRINGS); seed 2, decoder-only W4A4 segm mAP: mlp 78.60,
                                       # layer 78.47, attn 78.35 (one calibration seed; docs/results.md)
 
     def __post_init__(self):
+        if self.mac_rounding not in MAC_ROUNDING:
+            raise InputError(f"--mac-rounding {self.mac_rounding!r}: choose one of {', '.join(MAC_ROUNDING)}")
         if self.pairing not in JCAR_PAIRINGS:
             raise InputError(f"--jcar-pairing {self.pairing!r}: choose one of {', '.join(JCAR_PAIRINGS)}")
 MAC_QK_MODES: tuple[str, ...] = ("q", "k", "qk", "none")
 MAC_SCOPES: tuple[str, ...] = ("decoder", "all")
 MAC_WHEN: tuple[str, ...] = ("start", "decoder")
+MAC_ROUNDING: tuple[str, ...] = ("learn", "nearest")
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,13 @@ def _calibrate(model, plan, config, feeds, progress, *, show_units, stats, basel
         units = joint_units(model, units, jcar)
     if show_units is None:
         show_units = progress is not None and not getattr(progress, "disable", False)
-    result, _ = reconstruct(model, plan, base, config, feeds, units, progress=show_units, before_unit=deferred)
+    nearest = frozenset()
+    if mac and config.carsam.mac_rounding == "nearest":
+        from ..mac_site import mac_weight_names
+
+        nearest = frozenset(mac_weight_names(model, plan, config.mac))
+    result, _ = reconstruct(model, plan, base, config, feeds, units, progress=show_units, before_unit=deferred,
+                            nearest=nearest)
     if deferred is not None:
         result.artifact.info.update(deferred.info)
     if mac or jcar is not None:

@@ -99,14 +99,17 @@ class ReconResult:
 
 class Reconstructor:
     def __init__(self, model: onnx.ModelProto, plan: QuantPlan, base: CalibrationArtifact, config: QuantConfig,
-                 units: list[Unit]):
+                 units: list[Unit], nearest: frozenset[str] = frozenset()):
+        """`nearest`: weights kept at nearest rounding of their float values (no AdaRound) although a unit holds
+        them."""
         self.config, self.rc, self.plan, self.units = config, config.recon, plan, units
         self.device = torch.device(config.device)
         aug, self.qpoint = insert_quant_points(model, plan)
         self.module = OnnxModule(aug).to(self.device).eval()
         self.module.requires_grad_(False)
         inits = {t.name: t for t in model.graph.initializer}
-        learned_w = {w for u in units for w in u.weights}
+        learned_w = {w for u in units for w in u.weights} - set(nearest)
+        self.nearest = frozenset(nearest)
         self.float_weights = dict(base.float_weights)   # MAC's corrected weights and biases (quantized model only)
         self.wq: dict = {}
         for site in plan.weights:
@@ -456,7 +459,8 @@ class Reconstructor:
             self.float_weights[name] = w
             q = self.wq.get(name)
             if q is not None:
-                self.wq[name] = type(q)(np.array(w, dtype=np.float32), self.base.weights[name], self.device)
+                kind = FixedWeight if name in self.nearest else type(q)
+                self.wq[name] = kind(np.array(w, dtype=np.float32), self.base.weights[name], self.device)
 
 
 class _Const:
@@ -485,15 +489,16 @@ def batch_order(names: list[str], n_inputs: int, q_in: list[list]) -> tuple[list
 
 def reconstruct(model: onnx.ModelProto, plan: QuantPlan, base: CalibrationArtifact, config: QuantConfig,
                 feeds: list[dict], units: list[Unit], progress: bool = True,
-                before_unit=None) -> tuple[ReconResult, "Reconstructor"]:
-    """Every unit in order. `before_unit(reconstructor, unit)`, if given, runs before each unit (deferred MAC)."""
+                before_unit=None, nearest: frozenset[str] = frozenset()) -> tuple[ReconResult, "Reconstructor"]:
+    """Every unit in order. `before_unit(reconstructor, unit)`, if given, runs before each unit (deferred MAC);
+    `nearest`: weights that keep nearest rounding (Reconstructor)."""
     rc: ReconConfig = config.recon
     iters = rc.iters_for(config.device)
     gen = torch.Generator().manual_seed(config.seed)
     devices = [torch.device(config.device)] if torch.device(config.device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
-        r = Reconstructor(model, plan, base, config, units)
+        r = Reconstructor(model, plan, base, config, units, nearest)
         stats = []
         outer = None
         if progress:

@@ -107,3 +107,20 @@ def test_deferred_mac_sees_the_reconstructed_encoder_and_corrects_only_what_is_n
     assert "when=decoder" in art.info["mac_config"] and art.info["mac"] == "on"
     start = calibrate_carsam(model, plan, replace(cfg, mac=replace(cfg.mac, when="start")), feeds)
     assert _bytes(model, plan, cfg, art) != _bytes(model, plan, cfg, start)
+
+
+def test_mac_rounding_nearest_keeps_the_corrected_projections_at_nearest_rounding(tiny):
+    """`--mac-rounding nearest`: the q/k/v weights MAC corrected carry no learned integers (emission rounds their
+    corrected float values to nearest); the other weights still learn theirs."""
+    from carsam_onnx.calib import mac_site
+
+    model, cfg, plan, feeds, _ = tiny
+    cfg = replace(cfg, carsam=CarsamConfig(mac_rounding="nearest"))
+    art = calibrate_carsam(model, plan, cfg, feeds)
+    names = mac_site.mac_weight_names(model, plan, cfg.mac)
+    corrected = [n for n in art.float_weights if n in art.weights]
+    assert corrected and set(corrected) <= names
+    assert all(art.weights[n].values is None for n in corrected)
+    assert any(w.values is not None for n, w in art.weights.items() if n not in names)
+    with pytest.raises(Exception, match="mac-rounding"):
+        CarsamConfig(mac_rounding="round")
