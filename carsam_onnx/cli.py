@@ -125,8 +125,8 @@ def _add_quantize(sub):
                    help="start: MAC on the calibrator's model, before reconstruction; decoder: just before the first "
                         "decoder unit, on the model with the encoder's units reconstructed")
     c.add_argument("--mac-rounding", choices=list(MAC_ROUNDING), default=_default(CarsamConfig, "mac_rounding"),
-                   help="learn: AdaRound starts from MAC's corrected weights; nearest: the projections MAC corrects "
-                        "keep nearest rounding of them (the other weights learn their rounding)")
+                   help="learn: AdaRound starts from MAC's corrected weights; nearest: every q/k/v projection in "
+                        "MAC's scope (corrected or not) keeps nearest rounding (the other weights learn theirs)")
     c.add_argument("--jcar", action=argparse.BooleanOptionalAction, default=_default(CarsamConfig, "use_jcar"),
                    help="joint reconstruction of each two-way layer's token->image and image->token branches")
     c.add_argument("--jcar-pairing", choices=list(JCAR_PAIRINGS), default=_default(CarsamConfig, "pairing"),

@@ -161,7 +161,7 @@ class CarsamConfig:
     use_mac: bool = True              # --mac / --no-mac
     use_jcar: bool = True             # --jcar / --no-jcar
     mac_rounding: str = "learn"       # --mac-rounding: learn (AdaRound from MAC's corrected weights) | nearest
-                                      # (the q/k/v projections MAC corrects keep nearest rounding of them)
+                                      # (every q/k/v projection in MAC's scope keeps nearest rounding)
     pairing: str = "mlp"              # --jcar-pairing (JCAR_PAIRINGS); seed 2, decoder-only W4A4 segm mAP: mlp 78.60,
                                       # layer 78.47, attn 78.35 (one calibration seed; docs/results.md)
 
