@@ -2,10 +2,14 @@
 
     python tools/bench_quantize.py quantize --model-type vit_b --bits w8a8 --method minmax --num-calib 8 [--device cpu]
     python tools/bench_quantize.py eval --model-type vit_b --bits w4a4 --num-images 8 --runtime torch --device cuda
+    python tools/bench_quantize.py eval ... --runtime torch --device cuda --cuda-graphs on off [--fp FP.onnx] [--profile]
 
 `quantize` times the whole CLI command in a child process (export excluded: it is done first). `eval` exports
 the model (random init), quantizes it, writes a synthetic validation set, and reports images per second of
-`carsam-onnx eval` for the FP and the quantized graph (encoder once per image, all prompts through the decoder).
+`carsam-onnx eval` for the FP and the quantized graph (encoder once per image, all prompts through the decoder;
+images per second of the evaluation loop after loading and 2 warm-up images, which a 5,000-image run amortises);
+with --cuda-graphs, for the torch runtime with its CUDA graph replays on and/or off (runtime/cuda_graphs.py);
+--fp reuses an exported FP model; --profile prints where the last variant's evaluation spends its time.
 Both print one JSON line and can append a markdown row (--md).
 """
 from __future__ import annotations
@@ -61,27 +65,79 @@ def bench_quantize(a, tmp: Path) -> dict:
 
 
 def bench_eval(a, tmp: Path) -> dict:
-    from carsam_onnx import api
     from carsam_onnx.data.builtin import VALIDATION_SEED
+    from carsam_onnx.data.coco import load_coco_dataset
+    from carsam_onnx.deploy.engines import build_predictor
+    from carsam_onnx.deploy.predictor import SamOnnxPredictor
+    from carsam_onnx.eval.metrics import segm_metrics
+    from carsam_onnx.eval.runner import timing_summary, run_predictions, select_prompts
     from carsam_onnx.data.synth import write_synthetic_coco
+    from carsam_onnx.runtime import get_runtime
 
-    fp = export(tmp, a.model_type)
+    fp = a.fp or export(tmp, a.model_type)
     q = tmp / "q.onnx"
     sh(CLI + ["quantize", str(fp), "-o", str(q), "--bits", a.bits, "--method", "minmax", "--num-calib", "4",
               "--device", a.device])
     val = tmp / "val"
-    write_synthetic_coco(val, a.num_images, VALIDATION_SEED)
+    write_synthetic_coco(val, a.num_images, VALIDATION_SEED, image_size=a.image_size)
     row = {"what": "eval", "model": a.model_type, "runtime": a.runtime, "device": a.device,
-           "num_images": a.num_images, "machine": machine(a.device)}
+           "num_images": a.num_images, "image_px": a.image_size, "machine": machine(a.device)}
+    variants = a.cuda_graphs or [""]
+    by_image, ids, _ = select_prompts(load_coco_dataset(val), "gt", None)
+    dataset = load_coco_dataset(val)
     for name, path in (("fp32", fp), (a.bits, q)):
-        api.evaluate(path, dataset=val, runtime=a.runtime, device=a.device, progress=False, limit=2)  # warm-up
-        t = time.perf_counter()
-        r = api.evaluate(path, dataset=val, runtime=a.runtime, device=a.device, progress=False)
-        secs = time.perf_counter() - t
-        row[f"{name}_images_per_s"] = round(a.num_images / secs, 3)
-        row[f"{name}_prompts"] = r.num_instances
-        row[f"{name}_timings"] = r.timings
+        for tag in variants:
+            key = f"{name}_graphs_{tag}" if tag else name
+            ips = []
+            for _ in range(a.repeats):   # each repeat loads the model and warms up (captures) on 2 images
+                t = time.perf_counter()
+                rt = _runtime(a, tag) if tag else get_runtime(a.runtime, a.device)
+                pred = SamOnnxPredictor.from_engine(build_predictor(path, rt))
+                run_predictions(pred, dataset, {i: by_image[i] for i in ids[:2]}, progress=False)
+                setup = time.perf_counter() - t
+                prof = _profiler(a.profile and name != "fp32" and tag == variants[-1])
+                t = time.perf_counter()
+                preds, per_image = run_predictions(pred, dataset, by_image, progress=False)
+                secs = time.perf_counter() - t
+                _report(prof, key)
+                ips.append(round(len(ids) / secs, 3))
+            row[f"{key}_images_per_s"] = sorted(ips)[len(ips) // 2]
+            row[f"{key}_images_per_s_all"] = ips
+            row[f"{key}_load_and_warmup_s"] = round(setup, 1)
+            row[f"{key}_segm_mAP"] = round(segm_metrics(dataset, preds, ids)["segm_mAP"], 3)
+            row[f"{key}_prompts"] = len(preds)
+            row[f"{key}_timings"] = timing_summary(per_image, secs)
     return row
+
+
+def _runtime(a, graphs: str):
+    from carsam_onnx.runtime.torch_runtime import TorchRuntime
+
+    if a.runtime != "torch":
+        raise SystemExit("--cuda-graphs is for --runtime torch")
+    return TorchRuntime(a.device, cuda_graphs=graphs == "on")
+
+
+def _profiler(on: bool):
+    if not on:
+        return None
+    import cProfile
+
+    prof = cProfile.Profile()
+    prof.enable()
+    return prof
+
+
+def _report(prof, key: str) -> None:
+    if prof is None:
+        return
+    import io
+    import pstats
+
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(35)
+    print(f"== profile of {key}\n" + buf.getvalue(), file=sys.stderr, flush=True)
 
 
 def main() -> None:
@@ -95,6 +151,11 @@ def main() -> None:
     ap.add_argument("--runtime", default="ort")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--md", type=Path)
+    ap.add_argument("--fp", type=Path, help="eval: an exported FP model to use instead of exporting one")
+    ap.add_argument("--image-size", type=int, default=256, help="eval: synthetic image side in pixels")
+    ap.add_argument("--cuda-graphs", nargs="+", choices=["on", "off"], help="eval, torch runtime: graph replays")
+    ap.add_argument("--repeats", type=int, default=1, help="eval: timed runs per variant (the median is reported)")
+    ap.add_argument("--profile", action="store_true", help="eval: cProfile the last variant on the quantized model")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         row = (bench_quantize if a.what == "quantize" else bench_eval)(a, Path(tmp))

@@ -104,7 +104,7 @@ def run_predictions(predictor: SamOnnxPredictor | BoxPredictor, dataset: CocoDat
     return preds, per_image
 
 
-def _timings(per_image: list[dict], total_s: float) -> dict:
+def timing_summary(per_image: list[dict], total_s: float) -> dict:
     if not per_image:
         return {"total_s": round(total_s, 3)}
     n = sum(r["num_prompts"] for r in per_image)
@@ -138,4 +138,4 @@ def evaluate(model: str | Path | Sequence[str | Path], dataset: CocoDataset | st
     metrics = segm_metrics(dataset, preds, ids)
     return EvalResult(metrics["segm_mAP"], metrics["AP50"], metrics["AP75"], metrics["mIoU"], len(preds), len(ids),
                       label, predictor.description, getattr(rt, "name", type(rt).__name__), predictor.image_size,
-                      _timings(per_image, time.perf_counter() - t_start), per_image)
+                      timing_summary(per_image, time.perf_counter() - t_start), per_image)

@@ -8,6 +8,10 @@ torch.func.vmap over the per-prompt inputs, each sample seeing batch-1 shapes. T
 checked against per-prompt runs; a graph where vmap fails or disagrees runs prompt by prompt instead. On the
 CPU prompts run one by one (vmap was slower there: vit_b prompt part, 5 prompts, 5.2 s vmapped vs 4.0 s in a
 loop for the dynamo export, 8.7 vs 2.8 s for the TorchScript one, on a loaded 2-core machine).
+
+On a GPU each run is also captured as a CUDA graph and replayed (runtime/cuda_graphs.py: the same kernels, so
+the same values, without the interpreter's launch overhead). A batch of prompts is padded to the next power of
+two (repeating its last prompt; the extra outputs are dropped), so a few captured batch sizes serve every image.
 """
 from __future__ import annotations
 
@@ -35,7 +39,8 @@ def _device(device: str | None) -> torch.device:
 
 
 class TorchSession(Session):
-    def __init__(self, model: onnx.ModelProto, device: torch.device, batch_prompts: bool | None = None):
+    def __init__(self, model: onnx.ModelProto, device: torch.device, batch_prompts: bool | None = None,
+                 cuda_graphs: bool | None = None):
         from ..torchexec import OnnxModule
 
         self.device = device
@@ -47,6 +52,15 @@ class TorchSession(Session):
         if batch_prompts is None:
             batch_prompts = device.type != "cpu"
         self._vmap_ok: bool | None = None if batch_prompts else False  # None: not tried yet
+        if cuda_graphs is None:
+            cuda_graphs = device.type == "cuda"
+        self._graphs = None
+        if cuda_graphs and device.type == "cuda":
+            from .cuda_graphs import CudaGraphRuns
+            self._graphs = CudaGraphRuns()
+
+    def _call(self, key: str, run, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return run(inputs) if self._graphs is None else self._graphs(key, run, inputs)
 
     def _tensors(self, feeds) -> dict[str, torch.Tensor]:
         return {k: torch.as_tensor(np.ascontiguousarray(v)).to(self.device) for k, v in feeds.items()
@@ -59,7 +73,7 @@ class TorchSession(Session):
 
     def run(self, feeds):
         with torch.no_grad(), ieee_fp32():
-            return self._numpy(self.module.run(self._tensors(feeds)))
+            return self._numpy(self._call("run", self.module.run, self._tensors(feeds)))
 
     def run_many(self, feeds):
         if len(feeds) < 2 or self._vmap_ok is False:
@@ -78,16 +92,22 @@ class TorchSession(Session):
     def _vmapped(self, feeds, shared, varying) -> list[dict[str, np.ndarray]]:
         if any(np.asarray(f[k]).shape[0] != 1 for f in feeds for k in varying):
             raise ValueError("per-prompt inputs must have batch 1")
-        fixed = self._tensors({k: feeds[0][k] for k in shared})
-        stacked = {k: torch.as_tensor(np.stack([np.asarray(f[k])[0] for f in feeds])).to(self.device) for k in varying}
+        n = len(feeds)
+        if self._graphs is not None:   # pad to a power of two: few batch sizes to capture
+            feeds = feeds + [feeds[-1]] * ((1 << (n - 1).bit_length()) - n)
+        given = self._tensors({k: feeds[0][k] for k in shared})
+        given.update({"\0" + k: torch.as_tensor(np.stack([np.asarray(f[k])[0] for f in feeds])).to(self.device)
+                      for k in varying})
 
-        def one(per: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            return self.module.run({**fixed, **{k: v[None] for k, v in per.items()}})
+        def batched(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            fixed = {k: v for k, v in inputs.items() if not k.startswith("\0")}
+            stacked = {k[1:]: v for k, v in inputs.items() if k.startswith("\0")}
+            return torch.func.vmap(lambda per: self.module.run({**fixed, **{k: v[None] for k, v in per.items()}}))(
+                stacked)
 
         with torch.no_grad(), ieee_fp32():
-            out = torch.func.vmap(one)(stacked)
-        out = self._numpy(out)
-        return [{k: v[i] for k, v in out.items()} for i in range(len(feeds))]
+            out = self._numpy(self._call("vmap", batched, given))
+        return [{k: v[i] for k, v in out.items()} for i in range(n)]
 
     def _first_batched(self, feeds, shared, varying):
         single = [self.run(f) for f in feeds[:2]]
@@ -106,12 +126,14 @@ class TorchSession(Session):
 class TorchRuntime(Runtime):
     name = "torch"
 
-    def __init__(self, device: str | None = None, batch_prompts: bool | None = None):
-        """batch_prompts: vmap an image's prompts through the prompt part (None: on GPUs, not on the CPU)."""
+    def __init__(self, device: str | None = None, batch_prompts: bool | None = None, cuda_graphs: bool | None = None):
+        """batch_prompts: vmap an image's prompts through the prompt part; cuda_graphs: capture and replay each
+        run (None: both on GPUs, neither on the CPU)."""
         self.device = _device(device)
         self.batch_prompts = batch_prompts
+        self.cuda_graphs = cuda_graphs
 
     def session(self, model, what):
         if isinstance(model, (str, Path)):
             model = load_model(model)
-        return TorchSession(model, self.device, self.batch_prompts)
+        return TorchSession(model, self.device, self.batch_prompts, self.cuda_graphs)

@@ -1,0 +1,137 @@
+"""How closely runtimes agree on one model: COCO segm mAP of each against ONNX Runtime, and per prompt how far
+their low-res masks are apart (IoU of the two masks) (a 4-bit activation one float ulp from a rounding tie lands on another code
+in one runtime than in the other, and later layers carry that on).
+
+    python tools/bench_parity.py MODEL.onnx --dataset VAL [--limit 80] [--variants ort torch-cpu torch-cuda ...]
+
+Variants: ort (ONNX Runtime, CPU: the reference), torch-cpu, torch-cuda (the default: prompts vmapped, runs
+replayed as CUDA graphs), torch-cuda-eager (vmapped, no graphs), torch-cuda-loop (prompt by prompt, no graphs).
+Prints one JSON line per variant; --fp FP.onnx adds the FP image part's relative error on CUDA against the CPU
+(about 1e-6 in IEEE float32; TF32 would show about 1e-3).
+
+--draws K adds K-1 evaluations of each variant with N(0, --sigma) added to the normalised image (1e-4: far below
+one grey level, 1/58): at 4-bit activations such a perturbation, like a change of runtime, moves codes that sit
+within float rounding of a tie, and the moves spread through the later layers; the spread of the draws' mAP is
+the noise floor of any runtime comparison on that set, and the draws' mean a comparison above it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from carsam_onnx.data.coco import load_coco_dataset
+from carsam_onnx.deploy.engines import build_predictor
+from carsam_onnx.deploy.predictor import SamOnnxPredictor
+from carsam_onnx.eval.metrics import segm_metrics
+from carsam_onnx.eval.runner import evaluate, run_predictions, select_prompts
+from carsam_onnx.runtime import get_runtime
+from carsam_onnx.runtime.ort_settings import host_isa_flags
+
+VARIANTS = {"ort": ("ort", {}), "torch-cpu": ("torch", {"device": "cpu"}),
+            "torch-cuda": ("torch", {"device": "cuda"}),
+            "torch-cuda-eager": ("torch", {"device": "cuda", "cuda_graphs": False}),
+            "torch-cuda-loop": ("torch", {"device": "cuda", "cuda_graphs": False, "batch_prompts": False})}
+
+
+def runtime(variant: str):
+    kind, kw = VARIANTS[variant]
+    if kind == "ort":
+        return get_runtime("ort")
+    from carsam_onnx.runtime.torch_runtime import TorchRuntime
+
+    return TorchRuntime(**kw)
+
+
+def perturbed_map(model: Path, dataset, by_image: dict, ids: list[int], rt, draws: int, sigma: float) -> list[float]:
+    """segm mAP of draws 1..draws-1 (draw 0, unperturbed, is the evaluation itself)."""
+    engine = build_predictor(model, rt)
+    encode = engine.set_image
+    maps = []
+    for k in range(1, draws):
+        def perturbed(im, geo, rng=np.random.default_rng(k)):
+            return encode((im + rng.normal(0, sigma, im.shape)).astype(np.float32), geo)
+        engine.set_image = perturbed
+        preds, _ = run_predictions(SamOnnxPredictor.from_engine(engine), dataset, by_image, progress=False)
+        maps.append(segm_metrics(dataset, preds, ids)["segm_mAP"])
+    return maps
+
+
+def logits(model: Path, dataset, by_image: dict, rt) -> dict[int, np.ndarray]:
+    pred = SamOnnxPredictor.from_engine(build_predictor(model, rt))
+    out = {}
+    for image_id in sorted(by_image):
+        pred.set_image(dataset.read_image(image_id))
+        out[image_id] = pred.predict(boxes=np.array([p.box_xyxy for p in by_image[image_id]])).low_res_logits
+    return out
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per prompt IoU of two boolean low-res masks [k, s, s] (1 where both are empty)."""
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    inter, union = (a & b).sum(1), (a | b).sum(1)
+    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
+
+
+def fp_embedding_error(fp: Path, dataset) -> float:
+    from carsam_onnx.data.preprocess import preprocess_image
+    from carsam_onnx.runtime.torch_runtime import TorchRuntime
+
+    outs = []
+    for dev in ("cpu", "cuda"):
+        pred = build_predictor(fp, TorchRuntime(dev))
+        image, _ = preprocess_image(dataset.read_image(dataset.image_ids[0]), pred.image_size)
+        outs.append(next(iter(pred.encoder.run({"image": image}).values())))
+    return float(np.linalg.norm(outs[1] - outs[0]) / np.linalg.norm(outs[0]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--dataset", type=Path, required=True)
+    ap.add_argument("--limit", type=int, default=80)
+    ap.add_argument("--logit-images", type=int, default=20, help="images whose logits are compared")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--draws", type=int, default=1, help="evaluations per variant (1 unperturbed + perturbed ones)")
+    ap.add_argument("--sigma", type=float, default=1e-4, help="std of the perturbation of the normalised image")
+    ap.add_argument("--fp", type=Path, help="the FP model: report CUDA's float32 error on its image part")
+    a = ap.parse_args()
+    warnings.simplefilter("ignore")
+    dataset = load_coco_dataset(a.dataset)
+    by_image, ids, _ = select_prompts(dataset, "gt", a.limit)
+    some = {i: by_image[i] for i in sorted(by_image)[:a.logit_images]}
+    ref_logits, ref_map = None, None
+    for v in ["ort"] + [v for v in a.variants if v != "ort"]:
+        t = time.perf_counter()
+        rt = runtime(v)
+        r = evaluate(a.model, dataset, limit=a.limit, runtime=rt, progress=False)
+        secs = time.perf_counter() - t
+        lg = logits(a.model, dataset, some, rt)
+        row = {"variant": v, "segm_mAP": round(r.segm_mAP, 3), "mIoU": round(r.mIoU, 5), "eval_s": round(secs, 1)}
+        if a.draws > 1:
+            maps = [r.segm_mAP] + perturbed_map(a.model, dataset, by_image, ids, rt, a.draws, a.sigma)
+            row.update(draws=[round(m, 3) for m in maps], draws_mean=round(float(np.mean(maps)), 3),
+                       draws_std=round(float(np.std(maps, ddof=1)), 3))
+        if ref_logits is None:
+            ref_logits, ref_map = lg, r.segm_mAP
+            row["cpu_flags"] = host_isa_flags()
+        else:
+            iou = np.concatenate([mask_iou(lg[i] > 0, ref_logits[i] > 0) for i in some])
+            diff = [float(np.abs(lg[i] - ref_logits[i]).max()) for i in some]
+            row.update(dmAP_vs_ort=round(r.segm_mAP - ref_map, 3), prompts=len(iou),
+                       mask_iou_vs_ort_mean=round(float(iou.mean()), 5), mask_iou_vs_ort_min=round(float(iou.min()), 4),
+                       prompts_iou_below_099=int((iou < 0.99).sum()),
+                       images_logits_equal=f"{sum(d < 1e-3 for d in diff)}/{len(diff)}")
+        print(json.dumps(row), flush=True)
+    if a.fp is not None:
+        print(json.dumps({"fp_image_part_rel_error_cuda_vs_cpu": fp_embedding_error(a.fp, dataset)}), flush=True)
+    print(json.dumps({"command": "python tools/bench_parity.py " + " ".join(sys.argv[1:])}))
+
+
+if __name__ == "__main__":
+    main()
