@@ -117,27 +117,50 @@ class SamOnnxPredictor:
 
     def set_image(self, image: np.ndarray) -> "SamOnnxPredictor":
         """HxWx3 (or HxW) uint8 RGB: preprocess as SamPredictor and run the image encoder once."""
-        tensor, self.geometry = preprocess_image(image, self.image_size)
-        self.timings = {"encoder_s": self.engine.set_image(tensor, self.geometry)}
+        return self.set_preprocessed(*preprocess_image(image, self.image_size))
+
+    def set_preprocessed(self, tensor: np.ndarray, geometry: Geometry) -> "SamOnnxPredictor":
+        """The image encoder on what `preprocess_image(image, self.image_size)` returned (eval prepares the next
+        image in a thread meanwhile)."""
+        self.geometry = geometry
+        self.timings = {"encoder_s": self.engine.set_image(tensor, geometry)}
         return self
 
-    def predict(self, boxes=None, points=None, labels=None, multimask: bool = False) -> PromptResult:
-        """Masks for k prompts (see encode_prompts), at the original image size (logit > 0)."""
+    def predict_low_res(self, boxes=None, points=None, labels=None) -> tuple[np.ndarray, np.ndarray]:
+        """The decoder alone: (low-res logits [k, s, s], predicted IoU [k]) of the best mask of each of k prompts
+        (see encode_prompts); `masks_at_original_size` turns the logits into `predict`'s masks."""
         if self.geometry is None:
             raise InputError("call set_image(image) before predict()")
         coords, labs = encode_prompts(self.geometry, boxes, points, labels)
         t0 = time.perf_counter()
-        if multimask:
+        low, scores = self.engine.predict(coords, labs)
+        self.timings["decoder_s"] = time.perf_counter() - t0
+        return low, scores
+
+    def predict(self, boxes=None, points=None, labels=None, multimask: bool = False) -> PromptResult:
+        """Masks for k prompts (see encode_prompts), at the original image size (logit > 0)."""
+        if not multimask:
+            low, scores = self.predict_low_res(boxes, points, labels)
+        else:
+            if self.geometry is None:
+                raise InputError("call set_image(image) before predict()")
+            coords, labs = encode_prompts(self.geometry, boxes, points, labels)
+            t0 = time.perf_counter()
             outs = self.engine.run_prompts(coords, labs)
             low = np.stack([np.asarray(o["low_res_masks"], np.float32).reshape(-1, *o["low_res_masks"].shape[-2:])
                             for o in outs])
             scores = np.stack([np.asarray(o["iou_predictions"], np.float32).reshape(-1) for o in outs])
-        else:
-            low, scores = self.engine.predict(coords, labs)
-        self.timings["decoder_s"] = time.perf_counter() - t0
+            self.timings["decoder_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        flat = low.reshape(-1, *low.shape[-2:])
-        masks = np.concatenate([postprocess_masks(flat[i:i + POST_CHUNK], self.geometry)
-                                for i in range(0, len(flat), POST_CHUNK)])
+        masks = masks_at_original_size(low, self.geometry)
         self.timings["post_s"] = time.perf_counter() - t0
-        return PromptResult(masks.reshape(*low.shape[:-2], *masks.shape[-2:]), scores, low)
+        return PromptResult(masks, scores, low)
+
+
+def masks_at_original_size(low: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Low-res logits [..., s, s] -> boolean masks [..., H, W] at the original image size (logit > 0), in chunks
+    of POST_CHUNK masks."""
+    flat = low.reshape(-1, *low.shape[-2:])
+    masks = np.concatenate([postprocess_masks(flat[i:i + POST_CHUNK], geometry)
+                            for i in range(0, len(flat), POST_CHUNK)])
+    return masks.reshape(*low.shape[:-2], *masks.shape[-2:])

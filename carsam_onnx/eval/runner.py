@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -16,9 +17,10 @@ import numpy as np
 
 from ..config import EvalConfig
 from ..data.coco import CocoDataset, load_coco_dataset
+from ..data.preprocess import preprocess_image
 from ..data.prompts import BoxPrompt, gt_box_prompts, load_detection_prompts
 from ..deploy.engines import BoxPredictor, build_predictor
-from ..deploy.predictor import SamOnnxPredictor
+from ..deploy.predictor import SamOnnxPredictor, masks_at_original_size
 from ..errors import InputError
 from ..modelio import write_json
 from ..runtime import Runtime, get_runtime
@@ -77,30 +79,46 @@ def select_prompts(dataset: CocoDataset, prompts: str | Path, limit: int | None,
 def run_predictions(predictor: SamOnnxPredictor | BoxPredictor, dataset: CocoDataset,
                     by_image: dict[int, list[BoxPrompt]], progress: bool = True) -> tuple[list[Prediction], list[dict]]:
     """Masks for every prompt: encoder once per image, all its boxes through the decoder. `predictor`: a
-    deploy.SamOnnxPredictor (a BoxPredictor is wrapped in one): the same pre/postprocessing as `predict`."""
+    deploy.SamOnnxPredictor (a BoxPredictor is wrapped in one): the same pre/postprocessing as `predict`.
+
+    Two worker threads keep the model busy: one reads and preprocesses the next image, the other brings the last
+    image's masks to the original size and encodes them, while the model runs (the same functions as `predict`,
+    so the same masks; predictions keep the images' order)."""
     from tqdm.auto import tqdm
 
     if isinstance(predictor, BoxPredictor):
         predictor = SamOnnxPredictor.from_engine(predictor)
-
-    preds: list[Prediction] = []
-    per_image: list[dict] = []
     ids = sorted(by_image)
     dataset.check_image_files(ids)
-    bar = tqdm(ids, desc="eval", unit="img", disable=None if progress else True, leave=False)
-    for image_id in bar:
-        prompts = by_image[image_id]
-        predictor.set_image(dataset.read_image(image_id))
-        out = predictor.predict(boxes=np.array([p.box_xyxy for p in prompts]))
+
+    def prepare(image_id: int):
+        return preprocess_image(dataset.read_image(image_id), predictor.image_size)
+
+    def finish(low: np.ndarray, geometry) -> tuple[list[dict], float]:
         t0 = time.perf_counter()
-        rles = encode_masks(out.masks)
-        t = predictor.timings
-        enc_s, dec_s, post_s = t["encoder_s"], t["decoder_s"], t["post_s"] + time.perf_counter() - t0
-        for p, rle, q in zip(prompts, rles, out.scores):
-            score = p.score if p.score is not None else float(q)
-            preds.append(Prediction(image_id, p.category_id, rle, score, p.ann_id))
-        per_image.append({"image_id": image_id, "num_prompts": len(prompts), "encoder_s": round(enc_s, 4),
-                          "decoder_s": round(dec_s, 4), "post_s": round(post_s, 4)})
+        return encode_masks(masks_at_original_size(low, geometry)), time.perf_counter() - t0
+
+    done = []
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="eval") as pool:
+        upcoming = pool.submit(prepare, ids[0]) if ids else None
+        for k, image_id in enumerate(tqdm(ids, desc="eval", unit="img", disable=None if progress else True,
+                                          leave=False)):
+            tensor, geometry = upcoming.result()
+            if k + 1 < len(ids):
+                upcoming = pool.submit(prepare, ids[k + 1])
+            predictor.set_preprocessed(tensor, geometry)
+            low, scores = predictor.predict_low_res(boxes=np.array([p.box_xyxy for p in by_image[image_id]]))
+            done.append((image_id, scores, dict(predictor.timings), pool.submit(finish, low, geometry)))
+        preds: list[Prediction] = []
+        per_image: list[dict] = []
+        for image_id, scores, t, masks in done:
+            rles, post_s = masks.result()
+            prompts = by_image[image_id]
+            for p, rle, q in zip(prompts, rles, scores):
+                score = p.score if p.score is not None else float(q)
+                preds.append(Prediction(image_id, p.category_id, rle, score, p.ann_id))
+            per_image.append({"image_id": image_id, "num_prompts": len(prompts), "encoder_s": round(t["encoder_s"], 4),
+                              "decoder_s": round(t["decoder_s"], 4), "post_s": round(post_s, 4)})
     return preds, per_image
 
 
