@@ -75,9 +75,10 @@ def bench_eval(a, tmp: Path) -> dict:
     from carsam_onnx.runtime import get_runtime
 
     fp = a.fp or export(tmp, a.model_type)
-    q = tmp / "q.onnx"
-    sh(CLI + ["quantize", str(fp), "-o", str(q), "--bits", a.bits, "--method", "minmax", "--num-calib", "4",
-              "--device", a.device])
+    q = a.qdq or tmp / "q.onnx"
+    if not q.exists():
+        sh(CLI + ["quantize", str(fp), "-o", str(q), "--bits", a.bits, "--method", "minmax", "--num-calib", "4",
+                  "--device", a.device])
     val = tmp / "val"
     write_synthetic_coco(val, a.num_images, VALIDATION_SEED, image_size=a.image_size)
     row = {"what": "eval", "model": a.model_type, "runtime": a.runtime, "device": a.device,
@@ -152,6 +153,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--md", type=Path)
     ap.add_argument("--fp", type=Path, help="eval: an exported FP model to use instead of exporting one")
+    ap.add_argument("--qdq", type=Path, help="eval: the quantized model (MinMax, 4 images) is kept there and reused")
     ap.add_argument("--image-size", type=int, default=256, help="eval: synthetic image side in pixels")
     ap.add_argument("--cuda-graphs", nargs="+", choices=["on", "off"], help="eval, torch runtime: graph replays")
     ap.add_argument("--repeats", type=int, default=1, help="eval: timed runs per variant (the median is reported)")
