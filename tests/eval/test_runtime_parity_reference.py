@@ -18,6 +18,7 @@ from carsam_onnx.config import BitWidths, QuantConfig
 from carsam_onnx.data.builtin import VALIDATION_SEED
 from carsam_onnx.data.synth import write_synthetic_coco
 from carsam_onnx.export.models import REFERENCE_WEIGHTS
+from carsam_onnx.runtime import get_runtime as api_runtime
 
 MAX_GAP = {None: (0.2, 0.001), "w8a8": (0.5, 0.003), "w4a4": (2.0, 0.02)}   # (mAP, mIoU)
 
@@ -56,25 +57,90 @@ def test_ort_and_torch_runtimes_agree(reference, bits, method):
         assert ort_r.segm_mAP > 50     # the trained model segments this data (80.1 mAP on 200 images)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.xfail(reason="not met yet: ORT 73.98 against torch CUDA 74.63 on an H200, TF32 off (docs/results.md, "
-                          "sixth GPU round)", strict=False)
-def test_torch_runtime_on_cuda_scores_as_ort_at_w4a4(tmp_path):
-    """Issue 11's promise for `eval --runtime torch --device cuda`: within 0.2 mAP of ONNX Runtime on 80 images of
-    a validation seed, W4A4 MSE model (measured 0.45 apart before the graphs ran in IEEE float32, TF32 off)."""
+@pytest.fixture(scope="module")
+def w4a4_mse_80(tmp_path_factory):
+    """The W4A4 MSE reference model and 80 images of validation seed 7 (issue 11's CUDA parity setting)."""
     if not REFERENCE_WEIGHTS.is_file():
         pytest.skip("bundled reference weights are missing")
     from sam_models import reference_onnx_path
 
-    fp, val, model = reference_onnx_path("full"), tmp_path / "val", tmp_path / "w4a4.onnx"
+    tmp = tmp_path_factory.mktemp("cuda_parity")
+    fp, val, model = reference_onnx_path("full"), tmp / "val", tmp / "w4a4.onnx"
     write_synthetic_coco(val, 80, 7)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         api.quantize(fp, model, QuantConfig(bits=BitWidths.parse("w4a4"), method="mse", num_calib=32),
                      force=True, progress=False)
+    return fp, val, model
+
+
+def _perturbed_maps(model, val, runtime, draws: int, sigma: float = 1e-4) -> list[float]:
+    """segm mAP of `draws` evaluations: the image as is, then with N(0, sigma) added to the normalised image
+    (far below one grey level; tools/bench_parity.py)."""
+    import numpy as np
+
+    from carsam_onnx.data.coco import load_coco_dataset
+    from carsam_onnx.deploy.engines import build_predictor
+    from carsam_onnx.eval.metrics import segm_metrics
+    from carsam_onnx.eval.runner import run_predictions, select_prompts
+
+    ds = load_coco_dataset(val)
+    by_image, ids, _ = select_prompts(ds, "gt", None)
+    engine = build_predictor(model, runtime)
+    encode, maps = engine.set_image, []
+    for k in range(draws):
+        rng = np.random.default_rng(k)
+        engine.set_image = (encode if k == 0 else
+                            lambda im, geo, rng=rng: encode((im + rng.normal(0, sigma, im.shape)).astype(np.float32), geo))
+        preds, _ = run_predictions(engine, ds, by_image, progress=False)
+        maps.append(segm_metrics(ds, preds, ids)["segm_mAP"])
+    return maps
+
+
+CUDA = pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.slow
+@CUDA
+@pytest.mark.xfail(reason="not met, and not meetable by a runtime that is not bit-identical to ORT: at W4A4 float "
+                          "rounding alone moves one 80-image evaluation by 0.26-0.40 mAP (std over invisible input "
+                          "perturbations, H200); measured ORT 73.98 against torch CUDA 74.70 (docs/results.md, "
+                          "'CUDA parity at W4A4')", strict=False)
+def test_torch_runtime_on_cuda_scores_as_ort_at_w4a4(w4a4_mse_80):
+    """Issue 11's promise as written: within 0.2 mAP of ONNX Runtime on 80 images of a validation seed, one
+    evaluation each, W4A4 MSE model."""
+    _, val, model = w4a4_mse_80
     ort_r = api.evaluate(model, dataset=val, runtime="ort", progress=False)
     cuda_r = api.evaluate(model, dataset=val, runtime="torch", device="cuda", progress=False)
     print(f"W4A4 MSE, 80 images of validation seed 7: ORT {ort_r.segm_mAP:.2f}, torch CUDA {cuda_r.segm_mAP:.2f}")
     assert ort_r.num_instances == cuda_r.num_instances > 200
     assert abs(ort_r.segm_mAP - cuda_r.segm_mAP) <= 0.2, (ort_r.summary(), cuda_r.summary())
+
+
+@pytest.mark.slow
+@CUDA
+def test_torch_runtime_on_cuda_scores_as_ort_within_the_noise(w4a4_mse_80):
+    """What can be promised at W4A4: the torch runtime on CUDA computes in IEEE float32 (the FP image part within
+    1e-5 of the CPU's; TF32 gives ~1e-3) and scores as ORT up to float-rounding noise. Each runtime is evaluated
+    5 times, the image as is and 4 times with an invisible perturbation; the means agree within 0.6 mAP, about 3
+    standard errors of their difference (H200: ORT 73.72 +- 0.26, torch CUDA 74.04 +- 0.40 over 5 draws)."""
+    import numpy as np
+
+    from carsam_onnx.data.preprocess import preprocess_image
+    from carsam_onnx.deploy.engines import build_predictor
+    from carsam_onnx.runtime.torch_runtime import TorchRuntime
+    from carsam_onnx.data.coco import load_coco_dataset
+
+    fp, val, model = w4a4_mse_80
+    ds = load_coco_dataset(val)
+    emb = []
+    for dev in ("cpu", "cuda"):
+        pred = build_predictor(fp, TorchRuntime(dev))
+        image, _ = preprocess_image(ds.read_image(ds.image_ids[0]), pred.image_size)
+        emb.append(next(iter(pred.encoder.run({"image": image}).values())))
+    assert np.linalg.norm(emb[1] - emb[0]) / np.linalg.norm(emb[0]) < 1e-5
+    ort_maps = _perturbed_maps(model, val, api_runtime("ort"), 5)
+    cuda_maps = _perturbed_maps(model, val, TorchRuntime("cuda"), 5)
+    print(f"ORT {np.mean(ort_maps):.2f} +- {np.std(ort_maps, ddof=1):.2f}, "
+          f"torch CUDA {np.mean(cuda_maps):.2f} +- {np.std(cuda_maps, ddof=1):.2f}")
+    assert abs(np.mean(ort_maps) - np.mean(cuda_maps)) <= 0.6, (ort_maps, cuda_maps)
