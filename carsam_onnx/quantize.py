@@ -174,7 +174,7 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
         from .deploy.report import check_report_dir
 
         check_report_dir(report_dir, force)
-    clock = _Clock()
+    clock = _Clock(progress)
     model = load_model(model_path)
     kind = model_kind(model, model_path)   # a graph that is not SAM: refused before any work
     model, plan, notes = _plan(model, config)
@@ -185,11 +185,13 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
     feeds = build_feeds(model, calib, encoder, embeddings, mask_refinement=config.calib_mask_input)
     held_feeds = build_feeds(model, held, encoder, embeddings, mask_refinement=False)   # one per held-out sample
     clock.lap("calibration data")
+    clock.log(f"calibrating ({config.method}, {config.bits}) on {len(feeds)} samples")
     with tqdm(total=len(feeds), desc=f"calibrating ({config.method}, {config.bits})", unit="img",
               disable=not progress or None) as bar:
         stats: list = []
         baseline: list = []
-        kw = {**({"stats": stats} if method.stats else {}), **({"baseline": baseline} if method.baseline else {})}
+        kw = {**({"stats": stats} if method.stats else {}), **({"baseline": baseline} if method.baseline else {}),
+              **({"log": clock.log} if method.log else {})}
         artifact = method.calibrate(model, plan, config, feeds, bar, **kw)
     clock.lap("calibration")
     qmodel, emit_notes = emit_model(model, plan, artifact, config)
@@ -267,16 +269,22 @@ def _report(model_path: Path, output: Path, plan, notes: list[str]) -> QuantizeR
 
 
 class _Clock:
-    def __init__(self):
+    """Wall time by stage; with `progress` and no terminal on stderr, each stage's end is also logged there."""
+
+    def __init__(self, progress: bool = False):
         import time
+
+        from .progress import stage_log
 
         self._now = time.perf_counter
         self._t = self._now()
         self.laps: dict[str, float] = {}
+        self.log = stage_log(progress)
 
     def lap(self, name: str) -> None:
         t = self._now()
         self.laps[name] = t - self._t
         self._t = t
+        self.log(f"{name}: {self.laps[name]:.1f} s")
 
 

@@ -23,15 +23,16 @@ class Method:
     help: str
     stats: bool = False     # the function takes `stats=list` and appends one record per step of its work
     baseline: bool = False  # ... and `baseline=list`, to which it appends the calibrator artifact it started from
+    log: bool = False       # ... and `log=progress.StageLog`, to which it reports its stages (and units)
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, calibrate: CalibrateFn, help: str, *, stats: bool = False,
-                    baseline: bool = False) -> None:
-    """Make `--method NAME` available (`stats`, `baseline`: see Method)."""
-    METHODS[name] = Method(name, calibrate, help, stats, baseline)
+                    baseline: bool = False, log: bool = False) -> None:
+    """Make `--method NAME` available (`stats`, `baseline`, `log`: see Method)."""
+    METHODS[name] = Method(name, calibrate, help, stats, baseline, log)
 
 
 def method_names() -> tuple[str, ...]:
@@ -57,7 +58,7 @@ register_method("minmax", calibrate_baseline, "activation ranges from min/max, a
 register_method("percentile", calibrate_baseline, "activation ranges clipped at --percentile, absmax weight scales")
 register_method("mse", calibrate_baseline, "activation and per-channel weight ranges searched for the least MSE")
 register_method("recon", calibrate_recon, "block reconstruction (AdaRound weights, LSQ step sizes, QDrop) on top of "
-                "--recon-init; see --recon-*", stats=True, baseline=True)
+                "--recon-init; see --recon-*", stats=True, baseline=True, log=True)
 register_method("carsam", calibrate_carsam, "CAR-SAM: MAC (closed-form compensation of attention-operand error in the "
                 "q/k/v projections) + reconstruction with JCAR's joint token<->image decoder units; "
-                "--no-mac / --no-jcar ablate it", stats=True, baseline=True)
+                "--no-mac / --no-jcar ablate it", stats=True, baseline=True, log=True)

@@ -225,3 +225,19 @@ def test_quantize_report_of_a_method_compares_against_its_calibrator(tiny, emb, 
     section = text.split("ttention dissipation", 1)[1]
     assert "calibrator only (mse" in section                   # the baseline's label: the calibrator and its bits
     assert (rep / "recon_loss_curves.png").is_file()
+
+
+def test_quantize_logs_stages_and_units_where_no_terminal_shows_bars(tiny, emb, tmp_path, capsys):
+    """Without a terminal (a batch job's log) the bars are off; quantize then says each stage's end and each
+    reconstructed unit on stderr, one timestamped line each. -q silences it."""
+    argv = ["quantize", str(tiny["decoder"]), "-o", str(tmp_path / "q.onnx"), "--embeddings", str(emb),
+            "--num-calib", "2", "--force", "--bits", "w4a8", "--method", "recon", "--recon-iters", "2"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err.splitlines()
+    units = [line for line in err if "] unit " in line]
+    assert units and units[0].split("] unit ")[1].startswith("1/")
+    assert all(" steps in " in line and "loss" in line for line in units)
+    assert any("mse initialisation done" in line for line in err)
+    assert any(line.endswith(" s") and "] calibration: " in line for line in err)
+    assert main(["-q", *argv]) == 0
+    assert "] unit " not in capsys.readouterr().err

@@ -24,28 +24,29 @@ __all__ = ["Unit", "calibrate_carsam", "calibrate_recon", "find_units", "joint_u
 
 
 def calibrate_recon(model: onnx.ModelProto, plan: QuantPlan, config: QuantConfig, feeds: list[dict],
-                    progress=None, *, show_units: bool | None = None, stats: list | None = None,
+                    progress=None, *, show_units: bool | None = None, stats: list | None = None, log=None,
                     baseline: list | None = None) -> CalibrationArtifact:
     """Calibrator init (config.recon.init_method), then reconstruction of every unit. `stats`, if given, receives
     one loop.UnitStats per unit (time, steps/s, first and last loss); `baseline` the calibrator's artifact (the
-    report compares against it)."""
+    report compares against it); `log` (progress.StageLog) a line per stage and per unit."""
     return _calibrate(model, plan, config, feeds, progress, show_units=show_units, stats=stats, baseline=baseline,
-                      mac=False, jcar=None)
+                      mac=False, jcar=None, log=log)
 
 
 def calibrate_carsam(model: onnx.ModelProto, plan: QuantPlan, config: QuantConfig, feeds: list[dict],
-                     progress=None, *, show_units: bool | None = None, stats: list | None = None,
+                     progress=None, *, show_units: bool | None = None, stats: list | None = None, log=None,
                      baseline: list | None = None) -> CalibrationArtifact:
     """CAR-SAM: calibrator init, MAC on the attention sites of config.mac.scope (their corrected float weights
     are where AdaRound starts), then reconstruction with JCAR's joint decoder units (config.carsam.pairing).
     config.carsam.use_mac / use_jcar switch either part off (the ablation). `stats`, `baseline`: as
-    calibrate_recon (the baseline is the calibrator's artifact before MAC)."""
+    calibrate_recon (the baseline is the calibrator's artifact before MAC), `log` too."""
     cs = config.carsam
     return _calibrate(model, plan, config, feeds, progress, show_units=show_units, stats=stats, baseline=baseline,
-                      mac=cs.use_mac, jcar=cs.pairing if cs.use_jcar else None)
+                      mac=cs.use_mac, jcar=cs.pairing if cs.use_jcar else None, log=log)
 
 
-def _calibrate(model, plan, config, feeds, progress, *, show_units, stats, baseline, mac: bool, jcar: str | None):
+def _calibrate(model, plan, config, feeds, progress, *, show_units, stats, baseline, mac: bool, jcar: str | None,
+               log=None):
     import torch
 
     from ...errors import InputError
@@ -58,8 +59,10 @@ def _calibrate(model, plan, config, feeds, progress, *, show_units, stats, basel
 
     base_cfg = replace(config, method=config.recon.init_method)
     module = OnnxModule(model).to(config.device).eval()
+    log = log or (lambda message: None)
     base = calibrate_baseline(model, plan, base_cfg, feeds, progress, module=module)
     del module
+    log(f"{config.recon.init_method} initialisation done")
     if baseline is not None:
         baseline.append(base)
     deferred = DeferredMac(model, plan, feeds, config.mac) if mac and config.mac.when != "start" else None
@@ -67,6 +70,7 @@ def _calibrate(model, plan, config, feeds, progress, *, show_units, stats, basel
         from ..mac_site import apply_mac
 
         base = apply_mac(model, plan, base, feeds, config.mac)
+        log("MAC done")
     units = find_units(model, plan)
     if jcar is not None:
         units = joint_units(model, units, jcar)
@@ -78,7 +82,7 @@ def _calibrate(model, plan, config, feeds, progress, *, show_units, stats, basel
 
         nearest = frozenset(mac_weight_names(model, plan, config.mac))
     result, _ = reconstruct(model, plan, base, config, feeds, units, progress=show_units, before_unit=deferred,
-                            nearest=nearest)
+                            nearest=nearest, log=log)
     if deferred is not None:
         result.artifact.info.update(deferred.info)
     if mac or jcar is not None:

@@ -489,9 +489,9 @@ def batch_order(names: list[str], n_inputs: int, q_in: list[list]) -> tuple[list
 
 def reconstruct(model: onnx.ModelProto, plan: QuantPlan, base: CalibrationArtifact, config: QuantConfig,
                 feeds: list[dict], units: list[Unit], progress: bool = True,
-                before_unit=None, nearest: frozenset[str] = frozenset()) -> tuple[ReconResult, "Reconstructor"]:
+                before_unit=None, nearest: frozenset[str] = frozenset(), log=None) -> tuple[ReconResult, "Reconstructor"]:
     """Every unit in order. `before_unit(reconstructor, unit)`, if given, runs before each unit (deferred MAC);
-    `nearest`: weights that keep nearest rounding (Reconstructor)."""
+    `nearest`: weights that keep nearest rounding (Reconstructor); `log(message)`: a line per unit."""
     rc: ReconConfig = config.recon
     iters = rc.iters_for(config.device)
     gen = torch.Generator().manual_seed(config.seed)
@@ -509,6 +509,11 @@ def reconstruct(model: onnx.ModelProto, plan: QuantPlan, base: CalibrationArtifa
             if before_unit is not None:
                 before_unit(r, unit)
             stats.append(r.reconstruct(unit, feeds, iters * max(1, len(unit.members)), progress, gen))
+            if log is not None:
+                u = stats[-1]
+                log(f"unit {len(stats)}/{len(units)} {u.name}: {u.iters} steps in {u.seconds:.1f} s "
+                    f"({u.steps_per_second:.1f}/s, {u.step_mode}), loss {u.loss_start:.4g} -> {u.loss_end:.4g}"
+                    + (", calibrator kept (unit guard)" if u.kept == "init" else ""))
             if outer is not None:
                 outer.set_postfix(unit=unit.name, loss=f"{stats[-1].loss_end:.4g}")
                 outer.update(1)
