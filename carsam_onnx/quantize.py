@@ -160,6 +160,7 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
     from .calib.feeds import build_feeds, image_size, model_kind
     from .calib.registry import check_config
     from .passes.emit import check_opset
+    from .progress import stage_log
 
     method = check_config(config)
     model_path, output = Path(model_path), Path(output)
@@ -174,7 +175,7 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
         from .deploy.report import check_report_dir
 
         check_report_dir(report_dir, force)
-    clock = _Clock(progress)
+    clock = _Clock()
     model = load_model(model_path)
     kind = model_kind(model, model_path)   # a graph that is not SAM: refused before any work
     model, plan, notes = _plan(model, config)
@@ -185,7 +186,10 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
     feeds = build_feeds(model, calib, encoder, embeddings, mask_refinement=config.calib_mask_input)
     held_feeds = build_feeds(model, held, encoder, embeddings, mask_refinement=False)   # one per held-out sample
     clock.lap("calibration data")
-    clock.log(f"calibrating ({config.method}, {config.bits}) on {len(feeds)} samples")
+    # from here on, where no terminal shows the bars: a line per stage (bad input has failed before, one line)
+    clock.log = stage_log(progress)
+    clock.log(f"model and calibration data ready ({clock.laps['load and plan'] + clock.laps['calibration data']:.1f} s); "
+              f"calibrating ({config.method}, {config.bits}) on {len(feeds)} samples")
     with tqdm(total=len(feeds), desc=f"calibrating ({config.method}, {config.bits})", unit="img",
               disable=not progress or None) as bar:
         stats: list = []
@@ -269,17 +273,17 @@ def _report(model_path: Path, output: Path, plan, notes: list[str]) -> QuantizeR
 
 
 class _Clock:
-    """Wall time by stage; with `progress` and no terminal on stderr, each stage's end is also logged there."""
+    """Wall time by stage; once `log` is set (progress.stage_log), each stage's end is also logged on stderr."""
 
-    def __init__(self, progress: bool = False):
+    def __init__(self):
         import time
 
-        from .progress import stage_log
+        from .progress import StageLog
 
         self._now = time.perf_counter
         self._t = self._now()
         self.laps: dict[str, float] = {}
-        self.log = stage_log(progress)
+        self.log = StageLog(False)
 
     def lap(self, name: str) -> None:
         t = self._now()

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "carsam_onnx"
 
 # Lowest first. A module may import modules of its own layer (without a cycle) or of a lower one.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "config", "qmath", "artifact", "modelio"),   # foundations
+    ("errors", "config", "qmath", "artifact", "modelio", "progress"),   # foundations
     ("data", "export", "samgraph"),                          # inputs, SAM -> ONNX, what SAM graph this is
     ("passes",),                                             # ONNX graph passes (numpy only)
     ("torchexec",),                                          # ONNX -> torch executor (engine)
