@@ -28,8 +28,8 @@ import numpy as np
 from carsam_onnx.data.coco import load_coco_dataset
 from carsam_onnx.deploy.engines import build_predictor
 from carsam_onnx.deploy.predictor import SamOnnxPredictor
-from carsam_onnx.eval.metrics import segm_metrics
-from carsam_onnx.eval.runner import evaluate, run_predictions, select_prompts
+from carsam_onnx.eval.noise import perturbed_maps
+from carsam_onnx.eval.runner import evaluate, select_prompts
 from carsam_onnx.runtime import get_runtime
 from carsam_onnx.runtime.ort_settings import host_isa_flags
 
@@ -46,20 +46,6 @@ def runtime(variant: str):
     from carsam_onnx.runtime.torch_runtime import TorchRuntime
 
     return TorchRuntime(**kw)
-
-
-def perturbed_map(model: Path, dataset, by_image: dict, ids: list[int], rt, draws: int, sigma: float) -> list[float]:
-    """segm mAP of draws 1..draws-1 (draw 0, unperturbed, is the evaluation itself)."""
-    engine = build_predictor(model, rt)
-    encode = engine.set_image
-    maps = []
-    for k in range(1, draws):
-        def perturbed(im, geo, rng=np.random.default_rng(k)):
-            return encode((im + rng.normal(0, sigma, im.shape)).astype(np.float32), geo)
-        engine.set_image = perturbed
-        preds, _ = run_predictions(SamOnnxPredictor.from_engine(engine), dataset, by_image, progress=False)
-        maps.append(segm_metrics(dataset, preds, ids)["segm_mAP"])
-    return maps
 
 
 def logits(model: Path, dataset, by_image: dict, rt) -> dict[int, np.ndarray]:
@@ -103,7 +89,7 @@ def main() -> None:
     a = ap.parse_args()
     warnings.simplefilter("ignore")
     dataset = load_coco_dataset(a.dataset)
-    by_image, ids, _ = select_prompts(dataset, "gt", a.limit)
+    by_image, _, _ = select_prompts(dataset, "gt", a.limit)
     some = {i: by_image[i] for i in sorted(by_image)[:a.logit_images]}
     ref_logits, ref_map = None, None
     for v in ["ort"] + [v for v in a.variants if v != "ort"]:
@@ -114,7 +100,7 @@ def main() -> None:
         lg = logits(a.model, dataset, some, rt)
         row = {"variant": v, "segm_mAP": round(r.segm_mAP, 3), "mIoU": round(r.mIoU, 5), "eval_s": round(secs, 1)}
         if a.draws > 1:
-            maps = [r.segm_mAP] + perturbed_map(a.model, dataset, by_image, ids, rt, a.draws, a.sigma)
+            maps = perturbed_maps(a.model, dataset, rt, a.draws, a.sigma, a.limit)   # draw 0: r's score again
             row.update(draws=[round(m, 3) for m in maps], draws_mean=round(float(np.mean(maps)), 3),
                        draws_std=round(float(np.std(maps, ddof=1)), 3))
         if ref_logits is None:

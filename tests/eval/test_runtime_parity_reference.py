@@ -74,29 +74,6 @@ def w4a4_mse_80(tmp_path_factory):
     return fp, val, model
 
 
-def _perturbed_maps(model, val, runtime, draws: int, sigma: float = 1e-4) -> list[float]:
-    """segm mAP of `draws` evaluations: the image as is, then with N(0, sigma) added to the normalised image
-    (far below one grey level; tools/bench_parity.py)."""
-    import numpy as np
-
-    from carsam_onnx.data.coco import load_coco_dataset
-    from carsam_onnx.deploy.engines import build_predictor
-    from carsam_onnx.eval.metrics import segm_metrics
-    from carsam_onnx.eval.runner import run_predictions, select_prompts
-
-    ds = load_coco_dataset(val)
-    by_image, ids, _ = select_prompts(ds, "gt", None)
-    engine = build_predictor(model, runtime)
-    encode, maps = engine.set_image, []
-    for k in range(draws):
-        rng = np.random.default_rng(k)
-        engine.set_image = (encode if k == 0 else
-                            lambda im, geo, rng=rng: encode((im + rng.normal(0, sigma, im.shape)).astype(np.float32), geo))
-        preds, _ = run_predictions(engine, ds, by_image, progress=False)
-        maps.append(segm_metrics(ds, preds, ids)["segm_mAP"])
-    return maps
-
-
 CUDA = pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -126,10 +103,11 @@ def test_torch_runtime_on_cuda_scores_as_ort_within_the_noise(w4a4_mse_80):
     standard errors of their difference (H200: ORT 73.72 +- 0.26, torch CUDA 74.04 +- 0.40 over 5 draws)."""
     import numpy as np
 
+    from carsam_onnx.data.coco import load_coco_dataset
     from carsam_onnx.data.preprocess import preprocess_image
     from carsam_onnx.deploy.engines import build_predictor
+    from carsam_onnx.eval.noise import perturbed_maps
     from carsam_onnx.runtime.torch_runtime import TorchRuntime
-    from carsam_onnx.data.coco import load_coco_dataset
 
     fp, val, model = w4a4_mse_80
     ds = load_coco_dataset(val)
@@ -139,8 +117,8 @@ def test_torch_runtime_on_cuda_scores_as_ort_within_the_noise(w4a4_mse_80):
         image, _ = preprocess_image(ds.read_image(ds.image_ids[0]), pred.image_size)
         emb.append(next(iter(pred.encoder.run({"image": image}).values())))
     assert np.linalg.norm(emb[1] - emb[0]) / np.linalg.norm(emb[0]) < 1e-5
-    ort_maps = _perturbed_maps(model, val, api_runtime("ort"), 5)
-    cuda_maps = _perturbed_maps(model, val, TorchRuntime("cuda"), 5)
+    ort_maps = perturbed_maps(model, ds, api_runtime("ort"), 5)
+    cuda_maps = perturbed_maps(model, ds, TorchRuntime("cuda"), 5)
     print(f"ORT {np.mean(ort_maps):.2f} +- {np.std(ort_maps, ddof=1):.2f}, "
           f"torch CUDA {np.mean(cuda_maps):.2f} +- {np.std(cuda_maps, ddof=1):.2f}")
     assert abs(np.mean(ort_maps) - np.mean(cuda_maps)) <= 0.6, (ort_maps, cuda_maps)

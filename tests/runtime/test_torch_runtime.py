@@ -137,3 +137,14 @@ def test_cuda_graph_replays_give_the_eager_values(ds):
     assert not predictor.decoder._graphs.refused and not predictor.encoder._graphs.refused
     assert [p.rle["counts"] for p in out[True]] == [p.rle["counts"] for p in out[False]]
     assert [p.score for p in out[True]] == [p.score for p in out[False]]
+
+
+def test_perturbed_draws_start_with_the_evaluation_itself(ds):
+    """eval.noise.perturbed_maps: draw 0 is the plain evaluation; with sigma 0 every draw scores the same."""
+    from carsam_onnx.eval.noise import perturbed_maps
+
+    model = tiny_sam_paths()["full"]
+    plain = evaluate(model, ds, runtime="ort", progress=False).segm_mAP
+    maps = perturbed_maps(model, ds, get_runtime("ort"), 3, sigma=0.0)
+    assert maps == [plain] * 3
+    assert perturbed_maps(model, ds, get_runtime("ort"), 2, sigma=0.5)[0] == plain
