@@ -129,32 +129,31 @@ class SamOnnxPredictor:
     def predict_low_res(self, boxes=None, points=None, labels=None) -> tuple[np.ndarray, np.ndarray]:
         """The decoder alone: (low-res logits [k, s, s], predicted IoU [k]) of the best mask of each of k prompts
         (see encode_prompts); `masks_at_original_size` turns the logits into `predict`'s masks."""
-        if self.geometry is None:
-            raise InputError("call set_image(image) before predict()")
-        coords, labs = encode_prompts(self.geometry, boxes, points, labels)
-        t0 = time.perf_counter()
-        low, scores = self.engine.predict(coords, labs)
-        self.timings["decoder_s"] = time.perf_counter() - t0
-        return low, scores
+        return self._decode(self.engine.predict, boxes, points, labels)
 
     def predict(self, boxes=None, points=None, labels=None, multimask: bool = False) -> PromptResult:
         """Masks for k prompts (see encode_prompts), at the original image size (logit > 0)."""
-        if not multimask:
-            low, scores = self.predict_low_res(boxes, points, labels)
-        else:
-            if self.geometry is None:
-                raise InputError("call set_image(image) before predict()")
-            coords, labs = encode_prompts(self.geometry, boxes, points, labels)
-            t0 = time.perf_counter()
-            outs = self.engine.run_prompts(coords, labs)
+        if multimask:
+            outs = self._decode(self.engine.run_prompts, boxes, points, labels)
             low = np.stack([np.asarray(o["low_res_masks"], np.float32).reshape(-1, *o["low_res_masks"].shape[-2:])
                             for o in outs])
             scores = np.stack([np.asarray(o["iou_predictions"], np.float32).reshape(-1) for o in outs])
-            self.timings["decoder_s"] = time.perf_counter() - t0
+        else:
+            low, scores = self.predict_low_res(boxes, points, labels)
         t0 = time.perf_counter()
         masks = masks_at_original_size(low, self.geometry)
         self.timings["post_s"] = time.perf_counter() - t0
         return PromptResult(masks, scores, low)
+
+    def _decode(self, run, boxes, points, labels):
+        """run(coords, labels) on the encoded prompts, timed as decoder_s."""
+        if self.geometry is None:
+            raise InputError("call set_image(image) before predict()")
+        coords, labs = encode_prompts(self.geometry, boxes, points, labels)
+        t0 = time.perf_counter()
+        out = run(coords, labs)
+        self.timings["decoder_s"] = time.perf_counter() - t0
+        return out
 
 
 def masks_at_original_size(low: np.ndarray, geometry: Geometry) -> np.ndarray:
