@@ -28,7 +28,7 @@ import numpy as np
 from carsam_onnx.data.coco import load_coco_dataset
 from carsam_onnx.deploy.engines import build_predictor
 from carsam_onnx.deploy.predictor import SamOnnxPredictor
-from carsam_onnx.eval.noise import perturbed_maps
+from carsam_onnx.eval.noise import image_part_error, perturbed_maps
 from carsam_onnx.eval.runner import evaluate, select_prompts
 from carsam_onnx.runtime import get_runtime
 from carsam_onnx.runtime.ort_settings import host_isa_flags
@@ -62,18 +62,6 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
     inter, union = (a & b).sum(1), (a | b).sum(1)
     return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
-
-
-def fp_embedding_error(fp: Path, dataset) -> float:
-    from carsam_onnx.data.preprocess import preprocess_image
-    from carsam_onnx.runtime.torch_runtime import TorchRuntime
-
-    outs = []
-    for dev in ("cpu", "cuda"):
-        pred = build_predictor(fp, TorchRuntime(dev))
-        image, _ = preprocess_image(dataset.read_image(dataset.image_ids[0]), pred.image_size)
-        outs.append(next(iter(pred.encoder.run({"image": image}).values())))
-    return float(np.linalg.norm(outs[1] - outs[0]) / np.linalg.norm(outs[0]))
 
 
 def main() -> None:
@@ -115,7 +103,8 @@ def main() -> None:
                        images_logits_equal=f"{sum(d < 1e-3 for d in diff)}/{len(diff)}")
         print(json.dumps(row), flush=True)
     if a.fp is not None:
-        print(json.dumps({"fp_image_part_rel_error_cuda_vs_cpu": fp_embedding_error(a.fp, dataset)}), flush=True)
+        err = image_part_error(a.fp, dataset.read_image(dataset.image_ids[0]))
+        print(json.dumps({"fp_image_part_rel_error_cuda_vs_cpu": err}), flush=True)
     print(json.dumps({"command": "python tools/bench_parity.py " + " ".join(sys.argv[1:])}))
 
 

@@ -32,3 +32,17 @@ def perturbed_maps(model, dataset: CocoDataset, runtime: Runtime, draws: int, si
         preds, _ = run_predictions(engine, dataset, by_image, progress=False)
         maps.append(segm_metrics(dataset, preds, ids)["segm_mAP"])
     return maps
+
+
+def image_part_error(model, image: np.ndarray, devices: tuple[str, str] = ("cpu", "cuda")) -> float:
+    """Relative L2 distance between the image part's output of `model` (an FP model: no codes to flip) on two
+    torch devices, for one uint8 image: about 1e-6 in IEEE float32, about 1e-3 where TF32 is on."""
+    from ..data.preprocess import preprocess_image
+    from ..runtime.torch_runtime import TorchRuntime
+
+    outs = []
+    for device in devices:
+        engine = build_predictor(model, TorchRuntime(device))
+        tensor, _ = preprocess_image(image, engine.image_size)
+        outs.append(next(iter(engine.encoder.run({"image": tensor}).values())))
+    return float(np.linalg.norm(outs[1] - outs[0]) / np.linalg.norm(outs[0]))

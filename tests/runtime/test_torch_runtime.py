@@ -148,3 +148,23 @@ def test_perturbed_draws_start_with_the_evaluation_itself(ds):
     maps = perturbed_maps(model, ds, get_runtime("ort"), 3, sigma=0.0)
     assert maps == [plain] * 3
     assert perturbed_maps(model, ds, get_runtime("ort"), 2, sigma=0.5)[0] == plain
+
+
+def test_image_part_error_is_zero_between_equal_runs_and_sees_a_change(ds, monkeypatch):
+    """eval.noise.image_part_error (the float32 check of the GPU parity test): 0 for the same device twice; a
+    rounding of the image part's output (TF32-like, 10 mantissa bits) shows as ~1e-4..1e-3."""
+    from carsam_onnx.eval.noise import image_part_error
+    from carsam_onnx.runtime.torch_runtime import TorchSession
+
+    model, image = tiny_sam_paths()["full"], ds.read_image(ds.image_ids[0])
+    assert image_part_error(model, image, ("cpu", "cpu")) == 0.0
+    run, calls = TorchSession.run, []
+
+    def coarse_second(self, feeds):   # the second session's outputs keep 10 mantissa bits
+        calls.append(1)
+        out = run(self, feeds)
+        if len(calls) == 2:
+            out = {k: (v.view(np.int32) & ~0x1FFF).view(np.float32) for k, v in out.items()}
+        return out
+    monkeypatch.setattr(TorchSession, "run", coarse_second)
+    assert 1e-5 < image_part_error(model, image, ("cpu", "cpu")) < 1e-2
