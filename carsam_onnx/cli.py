@@ -115,6 +115,9 @@ def _add_quantize(sub):
     r.add_argument("--recon-scale-lr-ref", type=float, default=_default(ReconConfig, "scale_lr_ref"),
                    help="learn each activation step size s0 at scale_lr * s0 / this (relative); default: one "
                         "absolute learning rate for all")
+    r.add_argument("--recon-tf32", action=argparse.BooleanOptionalAction, default=_default(ReconConfig, "tf32"),
+                   help="GPU: TF32 matmuls and convolutions while reconstructing units (faster; the float arithmetic "
+                        "of calibration rounds differently, the emitted model's is unchanged)")
     r.add_argument("--recon-guard", action=argparse.BooleanOptionalAction, default=_default(ReconConfig, "unit_guard"),
                    help="after each unit, keep the calibrator's rounding and step sizes where they reconstruct the "
                         "unit better than what was learned")
@@ -156,7 +159,7 @@ def _run_quantize(a) -> int:
                       calib_mask_input=a.calib_mask_input,
                       recon=ReconConfig(iters=a.recon_iters, batch_size=a.recon_batch, init_method=a.recon_init,
                                         drop_prob=a.recon_drop, cuda_graphs=a.recon_cuda_graphs,
-                                        unit_guard=a.recon_guard, scale_lr_ref=a.recon_scale_lr_ref,
+                                        unit_guard=a.recon_guard, tf32=a.recon_tf32, scale_lr_ref=a.recon_scale_lr_ref,
                                         round_lr=a.recon_round_lr, scale_lr=a.recon_scale_lr),
                       carsam=CarsamConfig(use_mac=a.mac, use_jcar=a.jcar, pairing=a.jcar_pairing,
                                           mac_rounding=a.mac_rounding),

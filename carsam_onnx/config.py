@@ -97,6 +97,8 @@ class ReconConfig:
     image_cut: bool = True            # full models: decoder units' captures start at the cached encoder output
     cuda_graphs: bool = True          # GPU: each unit's vmapped step is captured once as a CUDA graph and replayed
                                       # (calib/recon/graph_step.py); a unit that cannot be captured runs eagerly
+    tf32: bool = False                # GPU: TF32 matmuls and convolutions while units are reconstructed (their
+                                      # inputs' capture, the steps, the guard); the emitted model is unaffected
     unit_guard: bool = True           # after each unit: keep the calibrator's rounding and step sizes if they
                                       # reconstruct the unit better than what was learned (fully quantized, on ...
     guard_images: int = 8             # ... the first this many calibration images)

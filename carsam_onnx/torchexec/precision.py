@@ -16,9 +16,17 @@ import torch
 @contextmanager
 def ieee_fp32():
     """Turn TF32 off for cuDNN convolutions and CUDA matmuls inside the block; restore the settings after."""
+    with tf32(False):
+        yield
+
+
+@contextmanager
+def tf32(allowed: bool):
+    """TF32 for cuDNN convolutions and CUDA matmuls on (True) or off (False) inside the block; the settings come
+    back after."""
     saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = allowed
+    torch.backends.cuda.matmul.allow_tf32 = allowed
     try:
         yield
     finally:

@@ -28,6 +28,7 @@ from ...artifact import CalibrationArtifact
 from ...config import QuantConfig, ReconConfig
 from ...passes.sites import QuantPlan, WeightKind
 from ...torchexec import OnnxModule
+from ...torchexec.precision import tf32
 from .graph_step import batch_loss, image_loss
 from .quantizers import AdaRoundWeight, FixedWeight, LsqActivation, beta_at, cosine_lr
 from ...passes.units import Unit
@@ -508,7 +509,8 @@ def reconstruct(model: onnx.ModelProto, plan: QuantPlan, base: CalibrationArtifa
         for unit in units:
             if before_unit is not None:
                 before_unit(r, unit)
-            stats.append(r.reconstruct(unit, feeds, iters * max(1, len(unit.members)), progress, gen))
+            with tf32(rc.tf32 and r.device.type == "cuda"):
+                stats.append(r.reconstruct(unit, feeds, iters * max(1, len(unit.members)), progress, gen))
             if log is not None:
                 u = stats[-1]
                 log(f"unit {len(stats)}/{len(units)} {u.name}: {u.iters} steps in {u.seconds:.1f} s "
