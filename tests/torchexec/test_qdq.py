@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from carsam_onnx.torchexec.module import OnnxModule
 from carsam_onnx.qmath import ONNX_QRANGE, grid
-from carsam_onnx.torchexec.fakequant import fake_quant
+from carsam_onnx.torchexec.fakequant import fake_quant, lsq_drop
 
 RNG = np.random.default_rng(0)
 TYPES = {"int8": TensorProto.INT8, "uint8": TensorProto.UINT8, "int4": TensorProto.INT4, "uint4": TensorProto.UINT4}
@@ -158,3 +158,56 @@ def test_fake_quant_as_a_replacement_changes_the_output_like_an_emitted_qdq():
     np.testing.assert_allclose(got.detach().numpy(), want, rtol=0, atol=1e-5)
     plain = module(x=torch.from_numpy(x))["y"].detach().numpy()
     assert np.abs(plain - want).max() > 1e-3  # the replacement did something
+
+
+def _composed_lsq_drop(x, scale, keep, zp, lo, hi):
+    return torch.where(keep, x, fake_quant(x, scale, zp, lo, hi, lsq=True))
+
+
+@pytest.mark.parametrize("zp,lo,hi", [(0, -8, 7), (0, 0, 15), (8, 0, 15)])
+def test_lsq_drop_has_the_values_and_gradients_of_the_composed_ops(zp, lo, hi):
+    """The fused QDrop + LSQ quantizer of reconstruction: the same outputs bit for bit, the same gradients for
+    x and the scale (saturated and kept elements included), on its own and under vmap."""
+    x0 = torch.from_numpy(RNG.normal(scale=0.6, size=(3, 5, 7)).astype(np.float32))
+    keep = torch.from_numpy(RNG.random(size=x0.shape) < 0.5)
+    w = torch.from_numpy(RNG.normal(size=x0.shape).astype(np.float32))
+    results = {}
+    for batched in (False, True):   # under vmap LSQ's gradient factor counts one image's elements
+        for fn in (_composed_lsq_drop, lsq_drop):
+            x = x0.clone().requires_grad_(True)
+            s = torch.tensor(0.05, requires_grad=True)
+            if batched:
+                out = torch.func.vmap(fn, in_dims=(0, None, 0, None, None, None))(x, s, keep, zp, lo, hi)
+            else:
+                out = fn(x, s, keep, zp, lo, hi)
+            (out * w).sum().backward()
+            results.setdefault(batched, []).append((out.detach(), x.grad, s.grad))
+    for (ref, gx_ref, gs_ref), (out, gx, gs) in results.values():
+        assert (ref != x0).any() and (gx_ref == 0).any()   # some elements are quantized, some saturate
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        torch.testing.assert_close(gx, gx_ref, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(gs, gs_ref, rtol=1e-5, atol=1e-9)
+
+
+def test_lsq_drop_refuses_a_per_channel_scale():
+    with pytest.raises(ValueError, match="per-tensor"):
+        lsq_drop(torch.zeros(2, 3), torch.ones(3), torch.zeros(2, 3, dtype=torch.bool))
+
+
+def test_tf32_switch_sets_both_backends_and_restores_them():
+    """ReconConfig.tf32 (GPU reconstruction steps) and the torch runtime's IEEE float32 share this switch."""
+    from carsam_onnx.torchexec.precision import tf32
+
+    flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)  # noqa: E731
+    saved = flags()
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = False, True
+        with tf32(True):
+            assert flags() == (True, True)
+        assert flags() == (False, True)
+        with pytest.raises(RuntimeError), tf32(False):
+            assert flags() == (False, False)
+            raise RuntimeError
+        assert flags() == (False, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ...artifact import ActivationQuant, WeightQuant
-from ...torchexec.fakequant import fake_quant
+from ...torchexec.fakequant import fake_quant, lsq_drop
 
 ZETA, GAMMA = 1.1, -0.1     # AdaRound's rectified-sigmoid stretch (Nagel et al., 2020)
 MIN_SCALE = 1e-12           # the scale floor of passes/bits.py
@@ -112,10 +112,11 @@ class LsqActivation(nn.Module):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.learning:
             return fake_quant(x, self.scale.detach(), self.zero_point, self.aq.qmin, self.aq.qmax)
-        xq = fake_quant(x, self.scale.clamp_min(MIN_SCALE), self.zero_point, self.aq.qmin, self.aq.qmax, lsq=True)
+        scale = self.scale.clamp_min(MIN_SCALE)
         if self.drop_prob <= 0:
-            return xq
-        return torch.where(torch.rand_like(x) < self.drop_prob, x, xq)
+            return fake_quant(x, scale, self.zero_point, self.aq.qmin, self.aq.qmax, lsq=True)
+        keep = torch.rand_like(x) < self.drop_prob
+        return lsq_drop(x, scale, keep, self.zero_point, self.aq.qmin, self.aq.qmax)
 
     def activation_quant(self) -> ActivationQuant:
         s = float(np.float32(max(float(self.scale.detach()), MIN_SCALE)))
