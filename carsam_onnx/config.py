@@ -95,6 +95,8 @@ class ReconConfig:
     drop_prob: float = 0.5            # QDrop: probability that an element keeps its float value while learning
     cache_device_fraction: float = 0.5  # cached unit inputs stay on the GPU if they take <= this share of free memory
     image_cut: bool = True            # full models: decoder units' captures start at the cached encoder output
+    stream_cut: bool = True           # each capture resumes at the values where the previous one stopped, not at
+                                      # the image (calib/recon/frontier.py; the same captured values)
     cuda_graphs: bool = True          # GPU: each unit's vmapped step is captured once as a CUDA graph and replayed
                                       # (calib/recon/graph_step.py); a unit that cannot be captured runs eagerly
     tf32: bool = False                # GPU: TF32 matmuls and convolutions while units are reconstructed (their

@@ -29,6 +29,7 @@ from ...config import QuantConfig, ReconConfig
 from ...passes.sites import QuantPlan, WeightKind
 from ...torchexec import OnnxModule
 from ...torchexec.precision import tf32
+from .frontier import Frontier
 from .graph_step import batch_loss, image_loss
 from .quantizers import AdaRoundWeight, FixedWeight, LsqActivation, beta_at, cosine_lr
 from ...passes.units import Unit
@@ -129,6 +130,9 @@ class Reconstructor:
         self._vmap_ok: dict = {}
         self._cut = None
         self._cut_plan = self._plan_image_cut(model, units) if config.recon.image_cut else None
+        self._frontier = Frontier(aug, IMAGE_INPUT) if config.recon.stream_cut else None
+        self._unit_acts = {v for u in units for v in u.activations}
+        self._unit_weights = {w for u in units for w in u.weights}
 
     def hooks(self) -> dict:
         h: dict = {name: _Const(v, self.device) for name, v in self.float_weights.items() if name not in self.wq}
@@ -153,19 +157,33 @@ class Reconstructor:
         q_in, fp_in, fp_out = [], [], []
         hooks = self.hooks()
         cut = self._image_cut(unit, feeds)
+        front = self._frontier if cut is None else None
+        if front is not None and front.serves(names + targets):
+            cut = (front.cached[0], front.cached[1])   # resume where the last capture stopped
+        keep = front.values(names, self._unsettled()) if front is not None else None
+        more = keep or []
+        kept_q, kept_fp = [], []
         with torch.no_grad():
             for i, feed in enumerate(feeds):
                 t = to_torch(feed, self.config.device)
                 if cut is None:
-                    fp = self.module.run(t, outputs=names + targets)
-                    q = self.module.run(t, outputs=names, replace=hooks)
+                    fp = self.module.run(t, outputs=names + targets + more)
+                    q = self.module.run(t, outputs=names + more, replace=hooks)
                 else:
                     t = {k: v for k, v in t.items() if k != IMAGE_INPUT}
-                    fp = self.module.run(t, outputs=names + targets, start=self._dev(cut[1][i]))
-                    q = self.module.run(t, outputs=names, replace=hooks, start=self._dev(cut[0][i]))
+                    fp = self.module.run(t, outputs=names + targets + more, start=self._dev(cut[1][i]))
+                    q = self.module.run(t, outputs=names + more, replace=hooks, start=self._dev(cut[0][i]))
+                if keep:
+                    kept_q.append({v: q[v] for v in keep})
+                    kept_fp.append({v: fp[v] for v in keep})
                 q_in.append([q[n] for n in names])
                 fp_in.append([fp[n] for n in unit.inputs])
                 fp_out.append([fp[v] for v in targets])
+        if keep:
+            nbytes = sum(x.numel() * x.element_size() for d in kept_q + kept_fp for x in d.values())
+            at = self._cache_device(nbytes)
+            front.keep(names, [{k: v.to(at) for k, v in d.items()} for d in kept_q],
+                       [{k: v.to(at) for k, v in d.items()} for d in kept_fp])
         nbytes = sum(x.numel() * x.element_size() for lst in (q_in, fp_in, fp_out) for xs in lst for x in xs)
         where = self._cache_device(nbytes)
         if where != self.device:
@@ -173,6 +191,11 @@ class Reconstructor:
             fp_in = [[x.cpu() for x in xs] for xs in fp_in]
             fp_out = [[x.cpu() for x in xs] for xs in fp_out]
         return q_in, fp_in, fp_out, where
+
+    def _unsettled(self) -> set[str]:
+        """Quantization points and weights of units not finished yet: their quantizers may still change."""
+        acts = {self.qpoint[v] for v in self._unit_acts - self.done_acts if v in self.qpoint}
+        return acts | (self._unit_weights - self.done_weights)
 
     def _dev(self, d: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in d.items()}
@@ -456,6 +479,8 @@ class Reconstructor:
         done = sorted(set(corrected) & self.done_weights)
         if done:
             raise ValueError(f"{done[0]} belongs to a finished unit; its rounding is already learned")
+        if self._frontier is not None:
+            self._frontier.drop()   # values behind it may read the corrected weights
         for name, w in corrected.items():
             self.float_weights[name] = w
             q = self.wq.get(name)

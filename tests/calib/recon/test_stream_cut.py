@@ -1,0 +1,81 @@
+"""Captures that resume at the previous capture's frontier (ReconConfig.stream_cut): the same values as runs from
+the image, fewer nodes run, and a frontier only where no quantizer behind it can still change."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import onnx
+import pytest
+import torch
+from tiny_sam import tiny_sam_paths
+
+from carsam_onnx.calib.baseline import calibrate_baseline
+from carsam_onnx.calib.feeds import build_feeds
+from carsam_onnx.calib.recon import calibrate_recon
+from carsam_onnx.calib.recon.loop import Reconstructor
+from carsam_onnx.config import BitWidths, QuantConfig, ReconConfig
+from carsam_onnx.passes.plan import plan_quantization
+from carsam_onnx.passes.units import find_units
+from carsam_onnx.quantize import calibration_samples
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = onnx.load(str(tiny_sam_paths()["full"]))
+    cfg = QuantConfig(bits=BitWidths(4, 4), method="recon", num_calib=2, recon=ReconConfig(iters=2))
+    plan = plan_quantization(model, cfg)
+    with pytest.warns(UserWarning):
+        calib, _ = calibration_samples(cfg, 128, None, None)
+    return model, cfg, plan, build_feeds(model, calib)
+
+
+def _off(cfg):
+    return replace(cfg, recon=replace(cfg.recon, stream_cut=False))
+
+
+def test_resumed_captures_equal_captures_from_the_image(tiny):
+    model, cfg, plan, feeds = tiny
+    base = calibrate_baseline(model, plan, QuantConfig(bits=cfg.bits, method="minmax"), feeds)
+    units = find_units(model, plan)
+    on, off = Reconstructor(model, plan, base, cfg, units), Reconstructor(model, plan, base, _off(cfg), units)
+    resumed = 0
+    for u in units:
+        served = on._frontier.serves(list(u.inputs) + list(u.extra_inputs) + [v for v, _ in u.losses])
+        image_side = not u.role.startswith("decoder")
+        resumed += served and image_side
+        a, b = on.capture(u, feeds), off.capture(u, feeds)
+        for xa, xb in zip(a[:3], b[:3]):
+            for ya, yb in zip(xa, xb):
+                for za, zb in zip(ya, yb):
+                    assert torch.equal(za, zb), u.name
+        for r in (on, off):   # finish every unit the same way (one step) before the next capture
+            torch.manual_seed(0)
+            r.reconstruct(u, feeds, 1, False, torch.Generator().manual_seed(0))
+    image_units = [u for u in units if not u.role.startswith("decoder")]
+    assert resumed == len(image_units) - 1   # every image-side unit after the first resumes
+    assert off._frontier is None
+
+
+def test_no_frontier_behind_a_quantizer_that_can_still_change(tiny):
+    model, cfg, plan, feeds = tiny
+    base = calibrate_baseline(model, plan, QuantConfig(bits=cfg.bits, method="minmax"), feeds)
+    units = find_units(model, plan)
+    r = Reconstructor(model, plan, base, cfg, units)
+    second = units[1]
+    needed = list(second.inputs)
+    assert r._frontier.values(needed, r._unsettled()) is None      # units[0] is behind it, not finished
+    r.done_acts.update(units[0].activations)
+    r.done_weights.update(units[0].weights)
+    front = r._frontier.values(needed, r._unsettled())
+    assert front and set(needed) <= set(front)
+    assert r._frontier.values(list(units[0].inputs), r._unsettled()) is not None   # nothing learnable behind it
+
+
+def test_recon_writes_the_same_artifact_with_and_without_resumed_captures(tiny):
+    model, cfg, plan, feeds = tiny
+    a = calibrate_recon(model, plan, cfg, feeds)
+    b = calibrate_recon(model, plan, _off(cfg), feeds)
+    assert a.activations == b.activations
+    assert a.weights.keys() == b.weights.keys()
+    assert all((a.weights[k].values == b.weights[k].values).all() if a.weights[k].values is not None
+               else b.weights[k].values is None for k in a.weights)
