@@ -1,14 +1,16 @@
 """Where a reconstruction step spends its time, by unit role (issue 11's vit_b cost).
 
     python tools/profile_recon_units.py MODEL.onnx [--bits w4a4] [--num-calib 32] [--device cuda]
-        [--steps 60] [--roles encoder_global encoder_window ...] [--tf32] [--batch N] [--profile-steps 5]
+        [--steps 60] [--roles encoder_global encoder_window ...] [--tf32] [--batch N] [--profile-steps 5] [--captures]
 
 For the first unit of each role (encoder_window, encoder_global, encoder_mlp, decoder_t2i, ...; or of each
 role named in --roles) this reconstructs the unit alone, as
 `quantize --method recon` would (the calibrator's quantizers everywhere else), for --steps steps, and prints
 the steps per second of the whole unit (capture of its inputs, the steps, the unit guard: what the per-unit
 line of `quantize` reports) and of the steps alone. With --profile-steps K it then runs K eager steps under the
-torch profiler and prints the kernels that take the most device time. Nothing is written.
+torch profiler and prints the kernels that take the most device time. With --captures it instead times the
+captures of every unit's inputs, in graph order, resumed where the previous one stopped and from the image.
+Nothing is written.
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, help="calibration images per step (default: the device's schedule)")
     ap.add_argument("--profile-steps", type=int, default=0)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--captures", action="store_true",
+                    help="instead: time the captures of every unit in order, resumed (stream cut) and from the image")
     args = ap.parse_args(argv)
 
     import torch
@@ -64,6 +68,8 @@ def main(argv=None) -> int:
     del module
     print(f"{rc.init_method} initialisation {time.perf_counter() - t0:.1f} s", flush=True)
     units = find_units(model, plan)
+    if args.captures:
+        return time_captures(model, plan, base, config, units, feeds)
     first: dict[str, object] = {}
     for u in units:
         first.setdefault(u.role, u)
@@ -86,6 +92,27 @@ def main(argv=None) -> int:
         r.done_weights.difference_update(u.weights)
     if args.profile_steps:
         profile(r, chosen, feeds, args, config, gen)
+    return 0
+
+
+def time_captures(model, plan, base, config, units, feeds) -> int:
+    """Every unit's capture in graph order (each unit then counted as finished, without learning), with the
+    captures resumed at the previous frontier (the default) and run from the image."""
+    from carsam_onnx.calib.recon.loop import Reconstructor
+
+    for stream_cut in (True, False):
+        cfg = replace(config, recon=replace(config.recon, stream_cut=stream_cut))
+        r = Reconstructor(model, plan, base, cfg, units)
+        sync(config.device)
+        t = time.perf_counter()
+        for u in units:
+            r.capture(u, feeds)
+            r.done_acts.update(u.activations)
+            r.done_weights.update(u.weights)
+        sync(config.device)
+        print(f"captures of {len(units)} units x {len(feeds)} images, "
+              f"{'resumed at the frontier' if stream_cut else 'from the image'}: {time.perf_counter() - t:.1f} s",
+              flush=True)
     return 0
 
 

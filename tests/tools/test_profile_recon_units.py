@@ -18,3 +18,10 @@ def test_rates_per_role_and_a_profile_on_the_cpu(capsys):
     assert [r[0].split("[")[0] for r in rows] == ["encoder_mlp", "neck"]
     assert all(float(r[5]) > 0 for r in rows)             # steps per second of the steps alone
     assert "== encoder_mlp[0] (mlp): 1 eager steps" in out and "Self CPU time total" in out
+
+
+def test_capture_timing_resumed_and_from_the_image(capsys):
+    full = tiny_sam_paths()["full"]
+    assert profile_recon_units.main([str(full), "--device", "cpu", "--num-calib", "2", "--captures"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed at the frontier" in out and "from the image" in out
