@@ -41,3 +41,23 @@ def test_mse_search_on_cuda_matches_cpu():
     assert ranges["cuda"] == pytest.approx(ranges["cpu"], rel=1e-5)
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(weight_channel_absmax(w.cuda(), 0, "mse", 4).cpu(), weight_channel_absmax(w, 0, "mse", 4))
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (4, True), (8, False), (3, True)])
+def test_search_error_is_fake_quant_error_to_the_bit(bits, symmetric):
+    """The MSE search's in-place error computes fake_quant's arithmetic op for op: the same float, every time."""
+    from carsam_onnx.qmath import MIN_SCALE, grid
+    from carsam_onnx.torchexec.fakequant import fake_quant
+
+    x = torch.cat([torch.randn(50_000, generator=torch.Generator().manual_seed(0)) * 0.7, torch.tensor([6.0, -3.0])])
+    qmin, qmax = grid(bits, symmetric)
+    for f in torch.linspace(0.2, 1.0, 9).tolist():
+        lo, hi = f * float(x.min()), f * float(x.max())
+        if symmetric:
+            scale, zp = max(abs(lo), abs(hi), MIN_SCALE) / qmax, 0.0
+        else:
+            scale = max(hi - lo, MIN_SCALE) / qmax
+            zp = float(min(max(round(-lo / scale), qmin), qmax))
+        s = torch.tensor(scale, dtype=x.dtype)
+        want = float((fake_quant(x, s, zp, qmin, qmax) - x).pow(2).mean())
+        assert fake_quant_error(x, lo, hi, bits, symmetric) == want
