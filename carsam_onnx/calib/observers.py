@@ -12,7 +12,7 @@ import math
 import torch
 
 from ..qmath import MIN_SCALE, grid
-from ..torchexec.fakequant import fake_quant
+from ..torchexec.fakequant import fake_quant, fake_quant_values
 
 SAMPLE_PER_BATCH = 1 << 16
 SAMPLE_CAP = 1 << 21
@@ -99,15 +99,7 @@ def fake_quant_error(x: torch.Tensor, lo: float, hi: float, bits: int, symmetric
         scale = max(hi - lo, MIN_SCALE) / qmax
         zp = float(min(max(round(-lo / scale), qmin), qmax))
     s = torch.tensor(scale, dtype=x.dtype, device=x.device)
-    with torch.no_grad():   # fake_quant's arithmetic, op for op, in place: one buffer instead of ten
-        t = x / s
-        t.round_()
-        if zp != 0:
-            t.add_(zp)
-        t.clamp_(qmin, qmax)
-        if zp != 0:
-            t.sub_(zp)
-        return float(t.mul_(s).sub_(x).square_().mean())
+    return float(fake_quant_values(x, s, zp, qmin, qmax).sub_(x).square_().mean())   # in place: one buffer
 
 
 class MSEObserver(_SampledObserver):

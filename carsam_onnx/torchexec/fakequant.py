@@ -24,7 +24,7 @@ import torch
 from ..qmath import ONNX_QRANGE
 
 __all__ = ["ONNX_QRANGE", "round_ste", "grad_scale", "lsq_grad_factor", "broadcast_qparam", "quantize",
-           "dequantize", "fake_quant", "lsq_drop"]
+           "dequantize", "fake_quant", "fake_quant_values", "lsq_drop"]
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -93,6 +93,22 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | 
     return dequantize(quantize(x, s, z, qmin, qmax), s, z)
 
 
+def fake_quant_values(x: torch.Tensor, scale: torch.Tensor, zero_point: float = 0, qmin: int = -128,
+                      qmax: int = 127) -> torch.Tensor:
+    """fake_quant's values (the same operations, so the same floats) without gradients, computed in place in
+    one new buffer: for loops that fake-quantize large tensors many times (the MSE range search) and for
+    hand-written backward passes. `scale` must broadcast against x; `zero_point` a number."""
+    with torch.no_grad():
+        t = x / scale
+        t.round_()
+        if zero_point:
+            t.add_(zero_point)
+        t.clamp_(qmin, qmax)
+        if zero_point:
+            t.sub_(zero_point)
+        return t.mul_(scale)
+
+
 class _LsqDrop(torch.autograd.Function):
     """fake_quant(x, s, z, lsq=True) where `keep` is False, x where it is True (QDrop), with the gradients
     autograd derives for that composition, computed in a few passes over x instead of one per elementary op
@@ -101,13 +117,7 @@ class _LsqDrop(torch.autograd.Function):
 
     @staticmethod
     def forward(x, scale, keep, zero_point: float, qmin: int, qmax: int, g: float):
-        q = torch.round(x / scale)
-        if zero_point:
-            q = q + zero_point
-        q = torch.clamp(q, qmin, qmax)
-        if zero_point:
-            q = q - zero_point
-        return torch.where(keep, x, q * scale)
+        return torch.where(keep, x, fake_quant_values(x, scale, zero_point, qmin, qmax))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
