@@ -6,9 +6,13 @@ next to a .5 tie flips a code, which moves every later layer a little.)
 
 Gradients (the choice used everywhere in calibration):
 - rounding passes gradients unchanged (straight-through estimator);
-- clamping passes them only inside [qmin, qmax] (clipped STE): values that saturate get no gradient
-  with respect to x;
-- with respect to the scale, fake_quant's gradient is round(x/s) - x/s inside the range and
+- clamping passes them where the rounded code lies in [qmin, qmax], bounds included (clipped STE, `clamp_ste`):
+  values that saturate get no gradient with respect to x. The bounds are included explicitly, as in the
+  published QDrop / BRECQ code on the torch it was written for: torch.clamp's own gradient at its bounds is not
+  a fixed convention (1 up to torch 2.11, 0 in torch 2.14's scalar kernels, and on a CPU it has depended on
+  which kernel ran), and at 4 bits a bound is a large share of the codes (every attention probability below
+  half a step rounds to code 0);
+- with respect to the scale, fake_quant's gradient is round(x/s) - x/s where the code is in range and
   qmin - z or qmax - z outside: the LSQ gradient (Esser et al., 2020). `grad_scale` multiplies it by
   LSQ's g = 1/sqrt(numel * qmax) when asked.
 
@@ -23,7 +27,7 @@ import torch
 
 from ..qmath import ONNX_QRANGE
 
-__all__ = ["ONNX_QRANGE", "round_ste", "grad_scale", "lsq_grad_factor", "broadcast_qparam", "quantize",
+__all__ = ["ONNX_QRANGE", "round_ste", "clamp_ste", "grad_scale", "lsq_grad_factor", "broadcast_qparam", "quantize",
            "dequantize", "fake_quant", "fake_quant_values", "lsq_drop"]
 
 
@@ -31,6 +35,15 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     """round-half-to-even (like ONNX) with an identity gradient. Written with detach rather than an
     autograd.Function so that torch.func.vmap can batch it (the torch runtime vmaps prompts on GPUs)."""
     return x + (torch.round(x) - x).detach()
+
+
+def clamp_ste(q: torch.Tensor, qmin: float, qmax: float) -> torch.Tensor:
+    """torch.clamp(q, qmin, qmax) whose gradient is 1 where qmin <= q <= qmax (bounds included) and 0 outside,
+    whatever torch.clamp's convention at its bounds (module docstring). The same values bit for bit."""
+    c = torch.clamp(q, qmin, qmax)
+    if not torch.is_grad_enabled():   # (q.requires_grad reads False under vmap: not a test of need)
+        return c
+    return torch.where((q >= qmin) & (q <= qmax), q, c.detach())
 
 
 def grad_scale(t: torch.Tensor, g: float) -> torch.Tensor:
@@ -67,7 +80,7 @@ def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | fl
     q = round_ste(x / scale)
     if not isinstance(zero_point, (int, float)) or zero_point != 0:
         q = q + zero_point
-    return torch.clamp(q, qmin, qmax)
+    return clamp_ste(q, qmin, qmax)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float = 0) -> torch.Tensor:
@@ -132,9 +145,9 @@ class _LsqDrop(torch.autograd.Function):
         t = x / scale
         r = torch.round(t)
         qz = r + zero_point if zero_point else r
-        low, high = qz <= qmin, qz >= qmax   # torch.clamp passes no gradient at its bounds either
+        low, high = qz < qmin, qz > qmax   # codes on a bound are in range (clamp_ste)
         quantized = ~keep
-        # d out / d s: round(t) - t inside the range, the clamped code minus z on or outside its bounds (LSQ)
+        # d out / d s: round(t) - t where the code is in range, the bound minus z outside it (LSQ)
         ds = torch.where(low, float(qmin - zero_point), torch.where(high, float(qmax - zero_point), r - t))
         grad_s = (grad * ds).masked_fill_(keep, 0.0).sum() * g
         grad_x = grad.masked_fill(quantized & (low | high), 0.0)   # clipped STE; kept elements pass unchanged
