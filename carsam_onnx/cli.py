@@ -116,8 +116,8 @@ def _add_quantize(sub):
                    help="learn each activation step size s0 at scale_lr * s0 / this (relative); default: one "
                         "absolute learning rate for all")
     r.add_argument("--recon-tf32", action=argparse.BooleanOptionalAction, default=_default(ReconConfig, "tf32"),
-                   help="GPU: TF32 matmuls and convolutions while reconstructing units (faster; the float arithmetic "
-                        "of calibration rounds differently, the emitted model's is unchanged)")
+                   help="GPU: TF32 matmuls and convolutions while reconstructing units (default; "
+                        "--no-recon-tf32 for IEEE float32 steps, slower; the emitted model's arithmetic is the same)")
     r.add_argument("--recon-guard", action=argparse.BooleanOptionalAction, default=_default(ReconConfig, "unit_guard"),
                    help="after each unit, keep the calibrator's rounding and step sizes where they reconstruct the "
                         "unit better than what was learned")
