@@ -148,8 +148,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-deadline", type=float,
                     help="start no evaluation after this many seconds (default: --deadline)")
     ap.add_argument("--first-alone", action="store_true",
-                    help="quantize the first missing cell alone, on every core, before the others start: its "
-                         "wall time is the method's cost with nothing else on the machine")
+                    help="quantize the first missing cell alone, on every core, before the others start and "
+                         "before any evaluation: its wall time is the method's cost with nothing else on the machine")
     ap.add_argument("--out-md", default=str(ROOT / "docs" / "results.md"))
     ap.add_argument("--table-only", action="store_true")
     a = ap.parse_args(argv)
@@ -229,10 +229,13 @@ def main(argv=None) -> int:
             results[(k, vs)] = r
             log(f"{k} val{vs}: mAP {r['segm_mAP']:.2f} ({r['eval_s']:.0f} s)")
 
-    for m in list(pending_e):
-        if Path(m).is_file():
-            submit_evals(Path(m))
-    if not a.table_only and a.phase in ("all", "quantize"):
+    quantizing = not a.table_only and a.phase in ("all", "quantize")
+    ready = [Path(m) for m in list(pending_e) if Path(m).is_file()]
+    deferred = ready if a.first_alone and quantizing and todo_q else []   # the first cell runs truly alone
+    for m in ready:
+        if m not in deferred:
+            submit_evals(m)
+    if quantizing:
         running: list = []
         queue = list(todo_q)
         env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(q_threads),
@@ -257,6 +260,8 @@ def main(argv=None) -> int:
                 if p.poll() is not None:
                     running.remove(r)
                     alone = False
+                    while deferred:
+                        submit_evals(deferred.pop(0))
                     if p.returncode == 0:
                         tmp.rename(model)
                         t = round(time.perf_counter() - t0, 1)
@@ -265,6 +270,8 @@ def main(argv=None) -> int:
                         submit_evals(model)
                     else:
                         log(f"{key}: quantize FAILED (rc {p.returncode}; {work / 'models' / (key + '.log')})")
+    for m in deferred:   # the queue was cut by the deadline before the first cell started
+        submit_evals(m)
     if ex is not None:
         collect(block=True)
         ex.shutdown()
