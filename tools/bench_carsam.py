@@ -230,11 +230,10 @@ def main(argv=None) -> int:
             log(f"{k} val{vs}: mAP {r['segm_mAP']:.2f} ({r['eval_s']:.0f} s)")
 
     quantizing = not a.table_only and a.phase in ("all", "quantize")
-    ready = [Path(m) for m in list(pending_e) if Path(m).is_file()]
-    deferred = ready if a.first_alone and quantizing and todo_q else []   # the first cell runs truly alone
-    for m in ready:
-        if m not in deferred:
-            submit_evals(m)
+    deferred = [Path(m) for m in list(pending_e) if Path(m).is_file()]   # models that exist already (FP)
+    if not (a.first_alone and quantizing and todo_q):   # else they wait: the first cell runs truly alone
+        while deferred:
+            submit_evals(deferred.pop(0))
     if quantizing:
         running: list = []
         queue = list(todo_q)
