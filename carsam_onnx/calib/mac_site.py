@@ -45,6 +45,7 @@ from ..passes.sites import AttentionSite, QuantPlan, Role
 from . import mac
 from ..torchexec import OnnxModule
 from ..torchexec.fakequant import fake_quant
+from ..torchexec.precision import ieee_fp32
 
 DECODER_ROLES = (Role.DECODER_SELF, Role.DECODER_TOKEN_TO_IMAGE, Role.DECODER_IMAGE_TO_TOKEN,
                  Role.DECODER_FINAL_TOKEN_TO_IMAGE)
@@ -179,18 +180,19 @@ class QuantSim:
         self._wcache[name] = (key, t)
         return t
 
-    def hooks(self, float_weights: dict) -> dict:
+    def hooks(self, float_weights: dict, device: torch.device | str = "cpu") -> dict:
+        """Replace hooks for `module.run`: activation fake-quant and the weights, on `device`."""
         h = dict(self._act_hooks)
         for name in self.weight_sites:
-            h[name] = _const_hook(self._qweight(name, float_weights))
+            h[name] = _const_hook(self._qweight(name, float_weights).to(device))
         for name, value in float_weights.items():
             if name not in self.weight_sites:          # biases: float, corrected
-                h[name] = _const_hook(torch.from_numpy(np.asarray(value, dtype=np.float32)))
+                h[name] = _const_hook(torch.from_numpy(np.asarray(value, dtype=np.float32)).to(device))
         return h
 
 
 def _fake_quant_hook(scale: torch.Tensor, zero_point: float, qmin: int, qmax: int):
-    return lambda v: fake_quant(v, scale.to(v.dtype), zero_point, qmin, qmax)
+    return lambda v: fake_quant(v, scale.to(device=v.device, dtype=v.dtype), zero_point, qmin, qmax)
 
 
 def _const_hook(t: torch.Tensor):
@@ -317,20 +319,35 @@ class _Runner:
     """FP and simulated-quantized captures over a fixed list of feeds. The part of the graph that no
     correctable projection influences (a full model's image encoder and neck under the decoder scope; the
     prompt encoder) gives the same values at every step: it runs once per feed, and later runs start where it
-    meets the rest (OnnxModule.run's `start`)."""
+    meets the rest (OnnxModule.run's `start`).
 
-    def __init__(self, sim: QuantSim, feeds: list[dict], dirty: set[str], wanted: list[str]):
+    `device`: where those once-per-feed runs go. For a full model they are the expensive part of MAC (the
+    image encoder), so they run where calibration runs (IEEE float32, no TF32); the cut values come back to
+    the CPU, where every later capture and every solve runs."""
+
+    def __init__(self, sim: QuantSim, feeds: list[dict], dirty: set[str], wanted: list[str],
+                 device: torch.device | str = "cpu"):
         self.module, self.sim, self.feeds = sim.module, sim, [_to_torch(f) for f in feeds]
         module = sim.module
         cut = _fixed_cut(sim.model, dirty, wanted)
         self.fp_cut: list[dict] = []
         self.q_cut: list[dict] = []
         if cut:
-            hooks = sim.hooks({})
-            with torch.no_grad():
-                for f in self.feeds:
-                    self.fp_cut.append(dict(module.run(f, outputs=[], capture=cut)))
-                    self.q_cut.append(dict(module.run(f, outputs=[], capture=cut, replace=hooks)))
+            dev = torch.device(device)
+            moved = dev.type != "cpu"
+            hooks = sim.hooks({}, device=dev)
+            if moved:
+                module.to(dev)
+            try:
+                with torch.no_grad(), ieee_fp32():
+                    for f in self.feeds:
+                        f = {k: v.to(dev) for k, v in f.items()}
+                        self.fp_cut.append(_host(module.run(f, outputs=[], capture=cut)))
+                        self.q_cut.append(_host(module.run(f, outputs=[], capture=cut, replace=hooks)))
+            finally:
+                if moved:                      # back to the CPU; drop the plans and constants cached on `dev`
+                    module.to("cpu")
+                    module.invalidate()
 
     def capture(self, values: list[str], float_weights: dict | None) -> list[dict]:
         """Per feed {value: float64 tensor}; float_weights None: the FP model, else the quantized model
@@ -347,6 +364,10 @@ class _Runner:
                 got = self.module.run(f, outputs=[], capture=rest, replace=hooks, start=start) if rest else {}
                 out.append({k: v.detach().double() for k, v in {**have, **got}.items()})
         return out
+
+
+def _host(values: dict) -> dict:
+    return {k: v.cpu() for k, v in values.items()}
 
 
 def _fixed_cut(model: onnx.ModelProto, dirty: set[str], wanted: list[str]) -> list[str]:
@@ -524,10 +545,11 @@ def split_feeds(feeds: list[dict], check_fraction: float) -> tuple[list[dict], l
 
 def mac_sites(model: onnx.ModelProto, plan: QuantPlan, artifact: CalibrationArtifact, feeds: list[dict],
               config: MacConfig = MacConfig(), sites: Iterable[AttentionSite] | None = None,
-              progress=None) -> tuple[dict[str, np.ndarray], list[SiteRecord]]:
+              progress=None, *, device: torch.device | str = "cpu") -> tuple[dict[str, np.ndarray], list[SiteRecord]]:
     """MAC on every site of `plan` in config.scope (or `sites`), in graph order, each seeing the corrections of
     the sites before it. Returns all corrected float weights and biases (start: artifact.float_weights) and
-    one record per site. `progress`: anything with update(1), called once per site."""
+    one record per site. `progress`: anything with update(1), called once per site. `device`: where the part no
+    correction touches runs (_Runner); everything else runs on the CPU."""
     roles = scope_roles(config.scope)
     chosen = [s for s in (plan.attention if sites is None else sites) if s.role in roles]
     order = {s.qk_matmul: i for i, s in enumerate(plan.attention)}
@@ -543,7 +565,7 @@ def mac_sites(model: onnx.ModelProto, plan: QuantPlan, artifact: CalibrationArti
     dirty = {n for ps in projs.values() for p in ps.values() for n in (p.weight, p.bias) if n is not None}
     wanted = [v for s in chosen for v in _site_values(sim.site(s), projs[s.qk_matmul])]
     fit_feeds, check_feeds = split_feeds(list(feeds), config.check_fraction)
-    runners = (_Runner(sim, fit_feeds, dirty, wanted), _Runner(sim, check_feeds, dirty, wanted))
+    runners = (_Runner(sim, fit_feeds, dirty, wanted, device), _Runner(sim, check_feeds, dirty, wanted, device))
     all_check = [v for t in map(sim.site, chosen) for v in (t.q_value, t.k_value, t.probs_value, t.v_value)]
     fp_check = runners[1].capture(all_check, None)
     fw = dict(artifact.float_weights)
@@ -568,12 +590,13 @@ def mac_sites(model: onnx.ModelProto, plan: QuantPlan, artifact: CalibrationArti
 
 
 def apply_mac(model: onnx.ModelProto, plan: QuantPlan, artifact: CalibrationArtifact, feeds: list[dict],
-              config: MacConfig, progress=None) -> CalibrationArtifact:
+              config: MacConfig, progress=None, *, device: torch.device | str = "cpu") -> CalibrationArtifact:
     """MAC on `artifact` (a calibrator's: weight scales without fixed integer values): a copy whose
     float_weights hold the corrected projection weights and biases (emission writes them into the graph and
     quantizes them with the artifact's weight scales) and whose info records what was done. Deterministic on
-    CPU. `feeds`: calibration feeds of `model` (the split into fit and check images is MacConfig's)."""
-    fw, records = mac_sites(model, plan, artifact, feeds, config, progress=progress)
+    CPU. `feeds`: calibration feeds of `model` (the split into fit and check images is MacConfig's). `device`:
+    where the part no correction touches (a full model's image encoder) runs; see mac_sites."""
+    fw, records = mac_sites(model, plan, artifact, feeds, config, progress=progress, device=device)
     out = CalibrationArtifact(activations=dict(artifact.activations), weights=dict(artifact.weights),
                               float_weights=fw, info={**artifact.info, **mac_info(config, records, feeds)})
     out.check_names(model)

@@ -65,11 +65,11 @@ def _calibrate(model, plan, config, feeds, progress, *, show_units, stats, basel
     log(f"{config.recon.init_method} initialisation done")
     if baseline is not None:
         baseline.append(base)
-    deferred = DeferredMac(model, plan, feeds, config.mac) if mac and config.mac.when != "start" else None
+    deferred = DeferredMac(model, plan, feeds, config.mac, device=config.device) if mac and config.mac.when != "start" else None
     if mac and deferred is None:
         from ..mac_site import apply_mac
 
-        base = apply_mac(model, plan, base, feeds, config.mac)
+        base = apply_mac(model, plan, base, feeds, config.mac, device=config.device)
         log("MAC done")
     units = find_units(model, plan)
     if jcar is not None:
@@ -99,10 +99,10 @@ class DeferredMac:
     corrections fit the embeddings the decoder will get, not the calibrator's. Those weights' AdaRound starts
     from the corrected values."""
 
-    def __init__(self, model, plan, feeds, config):
+    def __init__(self, model, plan, feeds, config, device="cpu"):
         from ..mac_site import mac_weight_names
 
-        self.model, self.plan, self.feeds, self.config = model, plan, feeds, config
+        self.model, self.plan, self.feeds, self.config, self.device = model, plan, feeds, config, device
         self.names = mac_weight_names(model, plan, config)
         self.info: dict[str, str] = {}
         self.done = False
@@ -114,6 +114,6 @@ class DeferredMac:
 
         self.done = True
         art = reconstructor.artifact({}, finished_only=True)
-        fw, records = mac_sites(self.model, self.plan, art, self.feeds, self.config)
+        fw, records = mac_sites(self.model, self.plan, art, self.feeds, self.config, device=self.device)
         reconstructor.set_float_weights({k: v for k, v in fw.items() if k in self.names})
         self.info = mac_info(self.config, records, self.feeds)

@@ -1,0 +1,93 @@
+"""MAC's once-per-image runs of the part no correction touches (a full model's image encoder, calib/mac_site._Runner)
+go to the calibration device; captures after the cut and the solves stay on the CPU. On the CPU the result is the
+default's, bit for bit; on CUDA it matches the CPU's up to float rounding of the cut."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from carsam_onnx.config import MacConfig
+
+
+@pytest.fixture(scope="module")
+def tiny_full_w4a4():
+    """Tiny full SAM (encoder + decoder), W4A4 MSE calibrator artifact, 4 calibration images (3 fit, 1 check)."""
+    from tiny_sam import tiny_sam_paths
+
+    from carsam_onnx.calib.baseline import calibrate_baseline
+    from carsam_onnx.calib.feeds import build_feeds
+    from carsam_onnx.config import BitWidths, QuantConfig
+    from carsam_onnx.modelio import load_model
+    from carsam_onnx.passes.plan import plan_quantization
+    from carsam_onnx.quantize import calibration_samples
+
+    model = load_model(tiny_sam_paths()["full"])
+    cfg = QuantConfig(bits=BitWidths(4, 4), method="mse", num_calib=4, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        calib, _ = calibration_samples(cfg, 128, None, None)
+    plan = plan_quantization(model, cfg)
+    feeds = build_feeds(model, calib)
+    return model, plan, calibrate_baseline(model, plan, cfg, feeds), feeds
+
+
+@pytest.fixture(scope="module")
+def cpu_default(tiny_full_w4a4):
+    from carsam_onnx.calib.mac_site import apply_mac
+
+    model, plan, art, feeds = tiny_full_w4a4
+    return apply_mac(model, plan, art, feeds, MacConfig())
+
+
+def _runner(tiny_full_w4a4, device):
+    from carsam_onnx.calib.mac_site import DECODER_ROLES, QuantSim, _Runner, _site_values
+
+    model, plan, art, feeds = tiny_full_w4a4
+    sim = QuantSim(model, plan, art)
+    sites = [s for s in plan.attention if s.role in DECODER_ROLES]
+    projs = {s.qk_matmul: {k: sim.projection(model, n) for k, n in zip("qkv", (s.q_proj, s.k_proj, s.v_proj))}
+             for s in sites}
+    dirty = {n for ps in projs.values() for p in ps.values() for n in (p.weight, p.bias) if n}
+    wanted = [v for s in sites for v in _site_values(sim.site(s), projs[s.qk_matmul])]
+    return sim, _Runner(sim, feeds[:2], dirty, wanted, device=device)
+
+
+def test_mac_on_cpu_explicitly_is_the_default(tiny_full_w4a4, cpu_default):
+    from carsam_onnx.calib.mac_site import apply_mac
+
+    model, plan, art, feeds = tiny_full_w4a4
+    out = apply_mac(model, plan, art, feeds, MacConfig(), device="cpu")
+    fw, ref = out.float_weights, cpu_default.float_weights
+    assert ref and fw.keys() == ref.keys()
+    assert all(np.array_equal(fw[k], ref[k]) for k in ref)
+    assert out.info == cpu_default.info
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mac_cut_on_cuda_matches_the_cpu(tiny_full_w4a4, cpu_default):
+    from carsam_onnx.calib.mac_site import apply_mac
+
+    model, plan, art, feeds = tiny_full_w4a4
+    # the cut (the image encoder here) runs on the GPU; its values come back as CPU float32, the module too
+    _, ref = _runner(tiny_full_w4a4, "cpu")
+    sim, got = _runner(tiny_full_w4a4, "cuda")
+    assert got.fp_cut and got.fp_cut[0]
+    assert all(t.device.type == "cpu" for t in sim.module.state_dict().values())
+    # FP values to float rounding; quantized ones may land on a neighbouring 4-bit code where a value sits
+    # within rounding of a boundary, so they get a looser bound
+    for cuts_ref, cuts_got, rtol in ((ref.fp_cut, got.fp_cut, 1e-4), (ref.q_cut, got.q_cut, 1e-2)):
+        for a, b in zip(cuts_ref, cuts_got):
+            assert a.keys() == b.keys()
+            for k in a:
+                assert b[k].device.type == "cpu" and b[k].dtype == a[k].dtype, k
+                assert float((a[k].double() - b[k].double()).norm()) <= rtol * float(a[k].double().norm()) + 1e-6, k
+    # ... and the corrected weights match the CPU's
+    out = apply_mac(model, plan, art, feeds, MacConfig(), device="cuda")
+    fw, want = out.float_weights, cpu_default.float_weights
+    assert fw.keys() == want.keys()
+    for k in want:
+        a, b = np.asarray(want[k], np.float64), np.asarray(fw[k], np.float64)
+        assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(a), k
