@@ -95,6 +95,9 @@ def _add_quantize(sub):
     r.add_argument("--recon-iters", type=int, default=_default(ReconConfig, "iters"),
                    help=f"steps per unit (default: {_default(ReconConfig, 'cpu_iters')} on a CPU, "
                         f"{_default(ReconConfig, 'gpu_iters')} on a GPU)")
+    r.add_argument("--recon-decoder-factor", type=int, default=_default(ReconConfig, "decoder_factor"),
+                   help="mask-decoder units take this many times the steps of an encoder unit (default "
+                        f"{_default(ReconConfig, 'decoder_factor')})")
     r.add_argument("--recon-batch", type=int, default=_default(ReconConfig, "batch_size"),
                    help=f"calibration images per step (default: {_default(ReconConfig, 'cpu_batch_size')} on a CPU, "
                         f"{_default(ReconConfig, 'gpu_batch_size')} on a GPU, vmapped)")
@@ -157,7 +160,8 @@ def _run_quantize(a) -> int:
                       percentile=a.percentile, keep_float=keep, num_calib=a.num_calib, seed=a.seed,
                       device=a.device, require_attention=a.require_attention, int8_weights=a.int8_weights,
                       calib_mask_input=a.calib_mask_input,
-                      recon=ReconConfig(iters=a.recon_iters, batch_size=a.recon_batch, init_method=a.recon_init,
+                      recon=ReconConfig(iters=a.recon_iters, decoder_factor=a.recon_decoder_factor,
+                                        batch_size=a.recon_batch, init_method=a.recon_init,
                                         drop_prob=a.recon_drop, cuda_graphs=a.recon_cuda_graphs,
                                         unit_guard=a.recon_guard, tf32=a.recon_tf32, scale_lr_ref=a.recon_scale_lr_ref,
                                         round_lr=a.recon_round_lr, scale_lr=a.recon_scale_lr),

@@ -71,6 +71,9 @@ class ReconConfig:
     cpu_iters: int = 200              # CPU schedule: sized so that --method recon --bits w4a4 on the reference
                                       # model fits 15 min on 2 cores
     gpu_iters: int = 500              # GPU schedule: recon W4A4 on the reference model 170 s alone on an H200
+    decoder_factor: int = 1           # mask-decoder units take this many times the steps of an encoder unit (they
+                                      # are a few percent of a full model's reconstruction time); JCAR's joint units
+                                      # also multiply by their member count
     batch_size: int | None = None     # calibration images per step; None: cpu_batch_size / gpu_batch_size
     cpu_batch_size: int = 1           # published: 1 (vmapped batches were slower than a loop on 2 CPU cores)
     gpu_batch_size: int = 8           # one vmapped step over 8 images (SAM graphs are exported for batch 1)
@@ -113,7 +116,7 @@ class ReconConfig:
     def __post_init__(self):
         if self.init_method not in ("minmax", "percentile", "mse"):
             raise InputError(f"recon init method {self.init_method!r}: choose minmax, percentile or mse")
-        for name in ("cpu_iters", "gpu_iters", "cpu_batch_size", "gpu_batch_size", "guard_images"):
+        for name in ("cpu_iters", "gpu_iters", "cpu_batch_size", "gpu_batch_size", "guard_images", "decoder_factor"):
             if getattr(self, name) < 1:
                 raise InputError(f"recon {name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
         if self.iters is not None and self.iters < 1:
@@ -149,6 +152,12 @@ class ReconConfig:
 
     def iters_for(self, device: str) -> int:
         return self.for_device("iters", device)
+
+    def unit_iters(self, device: str, unit) -> int:
+        """Steps of one unit (passes/units.Unit): iters, times decoder_factor for a mask-decoder unit, times the
+        member count for a joint unit."""
+        return (self.iters_for(device) * max(1, len(unit.members))
+                * (self.decoder_factor if unit.in_decoder else 1))
 
     def batch_for(self, device: str) -> int:
         return self.for_device("batch_size", device)

@@ -58,7 +58,9 @@ class QuantizeReport:
         for u in self.recon_units:
             by_kind.setdefault(u.kind, []).append(u)
         rate = ", ".join(f"{k} {sum(u.iters for u in us) / sum(u.seconds for u in us):.1f}" for k, us in by_kind.items())
-        return [f"reconstruction: {len(self.recon_units)} units x {self.recon_units[0].iters} steps "
+        per = sorted({u.iters for u in self.recon_units})
+        per_unit = str(per[0]) if len(per) == 1 else f"{per[0]}-{per[-1]}"
+        return [f"reconstruction: {len(self.recon_units)} units x {per_unit} steps "
                 f"({sum(u.iters for u in self.recon_units)} in all) in {sum(u.seconds for u in self.recon_units):.0f} s; "
                 f"steps/s by unit kind (capture included): {rate}"] + self._guard_lines() + self._step_mode_lines()
 

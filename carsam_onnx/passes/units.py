@@ -47,6 +47,12 @@ class Unit:
         return self.role if self.block is None else f"{self.role}[{self.block}]"
 
     @property
+    def in_decoder(self) -> bool:
+        """A mask-decoder unit (decoder attention, MLP, final attention, JCAR's joint units): not the image
+        encoder's blocks, not the neck."""
+        return not (self.role.startswith("encoder") or self.role == "neck")
+
+    @property
     def losses(self) -> tuple[tuple[str, int], ...]:
         """(value, channel axis) pairs whose squared error against the FP model the unit minimises."""
         return self.targets or ((self.output, self.channel_axis),)

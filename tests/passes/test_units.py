@@ -88,3 +88,29 @@ def test_inspect_json_lists_units(capsys):
     info = json.loads(capsys.readouterr().out)
     assert Counter(u["role"] for u in info["units"]) == Counter(DECODER_UNITS)
     assert all(u["output"] and u["inputs"] for u in info["units"])
+
+
+def test_decoder_units_take_the_decoder_factor_of_steps():
+    """ReconConfig.decoder_factor multiplies the steps of mask-decoder units (joint ones too, on top of their
+    member count) and leaves the encoder's blocks and the neck at the base count."""
+    from carsam_onnx.config import ReconConfig
+    from carsam_onnx.passes.units import joint_units
+
+    units, model = _units(tiny_sam_paths()["full"])
+    decoder = [u for u in units if u.in_decoder]
+    assert Counter(u.role for u in decoder) == DECODER_UNITS
+    assert {u.role for u in units if not u.in_decoder} >= {"neck", "encoder_mlp"}
+    rc = ReconConfig(iters=10, decoder_factor=4)
+    assert {rc.unit_iters("cpu", u) for u in units if not u.in_decoder} == {10}
+    assert {rc.unit_iters("cpu", u) for u in decoder} == {40}
+    joint = [u for u in joint_units(model, units, "mlp") if u.members]
+    assert joint and all(u.in_decoder and rc.unit_iters("cpu", u) == 40 * len(u.members) for u in joint)
+    assert ReconConfig(iters=10).unit_iters("cpu", decoder[0]) == 10      # default factor 1
+
+
+def test_decoder_factor_below_one_is_refused():
+    from carsam_onnx.config import ReconConfig
+    from carsam_onnx.errors import InputError
+
+    with pytest.raises(InputError, match="decoder-factor"):
+        ReconConfig(decoder_factor=0)

@@ -535,7 +535,7 @@ def reconstruct(model: onnx.ModelProto, plan: QuantPlan, base: CalibrationArtifa
             if before_unit is not None:
                 before_unit(r, unit)
             with tf32(rc.tf32 and r.device.type == "cuda"):
-                stats.append(r.reconstruct(unit, feeds, iters * max(1, len(unit.members)), progress, gen))
+                stats.append(r.reconstruct(unit, feeds, rc.unit_iters(config.device, unit), progress, gen))
             if log is not None:
                 u = stats[-1]
                 log(f"unit {len(stats)}/{len(units)} {u.name}: {u.iters} steps in {u.seconds:.1f} s "
@@ -546,7 +546,8 @@ def reconstruct(model: onnx.ModelProto, plan: QuantPlan, base: CalibrationArtifa
                 outer.update(1)
         if outer is not None:
             outer.close()
-    info = {"method": "recon", "recon_iters": str(iters), "recon_units": str(len(units)),
+    info = {"method": "recon", "recon_iters": str(iters), "recon_decoder_factor": str(rc.decoder_factor),
+            "recon_units": str(len(units)),
             "recon_batch": str(rc.batch_for(config.device)),
             "recon_init": rc.init_method}
     return ReconResult(r.artifact(info), stats), r
