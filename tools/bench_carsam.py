@@ -146,7 +146,9 @@ def main(argv=None) -> int:
     ap.add_argument("--phase", choices=["all", "quantize", "eval"], default="all")
     ap.add_argument("--deadline", type=float, help="start no quantize process after this many seconds")
     ap.add_argument("--eval-deadline", type=float,
-                    help="start no evaluation after this many seconds (default: --deadline)")
+                    help="start no evaluation after this many seconds (default: none; --deadline is the quantize "
+                         "processes' alone: a run that only evaluates cached models, e.g. with --deadline 1, "
+                         "evaluates them all)")
     ap.add_argument("--first-alone", action="store_true",
                     help="quantize the first missing cell alone, on every core, before the others start and "
                          "before any evaluation: its wall time is the method's cost with nothing else on the machine")
@@ -163,8 +165,7 @@ def main(argv=None) -> int:
     def log(*x):
         print(f"[{time.perf_counter() - t_start:6.0f} s]", *x, file=sys.stderr, flush=True)
 
-    def late(deadline=None) -> bool:
-        deadline = a.deadline if deadline is None else deadline
+    def late(deadline) -> bool:
         return deadline is not None and time.perf_counter() - t_start > deadline
 
     q_threads, eval_threads = thread_budget(a.cores, a.jobs, a.eval_jobs, a.eval_threads)
@@ -241,7 +242,7 @@ def main(argv=None) -> int:
                "MKL_NUM_THREADS": str(q_threads)}
         alone = a.first_alone
         while queue or running:
-            while queue and len(running) < (1 if alone else a.jobs) and not late():
+            while queue and len(running) < (1 if alone else a.jobs) and not late(a.deadline):
                 key, cmd, model = queue.pop(0)
                 tmp = model.with_suffix(".part.onnx")
                 cmd = [x if x != str(model) else str(tmp) for x in cmd]
@@ -250,7 +251,7 @@ def main(argv=None) -> int:
                 running.append((key, subprocess.Popen(cmd, env=penv, stdout=open(work / "models" / f"{key}.log", "w"),
                                                       stderr=subprocess.STDOUT),
                                 time.perf_counter(), tmp, model))
-            if late():
+            if late(a.deadline):
                 queue.clear()
             time.sleep(1)
             collect(block=False)
