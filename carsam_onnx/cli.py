@@ -138,6 +138,10 @@ def _add_quantize(sub):
     c.add_argument("--jcar-pairing", choices=list(JCAR_PAIRINGS), default=_default(CarsamConfig, "pairing"),
                    help="what learns together per decoder layer: attn = the two cross-attentions, mlp = with the "
                         "MLP between them, layer = the whole layer")
+    c.add_argument("--jcar-fallback", action=argparse.BooleanOptionalAction,
+                   default=_default(CarsamConfig, "joint_fallback"),
+                   help="a joint unit that the unit guard rejects (learned worse than the calibrator) is followed by "
+                        "its members reconstructed one by one")
     dec = p.add_mutually_exclusive_group()
     dec.add_argument("--encoder", help="encoder ONNX to make calibration embeddings for a decoder-only model")
     dec.add_argument("--embeddings", help=".npz of image embeddings [K,256,H,W] for a decoder-only model")
@@ -166,7 +170,7 @@ def _run_quantize(a) -> int:
                                         unit_guard=a.recon_guard, tf32=a.recon_tf32, scale_lr_ref=a.recon_scale_lr_ref,
                                         round_lr=a.recon_round_lr, scale_lr=a.recon_scale_lr),
                       carsam=CarsamConfig(use_mac=a.mac, use_jcar=a.jcar, pairing=a.jcar_pairing,
-                                          mac_rounding=a.mac_rounding),
+                                          mac_rounding=a.mac_rounding, joint_fallback=a.jcar_fallback),
                       mac=MacConfig(when=a.mac_when))
     report = api.quantize(a.model, a.output, cfg, calib_images=a.calib_images, calib_prompts=a.calib_prompts,
                           encoder=a.encoder, embeddings=a.embeddings, save_calibration=a.save_calibration,

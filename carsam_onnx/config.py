@@ -186,6 +186,9 @@ class CarsamConfig:
                                       # (every q/k/v projection in MAC's scope keeps nearest rounding)
     pairing: str = "mlp"              # --jcar-pairing (JCAR_PAIRINGS); seed 2, decoder-only W4A4 segm mAP: mlp 78.60,
                                       # layer 78.47, attn 78.35 (one calibration seed; docs/results.md)
+    joint_fallback: bool = False      # --jcar-fallback: a joint unit whose learned values the unit guard rejects
+                                      # (worse than the calibrator's) is followed by its members reconstructed one
+                                      # by one, as recon would; off: the calibrator's values stay in all of them
 
     def __post_init__(self):
         if self.mac_rounding not in MAC_ROUNDING:

@@ -72,8 +72,12 @@ def _calibrate(model, plan, config, feeds, progress, *, show_units, stats, basel
         base = apply_mac(model, plan, base, feeds, config.mac, device=config.device)
         log("MAC done")
     units = find_units(model, plan)
+    fallback = None
     if jcar is not None:
+        by_name = {u.name: u for u in units}
         units = joint_units(model, units, jcar)
+        if config.carsam.joint_fallback:
+            fallback = {u.name: [by_name[m] for m in u.members] for u in units if u.members}
     if show_units is None:
         show_units = progress is not None and not getattr(progress, "disable", False)
     nearest = frozenset()
@@ -82,11 +86,12 @@ def _calibrate(model, plan, config, feeds, progress, *, show_units, stats, basel
 
         nearest = frozenset(mac_weight_names(model, plan, config.mac))
     result, _ = reconstruct(model, plan, base, config, feeds, units, progress=show_units, before_unit=deferred,
-                            nearest=nearest, log=log)
+                            nearest=nearest, log=log, fallback=fallback)
     if deferred is not None:
         result.artifact.info.update(deferred.info)
     if mac or jcar is not None:
-        result.artifact.info.update({"method": config.method, "carsam_mac": str(mac), "carsam_jcar": str(jcar)})
+        result.artifact.info.update({"method": config.method, "carsam_mac": str(mac), "carsam_jcar": str(jcar),
+                                     "carsam_jcar_fallback": str(fallback is not None)})
     if stats is not None:
         stats.extend(result.units)
     result.artifact.check_names(model)

@@ -101,9 +101,9 @@ class ReconResult:
 
 class Reconstructor:
     def __init__(self, model: onnx.ModelProto, plan: QuantPlan, base: CalibrationArtifact, config: QuantConfig,
-                 units: list[Unit], nearest: frozenset[str] = frozenset()):
+                 units: list[Unit], nearest: frozenset[str] = frozenset(), spare: tuple[Unit, ...] = ()):
         """`nearest`: weights kept at nearest rounding of their float values (no AdaRound) although a unit holds
-        them."""
+        them. `spare`: units that may run after `units`' own (a rejected joint unit's members, in graph order)."""
         self.config, self.rc, self.plan, self.units = config, config.recon, plan, units
         self.device = torch.device(config.device)
         aug, self.qpoint = insert_quant_points(model, plan)
@@ -129,7 +129,7 @@ class Reconstructor:
         self.done_weights: set[str] = set()
         self._vmap_ok: dict = {}
         self._cut = None
-        self._cut_plan = self._plan_image_cut(model, units) if config.recon.image_cut else None
+        self._cut_plan = self._plan_image_cut(model, list(units) + list(spare)) if config.recon.image_cut else None
         self._frontier = Frontier(aug, IMAGE_INPUT) if config.recon.stream_cut else None
         self._unit_acts = {v for u in units for v in u.activations}
         self._unit_weights = {w for u in units for w in u.weights}
@@ -462,6 +462,19 @@ class Reconstructor:
         load(learned)
         return "learned", (loss_learned, loss_init)
 
+    def finished(self) -> tuple[frozenset[str], frozenset[str]]:
+        """(activations, weights) of the finished units, for `reopen`."""
+        return frozenset(self.done_acts), frozenset(self.done_weights)
+
+    def reopen(self, unit: Unit, before: tuple[frozenset[str], frozenset[str]]) -> None:
+        """Let other units learn the quantizers that `unit` learned (not those finished before it, given by
+        `finished()` taken before it ran). For a joint unit the guard rejected: the calibrator's values are back
+        in them, and its members run next, one by one. The frontier is dropped (its values lie beyond them)."""
+        self.done_acts -= set(unit.activations) - before[0]
+        self.done_weights -= set(unit.weights) - before[1]
+        if self._frontier is not None:
+            self._frontier.drop()
+
     def artifact(self, info: dict, finished_only: bool = False) -> CalibrationArtifact:
         """The calibration result: learned step sizes and integer weights (`finished_only`: the integers of the
         finished units only; the others keep the calibrator's scales without fixed values)."""
@@ -513,34 +526,49 @@ def batch_order(names: list[str], n_inputs: int, q_in: list[list]) -> tuple[list
     return [names[j] for j in order], n_batch, [[xs[j] for j in order] for xs in q_in]
 
 
+def _log_unit(log, u: "UnitStats", where: str) -> None:
+    if log is not None:
+        log(f"unit {where} {u.name}: {u.iters} steps in {u.seconds:.1f} s ({u.steps_per_second:.1f}/s, "
+            f"{u.step_mode}), loss {u.loss_start:.4g} -> {u.loss_end:.4g}"
+            + (", calibrator kept (unit guard)" if u.kept == "init" else ""))
+
+
 def reconstruct(model: onnx.ModelProto, plan: QuantPlan, base: CalibrationArtifact, config: QuantConfig,
                 feeds: list[dict], units: list[Unit], progress: bool = True,
-                before_unit=None, nearest: frozenset[str] = frozenset(), log=None) -> tuple[ReconResult, "Reconstructor"]:
+                before_unit=None, nearest: frozenset[str] = frozenset(), log=None,
+                fallback: dict[str, list[Unit]] | None = None) -> tuple[ReconResult, "Reconstructor"]:
     """Every unit in order. `before_unit(reconstructor, unit)`, if given, runs before each unit (deferred MAC);
-    `nearest`: weights that keep nearest rounding (Reconstructor); `log(message)`: a line per unit."""
+    `nearest`: weights that keep nearest rounding (Reconstructor); `log(message)`: a line per unit.
+    `fallback`: joint unit name -> its members; a joint unit whose learned values the unit guard rejects is
+    followed by its members reconstructed one by one (their stats follow its own)."""
     rc: ReconConfig = config.recon
     iters = rc.iters_for(config.device)
     gen = torch.Generator().manual_seed(config.seed)
     devices = [torch.device(config.device)] if torch.device(config.device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
-        r = Reconstructor(model, plan, base, config, units, nearest)
+        fallback = fallback or {}
+        spare = tuple(m for u in units for m in fallback.get(u.name, ()))
+        r = Reconstructor(model, plan, base, config, units, nearest, spare)
         stats = []
         outer = None
         if progress:
             from tqdm import tqdm
 
             outer = tqdm(total=len(units), desc="reconstruction units", unit="unit")
-        for unit in units:
+        for k, unit in enumerate(units, 1):
             if before_unit is not None:
                 before_unit(r, unit)
+            before = r.finished()
             with tf32(rc.tf32 and r.device.type == "cuda"):
                 stats.append(r.reconstruct(unit, feeds, rc.unit_iters(config.device, unit), progress, gen))
-            if log is not None:
-                u = stats[-1]
-                log(f"unit {len(stats)}/{len(units)} {u.name}: {u.iters} steps in {u.seconds:.1f} s "
-                    f"({u.steps_per_second:.1f}/s, {u.step_mode}), loss {u.loss_start:.4g} -> {u.loss_end:.4g}"
-                    + (", calibrator kept (unit guard)" if u.kept == "init" else ""))
+            _log_unit(log, stats[-1], f"{k}/{len(units)}")
+            if stats[-1].kept == "init" and unit.name in fallback:
+                r.reopen(unit, before)
+                for m in fallback[unit.name]:
+                    with tf32(rc.tf32 and r.device.type == "cuda"):
+                        stats.append(r.reconstruct(m, feeds, rc.unit_iters(config.device, m), progress, gen))
+                    _log_unit(log, stats[-1], f"{k}/{len(units)}, member of {unit.name}")
             if outer is not None:
                 outer.set_postfix(unit=unit.name, loss=f"{stats[-1].loss_end:.4g}")
                 outer.update(1)

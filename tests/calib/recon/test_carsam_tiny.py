@@ -61,7 +61,8 @@ def test_carsam_runs_mac_and_joint_units_and_is_deterministic(tiny, carsam_by_ha
     assert art.float_weights, "MAC corrected no projection"
     assert art.info["method"] == "carsam" and art.info["carsam_jcar"] == "mlp"
     again = carsam_by_hand[0].artifact
-    again = replace(again, info={**again.info, "method": "carsam", "carsam_mac": "True", "carsam_jcar": "mlp"})
+    again = replace(again, info={**again.info, "method": "carsam", "carsam_mac": "True", "carsam_jcar": "mlp",
+                                      "carsam_jcar_fallback": "False"})
     assert _bytes(model, plan, cfg, art) == _bytes(model, plan, cfg, again)
 
 
@@ -125,3 +126,50 @@ def test_mac_rounding_nearest_keeps_the_corrected_projections_at_nearest_roundin
     assert any(w.values is not None for n, w in art.weights.items() if n not in names)
     with pytest.raises(InputError, match="mac-rounding"):
         CarsamConfig(mac_rounding="round")
+
+
+def _rig_guard_against_joint_units(monkeypatch):
+    """The unit guard scores a unit's learned values first, then the calibrator's: make every joint unit's
+    learned values lose, as the CPU schedule's first joint unit did on every calibration seed."""
+    from carsam_onnx.calib.recon import loop
+
+    real, calls = loop.Reconstructor._final_loss, {}
+
+    def rigged(self, unit, *args):
+        if unit.kind == "joint":
+            calls[unit.name] = calls.get(unit.name, 0) + 1
+            if calls[unit.name] == 1:
+                return float("inf")
+        return real(self, unit, *args)
+    monkeypatch.setattr(loop.Reconstructor, "_final_loss", rigged)
+
+
+def test_a_rejected_joint_unit_is_followed_by_its_members_one_by_one(tiny, monkeypatch):
+    """--jcar-fallback: after the guard rejects a joint unit its members run one by one and learn, while what
+    was finished before it stays as it was; without the fallback the members never run."""
+    model, cfg, plan, feeds, _ = tiny
+    cfg, feeds = replace(cfg, num_calib=2), feeds[:2]
+    _rig_guard_against_joint_units(monkeypatch)
+    units = joint_units(model, find_units(model, plan), "mlp")
+    joint = next(u for u in units if u.members)
+    earlier = {v for u in units[:units.index(joint)] for v in u.activations}
+    runs = {}
+    for fallback in (True, False):
+        stats: list = []
+        art = calibrate_carsam(model, plan, replace(cfg, carsam=CarsamConfig(use_mac=False, joint_fallback=fallback)),
+                               feeds, stats=stats)
+        runs[fallback] = (art, stats)
+    art, stats = runs[True]
+    names = [s.name for s in stats]
+    j = names.index(joint.name)
+    assert stats[j].kept == "init"
+    assert tuple(names[j + 1:j + 1 + len(joint.members)]) == joint.members
+    assert all(len(s.curve) == cfg.recon.iters for s in stats[j + 1:j + 1 + len(joint.members)])
+    assert art.info["carsam_jcar_fallback"] == "True"
+    off_art, off_stats = runs[False]
+    assert not set(joint.members) & {s.name for s in off_stats}
+    # the fallback reopened only the joint unit's own quantizers: those finished before it are untouched ...
+    assert earlier and all(art.activations[v] == off_art.activations[v] for v in earlier if v in art.activations)
+    # ... and the members learned theirs: some step size moved away from where the rejected joint unit left it
+    mine = [v for v in joint.activations if v not in earlier and v in art.activations]
+    assert any(art.activations[v].scale != off_art.activations[v].scale for v in mine)
