@@ -8,8 +8,8 @@ from dataclasses import fields
 
 from . import api
 from .calib.registry import method_names, methods_help
-from .config import (INT8_WEIGHT_FORMATS, JCAR_PAIRINGS, MAC_ROUNDING, MAC_WHEN, BitWidths, CarsamConfig, EvalConfig,
-                     ExportConfig, MacConfig, QuantConfig, ReconConfig)
+from .config import (INT8_WEIGHT_FORMATS, JCAR_PAIRINGS, MAC_ROUNDING, MAC_SCOPES, MAC_WHEN, BitWidths, CarsamConfig,
+                     EvalConfig, ExportConfig, MacConfig, QuantConfig, ReconConfig)
 from .errors import CarsamError
 from .runtime import RUNTIMES
 
@@ -127,6 +127,9 @@ def _add_quantize(sub):
     c = p.add_argument_group("CAR-SAM (--method carsam)")
     c.add_argument("--mac", action=argparse.BooleanOptionalAction, default=_default(CarsamConfig, "use_mac"),
                    help="MatMul-aware compensation of the decoder attention projections before reconstruction")
+    c.add_argument("--mac-scope", choices=list(MAC_SCOPES), default=_default(MacConfig, "scope"),
+                   help="decoder: the two-way decoder's attention sites (the paper's scope); all: the image "
+                        "encoder's attention sites too")
     c.add_argument("--mac-when", choices=list(MAC_WHEN), default=_default(MacConfig, "when"),
                    help="start: MAC on the calibrator's model, before reconstruction; decoder: just before the first "
                         "decoder unit, on the model with the encoder's units reconstructed")
@@ -155,6 +158,9 @@ def _add_quantize(sub):
     _add_provider(p, "for the held-out SQNR check")
     p.add_argument("--report", metavar="DIR", help="write report.md and PNGs (per-layer SQNR, FP vs quantized "
                                                    "mask overlays) into DIR")
+    p.add_argument("--report-compare", metavar="PATH",
+                   help="an earlier report (its folder or recon_units.json) whose reconstruction loss curves the "
+                        "report draws beside this run's, e.g. recon (unit by unit) against carsam (JCAR)")
     p.set_defaults(run=_run_quantize)
 
 
@@ -171,10 +177,11 @@ def _run_quantize(a) -> int:
                                         round_lr=a.recon_round_lr, scale_lr=a.recon_scale_lr),
                       carsam=CarsamConfig(use_mac=a.mac, use_jcar=a.jcar, pairing=a.jcar_pairing,
                                           mac_rounding=a.mac_rounding, joint_fallback=a.jcar_fallback),
-                      mac=MacConfig(when=a.mac_when))
+                      mac=MacConfig(when=a.mac_when, scope=a.mac_scope))
     report = api.quantize(a.model, a.output, cfg, calib_images=a.calib_images, calib_prompts=a.calib_prompts,
                           encoder=a.encoder, embeddings=a.embeddings, save_calibration=a.save_calibration,
-                          force=a.force, progress=not a.quiet, provider=a.provider, report_dir=a.report)
+                          force=a.force, progress=not a.quiet, provider=a.provider, report_dir=a.report,
+                          report_compare=a.report_compare)
     if not a.quiet:
         print("\n".join(report.lines()))
     return 0

@@ -18,7 +18,7 @@ from .artifact import CalibrationArtifact, load_artifact, save_artifact
 from .config import QuantConfig
 from .data.builtin import HELDOUT_SEED, builtin_calibration_set
 from .data.prompts import load_calibration_set
-from .errors import ArtifactError
+from .errors import ArtifactError, InputError
 from .modelio import check_writable, file_sha256, load_model, save_model
 from .qmath import sqnr_db
 
@@ -154,9 +154,12 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
              calib_images: str | Path | None = None, calib_prompts: str | Path | None = None,
              encoder: str | Path | None = None, embeddings: str | Path | None = None,
              save_calibration: str | Path | None = None, force: bool = False, progress: bool = True,
-             provider: str | None = None, report_dir: str | Path | None = None) -> QuantizeReport:
+             provider: str | None = None, report_dir: str | Path | None = None,
+             report_compare: str | Path | None = None) -> QuantizeReport:
     """Calibrate `model_path` and write the Q/DQ model to `output` (and the artifact to `save_calibration`);
-    `provider`: ONNX Runtime provider of the held-out check; `report_dir`: also write deploy/report.py's report."""
+    `provider`: ONNX Runtime provider of the held-out check; `report_dir`: also write deploy/report.py's report;
+    `report_compare`: an earlier report (its folder or recon_units.json) whose reconstruction loss curves the
+    report draws beside this run's (e.g. unit by unit against JCAR)."""
     from tqdm import tqdm
 
     from .calib.feeds import build_feeds, image_size, model_kind
@@ -173,6 +176,7 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
         from .runtime.providers import ort_providers
 
         ort_providers(provider)
+    compare = _report_compare(report_compare, report_dir)   # read now: a bad file fails before any work
     if report_dir is not None:
         from .deploy.report import check_report_dir
 
@@ -226,18 +230,44 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
 
         write_quant_report(report_dir, model_path, output, model, qmodel, plan, artifact, held_feeds, report,
                            held_samples=held, provider=provider, progress=progress,
-                           extra=_report_extra(stats, baseline))
+                           extra=_report_extra(stats, baseline, compare, run_label(config)))
         clock.lap("report")
     report.seconds = clock.laps
     return report
 
 
-def _report_extra(stats: list, baseline: list) -> dict | None:
-    """ReportContext.extra of a method run: its reconstruction units, and the calibrator artifact it started
-    from as the report's baseline (attention dissipation: FP / calibrator only / this run)."""
+def run_label(config: QuantConfig) -> str:
+    """How a report names this run's reconstruction (its loss curves' legend)."""
+    if config.method != "carsam":
+        return config.method
+    c = config.carsam
+    return (f"carsam ({'MAC' if c.use_mac else 'no MAC'}, "
+            + (f"JCAR {c.pairing}" if c.use_jcar else "unit by unit") + ")")
+
+
+def _report_compare(path, report_dir) -> tuple[str, list] | None:
+    if path is None:
+        return None
+    if report_dir is None:
+        raise InputError("--report-compare needs --report DIR (it adds a second run's loss curves to the report)")
+    from .deploy.report_recon import load_units
+
+    return load_units(path)
+
+
+def _report_extra(stats: list, baseline: list, compare: tuple[str, list] | None = None,
+                  label: str = "this run") -> dict | None:
+    """ReportContext.extra of a method run: its reconstruction units (and an earlier run's, to compare), and
+    the calibrator artifact it started from as the report's baseline (attention dissipation: FP / calibrator
+    only / this run)."""
     extra: dict = {}
     if stats:
         extra["recon_units"] = stats
+        extra["recon_labels"] = (label,)
+    if compare is not None:
+        other, units = compare
+        extra["recon_compare"] = units
+        extra["recon_labels"] = (label, other if other != label else f"{other} (compare)")
     if baseline:
         extra["baseline"] = baseline[0]
         extra["baseline_label"] = "calibrator only"

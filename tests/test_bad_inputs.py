@@ -149,6 +149,11 @@ CASES: list[Case] = [
     C("quantize-output-is-folder", Q + " {in}/full.onnx -o {out}/dir", "is a directory", pre={"dir": None}),
     C("quantize-output-under-file", Q + " {in}/full.onnx -o {out}/afile/q.onnx", "is a file", pre={"afile": b"x"}),
     C("quantize-output-not-writable", QF, "not writable", user=NOBODY, readonly_out=True),
+    C("quantize-report-compare-without-report", QF + " --report-compare {in}/notes.txt", "--report-compare needs --report"),
+    C("quantize-report-compare-missing", QF + " --report {out}/rep --report-compare {in}/nowhere",
+      "no recon_units.json", "nowhere"),
+    C("quantize-report-compare-not-units", QF + " --report {out}/rep --report-compare {in}/notes.txt",
+      "not a recon_units.json", "notes.txt"),
     # ---- eval: models ----------------------------------------------------------------------------------------
     C("eval-truncated-onnx", "eval {in}/truncated.onnx --dataset {in}/ds", "truncated.onnx"),
     C("eval-not-onnx", "eval {in}/image.onnx --dataset {in}/ds", "image.onnx"),

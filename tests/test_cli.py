@@ -109,3 +109,24 @@ def test_inspect_rejects_non_onnx(capsys, tmp_path):
     trunc.write_bytes(path.read_bytes()[: 100_000])
     code, _, err = run(capsys, "inspect", str(trunc))
     assert_one_line_error(code, err, "t.onnx")
+
+
+def test_quantize_method_flags_reach_the_config(capsys, monkeypatch):
+    """The CAR-SAM options of the CLI land in QuantConfig and quantize's keywords (MAC's scope and timing, the
+    report's comparison run), and their defaults are config.py's."""
+    from carsam_onnx import cli
+    from carsam_onnx.config import MacConfig
+
+    seen = []
+
+    class Done:
+        def lines(self):
+            return []
+
+    monkeypatch.setattr(cli.api, "quantize", lambda model, out, cfg, **kw: seen.append((cfg, kw)) or Done())
+    assert main(["-q", "quantize", "m.onnx", "-o", "q.onnx", "--method", "carsam", "--mac-scope", "all",
+                 "--mac-when", "decoder", "--report", "rep", "--report-compare", "earlier"]) == 0
+    assert main(["-q", "quantize", "m.onnx", "-o", "q.onnx", "--method", "carsam"]) == 0
+    (cfg, kw), (plain, plain_kw) = seen
+    assert (cfg.mac.scope, cfg.mac.when, kw["report_dir"], kw["report_compare"]) == ("all", "decoder", "rep", "earlier")
+    assert plain.mac == MacConfig() and plain_kw["report_compare"] is None

@@ -4,7 +4,9 @@
 - attention dissipation: per attention site, the mean normalised entropy of the attention probabilities and
   their mean top-k mass, for the FP model, the baseline (ctx.extra["baseline"], a CalibrationArtifact, when
   given) and this run; a quantized Q.K^T makes the softmax diffuse (entropy up, top-k mass down);
-- Q.K^T relative error per site before and after MAC (only when the artifact holds float_weights);
+- Q.K^T relative error per site before and after MAC (only when the artifact holds float_weights): measured on
+  the held-out inputs for a MAC-only artifact, and MAC's own record on its check images (artifact info) after
+  reconstruction, which re-learns the corrected weights' rounding;
 - attention maps: the final token->image attention of the first held-out prompt over its image, FP /
   baseline / this run side by side.
 
@@ -270,6 +272,35 @@ def attention_dissipation_section(ctx: ReportContext) -> Section | None:
     return Section("Attention dissipation per site", md, [png])
 
 
+def parse_mac_record(text: str) -> dict[str, tuple[float, float, str]]:
+    """Artifact info "mac_check_qk_error" ("role:block before->after k=.. v=..; ...", calib/mac_site.mac_info)
+    -> {"role:block": (before, after, "k=.. v=..")}."""
+    out = {}
+    for entry in filter(None, (e.strip() for e in text.split(";"))):
+        key, errs, *steps = entry.split()
+        before, after = errs.split("->")
+        out[key] = (float(before), float(after), " ".join(steps))
+    return out
+
+
+def _qk_bars(ctx: ReportContext, labels: list[str], before: list[float], after: list[float], title: str,
+             png: str) -> int:
+    """Grouped before/after bars of Q.K^T relative error (%) per site into `png`; returns the sites changed."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(labels) + 3), 4.5))
+    _grouped_bars(ax, labels, [("before MAC (uncorrected float weights)", before, "#ff7f0e"),
+                               ("after MAC (corrected float weights)", after, "#1f77b4")],
+                  "relative error of Q.K^T (%)\n||QK^T - Q^K^^T|| / ||QK^T||")
+    changed = sum(1 for x, y in zip(before, after) if abs(y - x) > 1e-9)
+    ax.set_title(f"{title};\nMAC changed {changed} of {len(labels)} sites")
+    ax.set_xlabel("attention site (role, block / layer index)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(ctx.folder / png, dpi=100)
+    plt.close(fig)
+    return changed
+
+
 def qk_error_section(ctx: ReportContext) -> Section | None:
     fw = dict(getattr(ctx.artifact, "float_weights", {}) or {})
     if not fw or not ctx.plan.attention:
@@ -277,9 +308,8 @@ def qk_error_section(ctx: ReportContext) -> Section | None:
     weights = getattr(ctx.artifact, "weights", {})
     if any(getattr(weights.get(k), "values", None) is not None for k in fw):
         # After reconstruction the corrected projections carry AdaRound's integers: "without MAC" would not be
-        # the model MAC started from. MAC's own effect is measured on the calibrator's artifact
-        # (tools/mac_lambda.py, docs/results.md).
-        return None
+        # the model MAC started from. What MAC measured at its own step is in the artifact's info.
+        return _mac_record_section(ctx, len(fw))
     from ..calib.mac_site import QuantSim, qk_error
 
     sim = QuantSim(ctx.fp_model, ctx.plan, ctx.artifact)
@@ -289,20 +319,9 @@ def qk_error_section(ctx: ReportContext) -> Section | None:
     labels = [site_label(s) for s in sites]
     b = [100 * before[s.qk_matmul] for s in sites]
     a = [100 * after[s.qk_matmul] for s in sites]
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(sites) + 3), 4.5))
-    _grouped_bars(ax, labels, [("before MAC (uncorrected float weights)", b, "#ff7f0e"),
-                               ("after MAC (corrected float weights)", a, "#1f77b4")],
-                  "relative error of Q.K^T (%)\n||QK^T - Q^K^^T|| / ||QK^T||")
-    corrected = sum(1 for x, y in zip(b, a) if abs(y - x) > 1e-9)
-    ax.set_title(f"Q.K^T relative error per attention site, quantized vs FP, {len(ctx.held_feeds)} held-out "
-                 f"input(s);\nMAC changed {corrected} of {len(sites)} sites")
-    ax.set_xlabel("attention site (role, block / layer index)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
     png = "qk_error_mac.png"
-    fig.savefig(ctx.folder / png, dpi=100)
-    plt.close(fig)
+    corrected = _qk_bars(ctx, labels, b, a, f"Q.K^T relative error per attention site, quantized vs FP, "
+                         f"{len(ctx.held_feeds)} held-out input(s)", png)
     rows = [(f"{label} (`{s.qk_matmul}`)", f"{x:.2f}", f"{y:.2f}", f"{y - x:+.2f}")
             for s, label, x, y in zip(sites, labels, b, a)]
     md = (f"![Q.K^T relative error before and after MAC]({png})\n\n"
@@ -313,6 +332,35 @@ def qk_error_section(ctx: ReportContext) -> Section | None:
           f"the weights are quantized on the artifact's grid either way.* {corrected} of {len(sites)} sites "
           f"changed; {len(fw)} corrected tensors.\n\n"
           + _table(rows, ("site", "before MAC (%)", "after MAC (%)", "change (points)")))
+    return Section("Q.K^T error before and after MAC", md, [png])
+
+
+def _mac_record_section(ctx: ReportContext, n_tensors: int) -> Section | None:
+    """A run that reconstructed after MAC: MAC's own record of each site's Q.K^T error on its check images (the
+    calibration images it held back), measured on the calibrator's model it corrected."""
+    info = getattr(ctx.artifact, "info", {}) or {}
+    record = parse_mac_record(info.get("mac_check_qk_error", ""))
+    if not record:
+        return None
+    by_key = {f"{getattr(s.role, 'value', s.role)}:{s.block}": s for s in ctx.plan.attention}
+    keys = [k for k in by_key if k in record] + [k for k in record if k not in by_key]
+    labels = [site_label(by_key[k]) if k in by_key else k for k in keys]
+    b = [100 * record[k][0] for k in keys]
+    a = [100 * record[k][1] for k in keys]
+    png = "qk_error_mac.png"
+    changed = _qk_bars(ctx, labels, b, a, f"Q.K^T relative error per attention site on MAC's "
+                       f"{info.get('mac_images', 'check').split(', ')[-1]} images, as MAC measured it", png)
+    rows = [(f"{label} (`{by_key[k].qk_matmul}`)" if k in by_key else label, f"{x:.2f}", f"{y:.2f}", f"{y - x:+.2f}",
+             record[k][2] or "-") for k, label, x, y in zip(keys, labels, b, a)]
+    md = (f"![Q.K^T relative error before and after MAC]({png})\n\n"
+          f"*{png}: per attention site MAC corrected, the relative error (%) of the attention scores Q.K^T "
+          f"against the FP model on the calibration images MAC held back to judge its corrections "
+          f"({info.get('mac_images', '')}), before and after its correction, as MAC measured it on the "
+          f"calibrator's model (artifact info `mac_check_qk_error`). The reconstruction that followed re-learned "
+          f"the rounding of the corrected weights, so the shipped model's error is not this one; the attention "
+          f"dissipation section measures the shipped model.* {changed} of {len(keys)} sites changed; "
+          f"{n_tensors} corrected tensors; steps kept: {info.get('mac_steps', '?')}.\n\n"
+          + _table(rows, ("site", "before MAC (%)", "after MAC (%)", "change (points)", "strength kept per step")))
     return Section("Q.K^T error before and after MAC", md, [png])
 
 

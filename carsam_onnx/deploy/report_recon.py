@@ -5,15 +5,28 @@ loss_start, loss_end and `curve`, the loss of every step or of an evenly spaced 
 ctx.extra["recon_compare"]: an optional second list (e.g. unit-by-unit against JCAR), drawn in the same panel
 where the unit names match and in panels of its own where they do not; ctx.extra["recon_labels"]: legend
 names of the two lists (default "this run", "compare"). Units without a curve are left out of the plot and
-listed in the table.
+listed in the table. A joint unit of one list whose members are units of the other (JCAR against unit by unit)
+shares their panel: the members' curves are drawn one after another on its step axis, the same step budget.
+
+Every report with units also writes them to recon_units.json (`save_units`), so that a later run can draw
+them as its comparison: `quantize --method carsam --report B --report-compare A` after `quantize --method recon
+--report A` (`load_units`).
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
+from ..errors import InputError
+from ..modelio import write_json
 from .report import ReportContext, Section, _table
+
+UNITS_FILE = "recon_units.json"
+_FIELDS = ("name", "kind", "iters", "loss_start", "loss_end", "kept")
 
 COLOURS = ("#1f77b4", "#d62728")
 MAX_PANELS = 60
@@ -35,6 +48,39 @@ def _steps(u, n: int) -> np.ndarray:
     return np.linspace(0, max(iters - 1, n - 1) if iters else n - 1, n)
 
 
+def save_units(folder: Path, units: list, label: str) -> Path:
+    """The units' names, steps, losses and curves as JSON (the comparison input of a later report)."""
+    rows = [{**{k: getattr(u, k, None) for k in _FIELDS}, "members": list(getattr(u, "members", ()) or ()),
+             "curve": [float(x) for x in (_curve(u) if _curve(u) is not None else ())]} for u in units]
+    return write_json(Path(folder) / UNITS_FILE, {"label": label, "units": rows}, force=True)
+
+
+def load_units(path) -> tuple[str, list]:
+    """(label, unit records) from a report folder or its recon_units.json; a one-line InputError otherwise."""
+    path = Path(path)
+    file = path / UNITS_FILE if path.is_dir() else path
+    try:
+        data = json.loads(file.read_text())
+        units = [SimpleNamespace(**{k: u.get(k) for k in _FIELDS}, members=tuple(u.get("members") or ()),
+                                 curve=tuple(float(x) for x in u.get("curve") or ())) for u in data["units"]]
+        for u in units:
+            if not isinstance(u.name, str):
+                raise ValueError("a unit without a name")
+            u.iters, u.loss_start, u.loss_end = int(u.iters), float(u.loss_start), float(u.loss_end)
+        return str(data.get("label") or file.parent.name), units
+    except FileNotFoundError:
+        raise InputError(f"--report-compare {path}: no {UNITS_FILE} there (write it with quantize --method "
+                         f"recon|carsam --report DIR)") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise InputError(f"--report-compare {file}: not a {UNITS_FILE} of a report ({e})") from None
+
+
+def _member_curves(joint, other: dict) -> list:
+    """The records in `other` of a joint unit's members, when every member is there with a curve."""
+    ms = [other.get(m) for m in getattr(joint, "members", ()) or ()]
+    return ms if ms and all(m is not None and _curve(m) is not None for m in ms) else []
+
+
 def _wrap(name: str, width: int = 34) -> str:
     """A unit name on at most two lines, broken after a / or . separator (the middle cut out if still long)."""
     if len(name) <= width:
@@ -52,7 +98,8 @@ def recon_curves_section(ctx: ReportContext) -> Section | None:
         lists.append(list(ctx.extra["recon_compare"]))
     if not lists[0] and len(lists) == 1:
         return None
-    names = list(ctx.extra.get("recon_labels") or ("this run", "compare"))[: len(lists)]
+    labels = list(ctx.extra.get("recon_labels") or ())
+    names = (labels + ["this run", "compare"][len(labels):])[: len(lists)]
     order: list[str] = []
     by = [dict() for _ in lists]
     for i, units in enumerate(lists):
@@ -60,7 +107,22 @@ def recon_curves_section(ctx: ReportContext) -> Section | None:
             by[i][u.name] = u
             if u.name not in order:
                 order.append(u.name)
-    plotted = [n for n in order if any(n in b and _curve(b[n]) is not None for b in by)]
+    if ctx.extra.get("recon_units"):
+        save_units(ctx.folder, lists[0], names[0])
+    shared = {}      # panel name -> (list index, member records in sequence) for joint units
+    for i, b in enumerate(by):
+        for n, u in b.items():
+            for j in range(len(by)):
+                ms = _member_curves(u, by[j]) if j != i and n not in by[j] else []
+                if ms:
+                    shared[n] = (j, ms)
+    absorbed = {m.name for _, ms in shared.values() for m in ms}
+    for n, (_, ms) in shared.items():     # the members' rows follow their joint unit's
+        order = [x for x in order if x not in {m.name for m in ms}]
+        at = order.index(n) + 1
+        order[at:at] = [m.name for m in ms]
+    plotted = [n for n in order if n not in absorbed and (n in shared or any(n in b and _curve(b[n]) is not None
+                                                                              for b in by))]
     rows = []
     for n in order:
         for i, b in enumerate(by):
@@ -101,6 +163,18 @@ def recon_curves_section(ctx: ReportContext) -> Section | None:
                 ax.plot(steps[w - 1:][sm > 0], sm[sm > 0], color=colour, linewidth=1.2, label=names[i])
             else:
                 ax.plot(steps[pos], c[pos], color=colour, linewidth=1.2, label=names[i])
+        if n in shared:             # the joint unit's members, one after another on its step axis
+            j, ms = shared[n]
+            start = 0
+            for m in ms:
+                c = _curve(m)
+                steps, colour = start + _steps(m, c.size), COLOURS[j % len(COLOURS)]
+                ax.plot(steps[c > 0], c[c > 0], color=colour, linewidth=0.5, alpha=0.3)
+                w = max(1, c.size // 20)
+                sm = np.convolve(c, np.ones(w) / w, mode="valid") if 1 < w < c.size else c
+                ax.plot(steps[c.size - sm.size:][sm > 0], sm[sm > 0], color=colour, linewidth=1.2)
+                start += int(m.iters or c.size)
+                ax.axvline(start, color="grey", linewidth=0.5, linestyle=":")
         ax.set_yscale("log")
         ax.set_title(_wrap(n), fontsize=7)
         ax.tick_params(which="both", labelsize=6)
@@ -122,7 +196,10 @@ def recon_curves_section(ctx: ReportContext) -> Section | None:
     md = (f"![Reconstruction loss per unit]({png})\n\n"
           f"*{png}: the reconstruction loss of each unit against its optimisation step (log scale), {what}; "
           f"units are the blocks optimised together, in graph order. A curve that rises and falls instead of "
-          f"settling is the oscillation joint reconstruction is meant to remove.*\n\n" + table)
+          f"settling is the oscillation joint reconstruction is meant to remove."
+          + (f" A joint unit's panel also holds its members reconstructed one by one ({', '.join(sorted(shared))}):"
+             f" their curves follow each other (dotted lines between them), the same number of steps in all."
+             if shared else "") + "*\n\n" + table)
     return Section("Reconstruction loss per unit", md, [png])
 
 

@@ -217,14 +217,24 @@ def test_official_decoder_is_calibrated_with_a_mask_input_too(tiny, emb, tmp_pat
 
 def test_quantize_report_of_a_method_compares_against_its_calibrator(tiny, emb, tmp_path):
     """--method carsam / recon pass the calibrator artifact they start from to the report: the attention
-    dissipation section then has three runs (FP, calibrator only, this run), and the loss curves are drawn."""
-    rep = tmp_path / "rep"
+    dissipation section then has three runs (FP, calibrator only, this run), and the loss curves are drawn;
+    --report-compare adds an earlier run's curves (recon, unit by unit, against carsam's joint units), and
+    carsam's Q.K^T section is MAC's own record."""
+    earlier, rep = tmp_path / "recon", tmp_path / "rep"
+    _quantize(tiny, emb, tmp_path / "r.onnx", "--bits", "w4a8", "--method", "recon", "--recon-iters", "2",
+              "--report", str(earlier))
     _quantize(tiny, emb, tmp_path / "q.onnx", "--bits", "w4a8", "--method", "carsam", "--recon-iters", "2",
-              "--report", str(rep))
+              "--report", str(rep), "--report-compare", str(earlier))
     text = (rep / "report.md").read_text()
     section = text.split("ttention dissipation", 1)[1]
     assert "calibrator only (mse" in section                   # the baseline's label: the calibrator and its bits
-    assert (rep / "recon_loss_curves.png").is_file()
+    assert (rep / "recon_loss_curves.png").is_file() and (earlier / "recon_units.json").is_file()
+    curves = text.split("## Reconstruction loss per unit", 1)[1]
+    runs = {ln.split("|")[2].strip() for ln in curves.splitlines() if ln.startswith("| `")}
+    assert runs == {"carsam (MAC, JCAR mlp)", "recon"}        # this run against the one-by-one run it names
+    assert "its members reconstructed one by one (decoder_joint_mlp[0]" in curves
+    mac = text.split("## Q.K^T error before and after MAC", 1)[1]   # MAC's own record: reconstruction followed
+    assert (rep / "qk_error_mac.png").is_file() and "on the calibration images MAC held back" in mac
 
 
 def test_quantize_logs_stages_and_units_where_no_terminal_shows_bars(tiny, emb, tmp_path, capsys):

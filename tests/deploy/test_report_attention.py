@@ -130,6 +130,30 @@ def test_qk_error_section_before_and_after_corrected_weights(ctx):
     assert "1 of 9 sites changed; 1 corrected tensors" in sec.markdown
 
 
+def test_qk_error_section_after_reconstruction_shows_macs_own_record(ctx, tmp_path):
+    """--method carsam: the corrected projections were re-rounded by reconstruction, so the section shows what
+    MAC measured on its check images (artifact info), site by site, instead of a before/after it cannot form."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    sites = [s for s in ctx.plan.attention if s.role.value.startswith("decoder")]
+    text = "; ".join(f"{s.role.value}:{s.block} {0.3 + i / 100:.4f}->{0.2 + i / 100:.4f} k=1 v={0.5 if i else 0:g}"
+                     for i, s in enumerate(sites))
+    learned = SimpleNamespace(values=np.zeros(3, dtype=np.int8))   # AdaRound's integers: reconstructed
+    art = SimpleNamespace(float_weights={"w": np.zeros(3)}, weights={"w": learned},
+                          info={"mac_check_qk_error": text, "mac_images": "24 fit, 8 check", "mac_steps": "14 kept"})
+    sec = qk_error_section(replace(ctx, folder=tmp_path, artifact=art))
+    check_png(tmp_path / "qk_error_mac.png")
+    rows = table(sec.markdown, "site")
+    assert [r[0] for r in rows] == [f"{site_label(s)} (`{s.qk_matmul}`)" for s in sites]
+    assert [(float(r[1]), float(r[2]), float(r[3])) for r in rows] == [
+        pytest.approx((30.0 + i, 20.0 + i, -10.0)) for i in range(len(sites))]
+    assert rows[0][4] == "k=1 v=0" and rows[1][4] == "k=1 v=0.5"
+    assert "8 check" in sec.markdown and f"{len(sites)} of {len(sites)} sites changed" in sec.markdown
+    art.info = {}
+    assert qk_error_section(replace(ctx, folder=tmp_path, artifact=art)) is None   # no record: no section
+
+
 def test_attention_map_of_the_final_token_to_image_site(ctx):
     sec = attention_map_section(ctx)
     check_png(ctx.folder / "attention_maps.png", 300)
@@ -188,3 +212,62 @@ def test_recon_curves_from_records(tmp_path):
     none = recon_curves_section(ctx_with({"recon_units": [real]}))
     assert none.images == [] and "No unit recorded a loss curve" in none.markdown
     assert table(none.markdown, "unit") == [["`enc.block0`", "this run", "block", "100", "0.5", "0.1", "0.200", "no"]]
+
+
+def test_joint_unit_against_its_members_run_one_by_one(tmp_path):
+    """`quantize --report B --report-compare A`: A's units come back from A's recon_units.json unchanged, and a
+    joint unit of B shares its panel with A's members of it (not a panel each); units in neither relation keep
+    their own. A file that is not a unit list is a one-line InputError."""
+    from carsam_onnx.calib.recon.loop import UnitStats
+    from carsam_onnx.deploy.report_recon import UNITS_FILE, load_units
+    from carsam_onnx.errors import InputError
+
+    def ctx_with(folder, extra):
+        folder.mkdir()
+        return ReportContext(folder, folder / "fp.onnx", folder / "q.onnx", None, None, None, None, [], [], [],
+                             progress=False, extra=extra)
+
+    def curve(n, rate):
+        return tuple(float(x) for x in np.exp(-np.arange(n) / rate) + 0.05)
+
+    one_by_one = [UnitStats("enc.mlp[0]", "mlp", 50, 1.0, 1.0, 0.1, "cpu", curve(50, 10)),
+                  UnitStats("dec.t2i[0]", "attention", 50, 1.0, 1.0, 0.1, "cpu", curve(50, 20)),
+                  UnitStats("dec.i2t[0]", "attention", 50, 1.0, 1.0, 0.1, "cpu", curve(50, 30))]
+    a = tmp_path / "a"
+    recon_curves_section(ctx_with(a, {"recon_units": one_by_one, "recon_labels": ("recon",)}))
+    label, back = load_units(a)
+    assert label == "recon" and [u.name for u in back] == [u.name for u in one_by_one]
+    assert back[2].curve == pytest.approx(one_by_one[2].curve) and back[1].iters == 50
+    assert load_units(a / UNITS_FILE)[1][0].loss_end == pytest.approx(0.1)
+
+    joint = [UnitStats("enc.mlp[0]", "mlp", 50, 1.0, 1.0, 0.08, "cpu", curve(50, 9)),
+             UnitStats("dec.joint[0]", "joint", 100, 1.0, 2.0, 0.15, "cpu", curve(100, 25),
+                       members=("dec.t2i[0]", "dec.i2t[0]"))]
+    b = tmp_path / "b"
+    sec = recon_curves_section(ctx_with(b, {"recon_units": joint, "recon_compare": back,
+                                            "recon_labels": ("carsam", label)}))
+    check_png(b / "recon_loss_curves.png", 200)
+    assert "its members reconstructed one by one (dec.joint[0])" in sec.markdown
+    assert [(r[0], r[1]) for r in table(sec.markdown, "unit")] == [
+        ("`enc.mlp[0]`", "carsam"), ("`enc.mlp[0]`", "recon"), ("`dec.joint[0]`", "carsam"),
+        ("`dec.t2i[0]`", "recon"), ("`dec.i2t[0]`", "recon")]
+    assert load_units(b)[1][1].members == ("dec.t2i[0]", "dec.i2t[0]")
+    import matplotlib.pyplot as plt
+
+    panels = []       # the panels the section lays out
+    real_subplots = plt.subplots
+
+    def spy(nrows, ncols, **kw):
+        panels.append(nrows * ncols)
+        return real_subplots(nrows, ncols, **kw)
+
+    plt.subplots = spy
+    try:
+        recon_curves_section(ctx_with(tmp_path / "c", {"recon_units": joint, "recon_compare": back}))
+    finally:
+        plt.subplots = real_subplots
+    assert panels == [2], "enc.mlp[0] and dec.joint[0] (with its two members): two panels"
+    (tmp_path / "bad.json").write_text('{"units": [{"kind": "mlp"}]}')
+    for bad in (tmp_path / "bad.json", tmp_path / "nothing"):
+        with pytest.raises(InputError, match="--report-compare"):
+            load_units(bad)

@@ -87,6 +87,7 @@ class UnitStats:
     kept: str = "learned"              # "learned", or "init" when the unit guard found the calibrator's rounding
                                        # and step sizes reconstruct the unit better (ReconConfig.unit_guard)
     guard_loss: tuple[float, float] = ()   # (learned, init) unit loss, fully quantized, on the guard images
+    members: tuple[str, ...] = ()      # a joint unit's member units (report: JCAR against unit by unit)
 
     @property
     def steps_per_second(self) -> float:
@@ -424,7 +425,7 @@ class Reconstructor:
         return UnitStats(unit.name, unit.kind, iters, time.perf_counter() - t0,
                          float(np.mean(losses[:k])) if losses else float("nan"),
                          float(np.mean(losses[-k:])) if losses else float("nan"), where.type, tuple(losses),
-                         step_mode=mode, kept=kept, guard_loss=guard)
+                         step_mode=mode, kept=kept, guard_loss=guard, members=tuple(unit.members))
 
     def _final_loss(self, unit, names, q_in, fp_out, hooks, axes) -> float:
         """The unit's loss as emitted (every quantizer fixed, no drop, hard rounding) on the first
