@@ -81,6 +81,18 @@ def _member_curves(joint, other: dict) -> list:
     return ms if ms and all(m is not None and _curve(m) is not None for m in ms) else []
 
 
+def _draw(ax, steps: np.ndarray, c: np.ndarray, colour: str, label: str | None = None) -> None:
+    """One curve: every step faint (one batch each) and its running mean over 5% of the steps in bold."""
+    pos = c > 0
+    ax.plot(steps[pos], c[pos], color=colour, linewidth=0.5, alpha=0.3)
+    w = max(1, c.size // 20)
+    if w > 1 and c.size > w:
+        sm = np.convolve(c, np.ones(w) / w, mode="valid")
+        ax.plot(steps[w - 1:][sm > 0], sm[sm > 0], color=colour, linewidth=1.2, label=label)
+    else:
+        ax.plot(steps[pos], c[pos], color=colour, linewidth=1.2, label=label)
+
+
 def _wrap(name: str, width: int = 34) -> str:
     """A unit name on at most two lines, broken after a / or . separator (the middle cut out if still long)."""
     if len(name) <= width:
@@ -153,26 +165,13 @@ def recon_curves_section(ctx: ReportContext) -> Section | None:
             c = None if u is None else _curve(u)
             if c is None:
                 continue
-            pos = c > 0
-            steps = _steps(u, c.size)
-            colour = COLOURS[i % len(COLOURS)]
-            ax.plot(steps[pos], c[pos], color=colour, linewidth=0.5, alpha=0.3)     # every step (one batch each)
-            w = max(1, c.size // 20)                                                  # and its running mean
-            if w > 1 and c.size > w:
-                sm = np.convolve(c, np.ones(w) / w, mode="valid")
-                ax.plot(steps[w - 1:][sm > 0], sm[sm > 0], color=colour, linewidth=1.2, label=names[i])
-            else:
-                ax.plot(steps[pos], c[pos], color=colour, linewidth=1.2, label=names[i])
+            _draw(ax, _steps(u, c.size), c, COLOURS[i % len(COLOURS)], names[i])
         if n in shared:             # the joint unit's members, one after another on its step axis
             j, ms = shared[n]
             start = 0
             for m in ms:
                 c = _curve(m)
-                steps, colour = start + _steps(m, c.size), COLOURS[j % len(COLOURS)]
-                ax.plot(steps[c > 0], c[c > 0], color=colour, linewidth=0.5, alpha=0.3)
-                w = max(1, c.size // 20)
-                sm = np.convolve(c, np.ones(w) / w, mode="valid") if 1 < w < c.size else c
-                ax.plot(steps[c.size - sm.size:][sm > 0], sm[sm > 0], color=colour, linewidth=1.2)
+                _draw(ax, start + _steps(m, c.size), c, COLOURS[j % len(COLOURS)])
                 start += int(m.iters or c.size)
                 ax.axvline(start, color="grey", linewidth=0.5, linestyle=":")
         ax.set_yscale("log")
