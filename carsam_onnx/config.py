@@ -214,7 +214,8 @@ class MacConfig:
                                    # seed 2 (lam_rel 10, + v): k 21.54, q 21.35, qk 20.53 dB
     v: bool = True                 # the softmax output's error into W_V (seed 2, k: 21.54 dB with, 18.36 without)
     solve: str = "factored"        # factored | exact (calib/mac.py)
-    scope: str = "decoder"         # decoder: the two-way decoder's attention sites (the paper's); all: also encoder
+    scope: str = "decoder"         # decoder: the two-way decoder's attention sites (the paper's); all: also the
+                                   # image encoder's (their effect on segm mAP is not measured yet)
     when: str = "start"            # start: on the calibrator's model, before any unit is reconstructed; decoder:
                                    # just before the first unit with a corrected projection (the encoder's units
                                    # finished, so MAC sees the embeddings the quantized decoder will get)

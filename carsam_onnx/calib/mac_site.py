@@ -19,12 +19,14 @@ the inputs of its listed consumers only (quant points), every plan weight replac
 values.
 
 Heads and layout: the head count and width come from q_value's shape [B, H, N, d] (the Reshape that splits
-heads); head h owns columns offset + h*d .. offset + (h+1)*d - 1 of the projection output, with offset 0
-for separate projections and 0 / C / 2C for q / k / v of a fused qkv (C = H d). The mapping and any scale
-between the projection output and the attention input (c in q_value = c (x W + b)) are checked numerically
-on the FP run (moment matching over all tokens, so window partitions need no token map); a graph that does
-not fit raises CalibrationError. attn.V and the exact Q.K^T solve need the projection input's rows to be
-the attention's tokens (checked); windowed encoder attention gets the factored Q.K^T solve only.
+heads); SAM's image encoder merges batch and heads ([B*H, N, d]), so its captures are split back into
+[B, H, ...] with H = the q projection's width over d (site_heads, _split_heads). Head h owns columns
+offset + h*d .. offset + (h+1)*d - 1 of the projection output, with offset 0 for separate projections and
+0 / C / 2C for q / k / v of a fused qkv (C = H d). The mapping and any scale between the projection output
+and the attention input (c in q_value = c (x W + b)) are checked numerically on the FP run (moment matching
+over all tokens, so window partitions need no token map); a graph that does not fit raises CalibrationError.
+attn.V and the exact Q.K^T solve need the projection input's rows to be the attention's tokens (checked);
+windowed encoder attention gets the factored Q.K^T solve only.
 """
 from __future__ import annotations
 
@@ -326,8 +328,9 @@ class _Runner:
     the CPU, where every later capture and every solve runs."""
 
     def __init__(self, sim: QuantSim, feeds: list[dict], dirty: set[str], wanted: list[str],
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", heads: dict[str, int] | None = None):
         self.module, self.sim, self.feeds = sim.module, sim, [_to_torch(f) for f in feeds]
+        self.heads = dict(heads or {})     # value -> heads, for values captured as [B*heads, ...] (_split_heads)
         module = sim.module
         cut = _fixed_cut(sim.model, dirty, wanted)
         self.fp_cut: list[dict] = []
@@ -362,8 +365,42 @@ class _Runner:
                 have = {k: start[k] for k in values if start is not None and k in start}
                 rest = [v for v in values if v not in have]
                 got = self.module.run(f, outputs=[], capture=rest, replace=hooks, start=start) if rest else {}
-                out.append({k: v.detach().double() for k, v in {**have, **got}.items()})
+                out.append({k: _split_heads(v.detach().double(), self.heads.get(k))
+                            for k, v in {**have, **got}.items()})
         return out
+
+
+def _split_heads(v: torch.Tensor, heads: int | None) -> torch.Tensor:
+    """SAM's image encoder feeds its attention MatMuls [B*heads, N, d] (and [B*heads, N, N] probabilities):
+    -> [B, heads, ...], the decoder's layout, which MAC's per-head solves index."""
+    if heads is None or v.dim() != 3:
+        return v
+    if v.shape[0] % heads:
+        raise CalibrationError(f"MAC: attention value of batch {v.shape[0]}, not a multiple of {heads} heads")
+    return v.reshape(v.shape[0] // heads, heads, *v.shape[1:])
+
+
+def site_heads(sim: QuantSim, model: onnx.ModelProto, sites: list[AttentionSite], feed: dict) -> dict[str, int]:
+    """value -> heads for the sites whose attention values come with batch and heads merged (SAM's image encoder,
+    [B*heads, N, d]): heads = the q projection's output width (a third of it when q, k and v are one fused
+    projection) over the head width, read from one FP run of `feed`."""
+    merged = {t.q_value: t for t in map(sim.site, sites)}   # the values as the MatMuls read them
+    if not merged:
+        return {}
+    with torch.no_grad():
+        got = sim.module.run(_to_torch(feed), outputs=[], capture=list(merged))
+    out: dict[str, int] = {}
+    for name, s in merged.items():
+        q = got[name]
+        if q.dim() != 3:
+            continue
+        width = weight_aug(sim.projection(model, s.q_proj), sim.inits, {}).shape[1]
+        width //= 3 if s.q_proj == s.k_proj == s.v_proj else 1
+        if width % q.shape[-1]:
+            raise CalibrationError(f"MAC: {s.q_proj} gives {width} columns per projection, not a multiple of the "
+                                   f"head width {q.shape[-1]}")
+        out.update({v: width // q.shape[-1] for v in (s.q_value, s.k_value, s.probs_value, s.v_value)})
+    return out
 
 
 def _host(values: dict) -> dict:
@@ -565,7 +602,9 @@ def mac_sites(model: onnx.ModelProto, plan: QuantPlan, artifact: CalibrationArti
     dirty = {n for ps in projs.values() for p in ps.values() for n in (p.weight, p.bias) if n is not None}
     wanted = [v for s in chosen for v in _site_values(sim.site(s), projs[s.qk_matmul])]
     fit_feeds, check_feeds = split_feeds(list(feeds), config.check_fraction)
-    runners = (_Runner(sim, fit_feeds, dirty, wanted, device), _Runner(sim, check_feeds, dirty, wanted, device))
+    heads = site_heads(sim, model, chosen, fit_feeds[0]) if fit_feeds else {}
+    runners = (_Runner(sim, fit_feeds, dirty, wanted, device, heads),
+               _Runner(sim, check_feeds, dirty, wanted, device, heads))
     all_check = [v for t in map(sim.site, chosen) for v in (t.q_value, t.k_value, t.probs_value, t.v_value)]
     fp_check = runners[1].capture(all_check, None)
     fw = dict(artifact.float_weights)
@@ -578,8 +617,8 @@ def mac_sites(model: onnx.ModelProto, plan: QuantPlan, artifact: CalibrationArti
         except CalibrationError as e:
             if site.role in DECODER_ROLES:      # the decoder layout is supported: a failure there is a bug
                 raise
-            # encoder attention (scope "all"): SAM's encoder feeds its MatMuls [B*heads, N, d] tensors, which
-            # the head layout check (_layout) does not map yet; the site is left alone and recorded
+            # encoder attention (scope "all") of a layout _layout does not map (SAM's own [B*heads, N, d] is
+            # mapped, site_heads): the site is left alone and recorded
             warnings.warn(f"MAC skipped {site.role.value} attention {site.qk_matmul}: {e}", stacklevel=2)
             upd, rec = {}, SiteRecord(site.qk_matmul, site.role.value, site.block, {}, base, base, base, str(e))
         fw.update(upd)
