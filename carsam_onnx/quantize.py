@@ -38,6 +38,7 @@ class QuantizeReport:
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)   # wall time by stage
     recon_units: list = field(default_factory=list)            # --method recon: calib.recon.loop.UnitStats per unit
+    mac: dict[str, str] = field(default_factory=dict)          # --method carsam: the artifact's mac_* info entries
 
     def lines(self) -> list[str]:
         fmt = lambda d: ", ".join(f"{k} {v}" for k, v in d.items()) or "none"  # noqa: E731
@@ -49,7 +50,17 @@ class QuantizeReport:
                   if self.sqnr_db else []),
                 f"size: {self.output_bytes / 1e6:.1f} MB ({self.output_bytes / max(self.input_bytes, 1):.3f}x of "
                 f"{self.input_bytes / 1e6:.1f} MB) -> {self.output}",
-                "time: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items())] + self._recon_lines()
+                "time: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items())] + self._mac_lines() + \
+            self._recon_lines()
+
+    def _mac_lines(self) -> list[str]:
+        if self.mac.get("mac") != "on":
+            return []
+        rises = int(self.mac.get("mac_check_rises", "0"))
+        return [f"MAC: {self.mac.get('mac_sites', '?')} attention sites ({self.mac.get('mac_skipped_sites', '0')} "
+                f"skipped), steps {self.mac.get('mac_steps', '?')} on {self.mac.get('mac_images', '?')} images"
+                + (f"; {rises} site(s) end with a higher check-image Q.K^T error than the uncorrected model "
+                   f"(corrections upstream of them compound)" if rises else "")]
 
     def _recon_lines(self) -> list[str]:
         if not self.recon_units:
@@ -225,6 +236,7 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
     report = _report(model_path, output, plan, notes + emit_notes)
     report.sqnr_db = sqnr
     report.recon_units = stats
+    report.mac = {k: v for k, v in artifact.info.items() if k.startswith("mac")}
     if report_dir is not None:
         from .deploy.report import write_quant_report
 

@@ -240,3 +240,20 @@ def test_decoder_calibrated_through_an_encoder_model(tmp_path, capsys):
     out2 = tmp_path / "dec2.onnx"
     code, _, err = run(capsys, "quantize", str(paths["decoder"]), "-o", str(out2), "--encoder", str(paths["decoder"]))
     assert_refused(code, err, out2, "not a SAM image encoder")
+
+
+def test_summary_says_what_mac_did_and_where_its_record_rose():
+    """quantize's summary (and the report's) gives MAC's sites, steps and images, and says when sites end above
+    the uncorrected model's check-image Q.K^T error (what --mac-scope all does on a deep encoder)."""
+    from pathlib import Path
+
+    from carsam_onnx.quantize import QuantizeReport
+
+    r = QuantizeReport(Path("q.onnx"), {}, {}, {}, 0, {}, 1, 1)
+    assert not any(x.startswith("MAC") for x in r.lines())
+    r.mac = {"mac": "on", "mac_sites": "19", "mac_skipped_sites": "0", "mac_steps": "38 kept, 0 dropped",
+             "mac_images": "24 fit, 8 check", "mac_check_rises": "0"}
+    line = next(x for x in r.lines() if x.startswith("MAC"))
+    assert line == "MAC: 19 attention sites (0 skipped), steps 38 kept, 0 dropped on 24 fit, 8 check images"
+    r.mac["mac_check_rises"] = "7"
+    assert "; 7 site(s) end with a higher check-image Q.K^T error" in next(x for x in r.lines() if x.startswith("MAC"))
