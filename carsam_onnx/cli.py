@@ -129,7 +129,7 @@ def _add_quantize(sub):
                    help="MatMul-aware compensation of the decoder attention projections before reconstruction")
     c.add_argument("--mac-scope", choices=list(MAC_SCOPES), default=_default(MacConfig, "scope"),
                    help="decoder: the two-way decoder's attention sites (the paper's scope); all: the image "
-                        "encoder's attention sites too")
+                        "encoder's attention sites too (measured worse on the reference model: docs/results.md)")
     c.add_argument("--mac-when", choices=list(MAC_WHEN), default=_default(MacConfig, "when"),
                    help="start: MAC on the calibrator's model, before reconstruction; decoder: just before the first "
                         "decoder unit, on the model with the encoder's units reconstructed")
