@@ -267,8 +267,7 @@ def _report_compare(path, report_dir) -> tuple[str, list] | None:
     return load_units(path)
 
 
-def _report_extra(stats: list, baseline: list, compare: tuple[str, list] | None = None,
-                  label: str = "this run") -> dict | None:
+def _report_extra(stats: list, baseline: list, compare: tuple[str, list] | None, label: str) -> dict | None:
     """ReportContext.extra of a method run: its reconstruction units (and an earlier run's, to compare), and
     the calibrator artifact it started from as the report's baseline (attention dissipation: FP / calibrator
     only / this run)."""

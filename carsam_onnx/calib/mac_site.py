@@ -602,7 +602,8 @@ def mac_sites(model: onnx.ModelProto, plan: QuantPlan, artifact: CalibrationArti
     dirty = {n for ps in projs.values() for p in ps.values() for n in (p.weight, p.bias) if n is not None}
     wanted = [v for s in chosen for v in _site_values(sim.site(s), projs[s.qk_matmul])]
     fit_feeds, check_feeds = split_feeds(list(feeds), config.check_fraction)
-    heads = site_heads(sim, model, chosen, fit_feeds[0]) if fit_feeds else {}
+    encoder = [s for s in chosen if s.role not in DECODER_ROLES]     # the decoder's layout is [B, H, N, d]
+    heads = site_heads(sim, model, encoder, fit_feeds[0]) if fit_feeds else {}
     runners = (_Runner(sim, fit_feeds, dirty, wanted, device, heads),
                _Runner(sim, check_feeds, dirty, wanted, device, heads))
     all_check = [v for t in map(sim.site, chosen) for v in (t.q_value, t.k_value, t.probs_value, t.v_value)]
