@@ -8,8 +8,8 @@ from dataclasses import fields
 
 from . import api
 from .calib.registry import method_names, methods_help
-from .config import (INT8_WEIGHT_FORMATS, JCAR_PAIRINGS, MAC_ROUNDING, MAC_SCOPES, MAC_WHEN, BitWidths, CarsamConfig,
-                     EvalConfig, ExportConfig, MacConfig, QuantConfig, ReconConfig)
+from .config import (INT8_WEIGHT_FORMATS, JCAR_PAIRINGS, MAC_QK_MODES, MAC_ROUNDING, MAC_SCOPES, MAC_WHEN, BitWidths,
+                     CarsamConfig, EvalConfig, ExportConfig, MacConfig, QuantConfig, ReconConfig)
 from .errors import CarsamError
 from .runtime import RUNTIMES
 
@@ -130,6 +130,14 @@ def _add_quantize(sub):
     c.add_argument("--mac-scope", choices=list(MAC_SCOPES), default=_default(MacConfig, "scope"),
                    help="decoder: the two-way decoder's attention sites (the paper's scope); all: the image "
                         "encoder's attention sites too (measured worse on the reference model: docs/results.md)")
+    c.add_argument("--mac-lambda", type=float, default=_default(MacConfig, "lam_rel"),
+                   help="MAC's ridge strength, relative to the mean eigenvalue of each solve's normal equations "
+                        f"(default {_default(MacConfig, 'lam_rel'):g}; larger: smaller corrections)")
+    c.add_argument("--mac-qk", choices=list(MAC_QK_MODES), default=_default(MacConfig, "qk"),
+                   help="which Q.K^T operand's quantization error MAC moves: k = Q's error into W_K, q = K's into "
+                        f"W_Q, qk = both, none (default {_default(MacConfig, 'qk')})")
+    c.add_argument("--mac-v", action=argparse.BooleanOptionalAction, default=_default(MacConfig, "v"),
+                   help="move the softmax output's quantization error into W_V")
     c.add_argument("--mac-when", choices=list(MAC_WHEN), default=_default(MacConfig, "when"),
                    help="start: MAC on the calibrator's model, before reconstruction; decoder: just before the first "
                         "decoder unit, on the model with the encoder's units reconstructed")
@@ -177,7 +185,8 @@ def _run_quantize(a) -> int:
                                         round_lr=a.recon_round_lr, scale_lr=a.recon_scale_lr),
                       carsam=CarsamConfig(use_mac=a.mac, use_jcar=a.jcar, pairing=a.jcar_pairing,
                                           mac_rounding=a.mac_rounding, joint_fallback=a.jcar_fallback),
-                      mac=MacConfig(when=a.mac_when, scope=a.mac_scope))
+                      mac=MacConfig(when=a.mac_when, scope=a.mac_scope, lam_rel=a.mac_lambda, qk=a.mac_qk,
+                                    v=a.mac_v))
     report = api.quantize(a.model, a.output, cfg, calib_images=a.calib_images, calib_prompts=a.calib_prompts,
                           encoder=a.encoder, embeddings=a.embeddings, save_calibration=a.save_calibration,
                           force=a.force, progress=not a.quiet, provider=a.provider, report_dir=a.report,

@@ -232,8 +232,8 @@ class MacConfig:
             raise InputError(f"MAC when {self.when!r}: choose one of {', '.join(MAC_WHEN)}")
         if self.scope not in MAC_SCOPES:
             raise InputError(f"MAC scope {self.scope!r}: choose one of {', '.join(MAC_SCOPES)}")
-        if not self.lam_rel > 0:
-            raise InputError(f"MAC lam_rel {self.lam_rel}: must be > 0")
+        if not 0 < self.lam_rel < float("inf"):
+            raise InputError(f"--mac-lambda {self.lam_rel}: must be a finite number > 0")
         if not 0 < self.check_fraction < 1:
             raise InputError(f"MAC check_fraction {self.check_fraction}: must be in (0, 1)")
         if not self.shrink or not all(0 < a <= 1 for a in self.shrink):

@@ -144,6 +144,8 @@ CASES: list[Case] = [
       "not a SAM image encoder"),
     C("quantize-bad-bits", QF + " --bits w9a8", "--bits"),
     C("quantize-bad-block-size", QF + " --block-size 20", "--block-size"),
+    C("quantize-mac-lambda-zero", QF + " --method carsam --mac-lambda 0", "--mac-lambda", "> 0"),
+    C("quantize-mac-lambda-nan", QF + " --method carsam --mac-lambda nan", "--mac-lambda"),
     # ---- quantize: the output --------------------------------------------------------------------------------
     C("quantize-output-exists", Q + " {in}/full.onnx -o {out}/keep.onnx", "exists", "--force", pre=KEEP),
     C("quantize-output-is-folder", Q + " {in}/full.onnx -o {out}/dir", "is a directory", pre={"dir": None}),
