@@ -39,6 +39,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from bench_accuracy import fp_model, git_commit, sha256_file, write_json_atomic  # noqa: E402
+from carsam_onnx.config import JCAR_PAIRINGS, CarsamConfig  # noqa: E402
+
 from bench_recon import CALIB_POOL, _stats, cached, cpu_flags, dataset, write_section  # noqa: E402
 
 BEGIN = "<!-- tools/bench_carsam.py writes from here -->"
@@ -130,7 +132,7 @@ def main(argv=None) -> int:
     ap.add_argument("--num-calib", type=int, default=32)
     ap.add_argument("--limit", type=int, help="evaluate only the first N validation images (quick runs)")
     ap.add_argument("--recon-iters", type=int, help="steps per unit (default: the device's schedule)")
-    ap.add_argument("--jcar-pairing", default="mlp")
+    ap.add_argument("--jcar-pairing", default=CarsamConfig.pairing, choices=list(JCAR_PAIRINGS))
     ap.add_argument("--quantize-args", help="more quantize arguments for the reconstruction variants, e.g. "
                                              "'--recon-round-lr 1e-2' (a probe: give it a --tag)")
     ap.add_argument("--tag", help="suffix of the cell keys of this run's reconstruction cells (required with "

@@ -231,8 +231,8 @@ def test_quantize_report_of_a_method_compares_against_its_calibrator(tiny, emb, 
     assert (rep / "recon_loss_curves.png").is_file() and (earlier / "recon_units.json").is_file()
     curves = text.split("## Reconstruction loss per unit", 1)[1]
     runs = {ln.split("|")[2].strip() for ln in curves.splitlines() if ln.startswith("| `")}
-    assert runs == {"carsam (MAC, JCAR mlp)", "recon"}        # this run against the one-by-one run it names
-    assert "its members reconstructed one by one (decoder_joint_mlp[0]" in curves
+    assert runs == {"carsam (MAC, JCAR attn)", "recon"}        # this run against the one-by-one run it names
+    assert "its members reconstructed one by one (decoder_joint_attn[0]" in curves
     assert "- MAC: 7 attention sites (0 skipped), steps " in text       # the summary (tiny SAM's decoder)
     mac = text.split("## Q.K^T error before and after MAC", 1)[1]   # MAC's own record: reconstruction followed
     assert (rep / "qk_error_mac.png").is_file() and "on the calibration images MAC held back" in mac

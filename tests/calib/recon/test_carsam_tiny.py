@@ -55,13 +55,14 @@ def test_carsam_runs_mac_and_joint_units_and_is_deterministic(tiny, carsam_by_ha
     stats: list = []
     art = calibrate_carsam(model, plan, cfg, feeds, stats=stats)
     names = [s.name for s in stats]
-    assert names.count("decoder_joint_mlp[0]") == 1 and "decoder_token_to_image[0]" not in names
+    assert names.count("decoder_joint_attn[0]") == 1 and "decoder_token_to_image[0]" not in names
+    assert names.index("decoder_mlp[0]") < names.index("decoder_joint_attn[0]")   # the MLP between: on its own, first
     joint = next(s for s in stats if s.kind == "joint")
-    assert joint.iters == 3 * 3 and len(joint.curve) == joint.iters          # 3 members x 3 steps
+    assert joint.iters == 2 * 3 and len(joint.curve) == joint.iters          # 2 members x 3 steps
     assert art.float_weights, "MAC corrected no projection"
-    assert art.info["method"] == "carsam" and art.info["carsam_jcar"] == "mlp"
+    assert art.info["method"] == "carsam" and art.info["carsam_jcar"] == "attn"
     again = carsam_by_hand[0].artifact
-    again = replace(again, info={**again.info, "method": "carsam", "carsam_mac": "True", "carsam_jcar": "mlp",
+    again = replace(again, info={**again.info, "method": "carsam", "carsam_mac": "True", "carsam_jcar": "attn",
                                       "carsam_jcar_fallback": "False"})
     assert _bytes(model, plan, cfg, art) == _bytes(model, plan, cfg, again)
 
