@@ -195,8 +195,9 @@ def test_mac_never_raises_heldout_qk_error_on_reference_decoder(reference_w4a4):
     sites; relative Q.K^T error on 4 held-out images of validation seed 2 (never seen by MAC). Measured
     2026-12-04 with the defaults (lam_rel 100, k + v): every site falls 5-22% (the token->image site of layer 0
     least: 0.2021 -> 0.1928), the sum 1.298 -> 1.127 (-13%). At lam_rel 10 (2026-12-02) that site only just fell
-    (0.1941 -> 0.1938), the sum -10%; with q + v every site fell 6-29%, the sum -13%. Before the fit / check split (steps judged on the images they were fitted on, and a
-    simulation that quantized values for every consumer) the final token->image site rose 0.185 -> 0.196."""
+    (0.1941 -> 0.1938), the sum -10%; with q + v every site fell 6-29%, the sum -13%. Before the fit / check
+    split (steps judged on the images they were fitted on, and a simulation that quantized values for every
+    consumer) the final token->image site rose 0.185 -> 0.196."""
     from carsam_onnx.calib.mac_site import DECODER_ROLES, apply_mac, qk_error
     from carsam_onnx.config import MacConfig
     from carsam_onnx.passes.emit import emit_qdq
