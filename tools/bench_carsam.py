@@ -15,7 +15,9 @@ ONNX Runtime on the validation seeds, quantization and evaluation each run as pa
   the evaluations' threads; OMP_NUM_THREADS): at torch's defaults they spin against each other. Results are
   cached per (cell, validation seed) in WORK/cells/ with a fingerprint, so a rerun (or a second machine with the
   same --work-dir) only does what is missing; `--table-only` writes the section from the cache. Quantized
-  models are kept in WORK/models/ until evaluated.
+  models are kept in WORK/models/. A reconstruction cell's fingerprint and its model carry a digest of the
+  method's defaults (config.py), so cells made before a default changed are made again, not read back. Several
+  bench runs sharing a work dir each evaluate the FP model unless its cells exist: score it once first.
 - Writes its section of --out-md between two marker comments: per validation seed and bit width, mean +- std
   over calibration seeds per variant, the share of the gap closed against the baseline, (v - mse) / (FP - mse),
   and the share of FP kept.
@@ -23,6 +25,7 @@ ONNX Runtime on the validation seeds, quantization and evaluation each run as pa
 from __future__ import annotations
 
 import argparse
+import hashlib
 import multiprocessing
 import os
 import shlex
@@ -31,6 +34,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from bench_accuracy import fp_model, git_commit, sha256_file, write_json_atomic  # noqa: E402
-from carsam_onnx.config import JCAR_PAIRINGS, CarsamConfig  # noqa: E402
+from carsam_onnx.config import JCAR_PAIRINGS, CarsamConfig, MacConfig, ReconConfig  # noqa: E402
 
 from bench_recon import CALIB_POOL, _stats, cached, cpu_flags, dataset, write_section  # noqa: E402
 
@@ -52,6 +56,14 @@ VARIANTS = {   # name -> quantize arguments
     "recon+jcar": ["--method", "carsam", "--no-mac"],
     "carsam": ["--method", "carsam"],
 }
+
+
+def method_defaults() -> str:
+    """A digest of the method's defaults (ReconConfig, MacConfig, CarsamConfig): part of a reconstruction cell's
+    fingerprint and kept beside its model, so that a cell or model made under other defaults (e.g. MAC's lambda
+    before the ninth GPU round) is made again instead of being read back under the same key."""
+    text = repr([sorted(asdict(c()).items()) for c in (ReconConfig, MacConfig, CarsamConfig)])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def cell_key(variant: str, bits: str, cseed: int, a) -> str:
@@ -180,15 +192,22 @@ def main(argv=None) -> int:
 
     pool = dataset(work, CALIBRATION_SEED, CALIB_POOL)
     cells = [("fp", None, None)] + queue_order(a.variants, a.bits, a.calib_seeds, a.order)
+    defaults = method_defaults()
     results: dict = {}
     todo_q, todo_e = [], []
     for v, b, c in cells:
         key = "fp" if v == "fp" else cell_key(v, b, c, a)
         model = fp if v == "fp" else work / "models" / f"{key}.onnx"
         need = False
+        made_by = work / "models" / f"{key}.defaults"
+        if (v not in ("fp", "mse") and not a.table_only and model.is_file()
+                and (not made_by.is_file() or made_by.read_text() != defaults)):
+            model.unlink()                               # made under other method defaults: quantize again
         for vs, val in vals.items():
             fpr = {"fp": fp_hash, "val": sha256_file(val / "annotations.json")[:16], "limit": a.limit, "key": key,
                    "num_calib": a.num_calib}
+            if v not in ("fp", "mse"):
+                fpr["defaults"] = defaults
             path = work / "cells" / f"{key}_v{vs}.json"
             res = cached(path, fpr)
             if res is None:
@@ -266,6 +285,8 @@ def main(argv=None) -> int:
                         submit_evals(deferred.pop(0))
                     if p.returncode == 0:
                         tmp.rename(model)
+                        if not key.startswith("mse_"):
+                            (work / "models" / f"{key}.defaults").write_text(defaults)
                         t = round(time.perf_counter() - t0, 1)
                         (work / "models" / f"{key}.time").write_text(str(t))
                         log(f"quantized {key} in {t:.0f} s")

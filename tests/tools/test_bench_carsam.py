@@ -49,3 +49,21 @@ def test_probe_cells_never_take_the_default_keys(tmp_path):
                                                                "w4a4", 1, tmp_path, probe)
     with pytest.raises(SystemExit):
         bench_carsam.main(["--quantize-args", "--recon-iters 5", "--table-only", "--work-dir", str(tmp_path)])
+
+
+def test_cells_made_under_other_method_defaults_are_not_read_back(monkeypatch):
+    """The method defaults' digest (part of every reconstruction cell's fingerprint, kept beside its model) is
+    stable and changes when a default does: a cell cached before MAC's lambda changed is not reused."""
+    from dataclasses import dataclass
+
+    from carsam_onnx.config import MacConfig
+
+    digest = bench_carsam.method_defaults()
+    assert digest == bench_carsam.method_defaults() and len(digest) == 16
+
+    @dataclass(frozen=True)
+    class EarlierMac(MacConfig):
+        lam_rel: float = 10.0
+
+    monkeypatch.setattr(bench_carsam, "MacConfig", EarlierMac)
+    assert bench_carsam.method_defaults() != digest
