@@ -157,7 +157,8 @@ def test_a_rejected_joint_unit_is_followed_by_its_members_one_by_one(tiny, monke
     runs = {}
     for fallback in (True, False):
         stats: list = []
-        art = calibrate_carsam(model, plan, replace(cfg, carsam=CarsamConfig(use_mac=False, joint_fallback=fallback)),
+        art = calibrate_carsam(model, plan, replace(cfg, carsam=CarsamConfig(use_mac=False, joint_fallback=fallback,
+                                                                        pairing="mlp")),
                                feeds, stats=stats)
         runs[fallback] = (art, stats)
     art, stats = runs[True]
