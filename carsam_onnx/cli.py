@@ -8,8 +8,9 @@ from dataclasses import fields
 
 from . import api
 from .calib.registry import method_names, methods_help
-from .config import (INT8_WEIGHT_FORMATS, JCAR_PAIRINGS, MAC_QK_MODES, MAC_ROUNDING, MAC_SCOPES, MAC_WHEN, BitWidths,
-                     CarsamConfig, EvalConfig, ExportConfig, MacConfig, QuantConfig, ReconConfig)
+from .config import (HELDOUT, INT8_WEIGHT_FORMATS, JCAR_PAIRINGS, MAC_QK_MODES, MAC_ROUNDING, MAC_SCOPES, MAC_WHEN,
+                     MAX_REPORT_IMAGES, BitWidths, CarsamConfig, EvalConfig, ExportConfig, MacConfig, QuantConfig,
+                     ReconConfig)
 from .errors import CarsamError
 from .runtime import RUNTIMES
 
@@ -166,6 +167,9 @@ def _add_quantize(sub):
     _add_provider(p, "for the held-out SQNR check")
     p.add_argument("--report", metavar="DIR", help="write report.md and PNGs (per-layer SQNR, FP vs quantized "
                                                    "mask overlays) into DIR")
+    p.add_argument("--report-images", type=int, metavar="N", default=HELDOUT,
+                   help=f"held-out prompts the report measures attention, activation SQNR and masks on (default "
+                        f"{HELDOUT}, the summary's; more give steadier statistics; at most {MAX_REPORT_IMAGES})")
     p.add_argument("--report-compare", metavar="PATH",
                    help="an earlier report (its folder or recon_units.json) whose reconstruction loss curves the "
                         "report draws beside this run's, e.g. recon (unit by unit) against carsam (JCAR)")
@@ -190,7 +194,7 @@ def _run_quantize(a) -> int:
     report = api.quantize(a.model, a.output, cfg, calib_images=a.calib_images, calib_prompts=a.calib_prompts,
                           encoder=a.encoder, embeddings=a.embeddings, save_calibration=a.save_calibration,
                           force=a.force, progress=not a.quiet, provider=a.provider, report_dir=a.report,
-                          report_compare=a.report_compare)
+                          report_compare=a.report_compare, report_images=a.report_images)
     if not a.quiet:
         print("\n".join(report.lines()))
     return 0

@@ -167,6 +167,9 @@ class ReconConfig:
     def batch_for(self, device: str) -> int:
         return self.for_device("batch_size", device)
 
+HELDOUT = 2             # held-out images (one box each) for the quantize summary's output SQNR (and the report's
+                        # default; quantize --report-images N measures the report on N)
+MAX_REPORT_IMAGES = 64  # --report-images: each runs through the FP, baseline and quantized models
 JCAR_PAIRINGS: tuple[str, ...] = ("attn", "mlp", "layer")
 
 

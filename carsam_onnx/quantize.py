@@ -15,14 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from .artifact import CalibrationArtifact, load_artifact, save_artifact
-from .config import QuantConfig
+from .config import HELDOUT, MAX_REPORT_IMAGES, QuantConfig
 from .data.builtin import HELDOUT_SEED, builtin_calibration_set
 from .data.prompts import load_calibration_set
 from .errors import ArtifactError, InputError
 from .modelio import check_writable, file_sha256, load_model, save_model
 from .qmath import sqnr_db
 
-HELDOUT = 2   # held-out images (one box each) for the output SQNR in the summary
 
 
 @dataclass
@@ -109,6 +108,25 @@ def calibration_samples(config: QuantConfig, image_size: int, calib_images, cali
     return samples[: config.num_calib], samples[config.num_calib:]
 
 
+def report_samples(config: QuantConfig, image_size: int, calib_images, calib_prompts, calib: list, held: list,
+                   num: int) -> list:
+    """The report's held-out prompts: the summary's `held` when `num` is theirs (the default); else `num` images
+    drawn apart from the calibration draw, so that the calibration set, and with it the quantized model, stays
+    the same as without the report: the built-in set's held-out seed, or, from a folder, images of another draw
+    (seed + 1) that the calibration set does not hold."""
+    if num == len(held):
+        return held
+    if calib_images is None:
+        return builtin_calibration_set(num, config.seed, image_size, data_seed=HELDOUT_SEED, warn=False)
+    used = {s.source for s in calib}
+    pool = load_calibration_set(calib_images, calib_prompts, config.num_calib + num, config.seed + 1, image_size)
+    rest = [s for s in pool if s.source not in used][:num]
+    if len(rest) < num:
+        warnings.warn(f"{calib_images} has {len(rest)} images outside the calibration set for --report-images "
+                      f"{num}; the report uses {len(rest) or len(held)}", stacklevel=2)
+    return rest or held
+
+
 def output_sqnr(fp_path: Path, q_model, feeds: list[dict], provider: str | None = None) -> dict[str, float]:
     """SQNR of each output of `q_model` (a path or a ModelProto) against the FP model at `fp_path`."""
     from .runtime import OrtRuntime
@@ -166,11 +184,12 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
              encoder: str | Path | None = None, embeddings: str | Path | None = None,
              save_calibration: str | Path | None = None, force: bool = False, progress: bool = True,
              provider: str | None = None, report_dir: str | Path | None = None,
-             report_compare: str | Path | None = None) -> QuantizeReport:
+             report_compare: str | Path | None = None, report_images: int = HELDOUT) -> QuantizeReport:
     """Calibrate `model_path` and write the Q/DQ model to `output` (and the artifact to `save_calibration`);
     `provider`: ONNX Runtime provider of the held-out check; `report_dir`: also write deploy/report.py's report;
     `report_compare`: an earlier report (its folder or recon_units.json) whose reconstruction loss curves the
-    report draws beside this run's (e.g. unit by unit against JCAR)."""
+    report draws beside this run's (e.g. unit by unit against JCAR); `report_images`: held-out prompts the
+    report measures on (the summary's SQNR stays on its own HELDOUT)."""
     from tqdm import tqdm
 
     from .calib.feeds import build_feeds, image_size, model_kind
@@ -188,6 +207,13 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
 
         ort_providers(provider)
     compare = _report_compare(report_compare, report_dir)   # read now: a bad file fails before any work
+    if report_images != HELDOUT and report_dir is None:
+        raise InputError("--report-images needs --report DIR (it sets how many held-out prompts the report uses)")
+    if not 1 <= report_images <= MAX_REPORT_IMAGES:
+        raise InputError(f"--report-images {report_images}: give 1 to {MAX_REPORT_IMAGES}")
+    if report_images != HELDOUT and embeddings is not None:
+        raise InputError("--report-images needs the report's images' own embeddings: give --encoder instead of "
+                         "--embeddings (with --embeddings the report uses the summary's prompts)")
     if report_dir is not None:
         from .deploy.report import check_report_dir
 
@@ -240,8 +266,11 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
     if report_dir is not None:
         from .deploy.report import write_quant_report
 
-        write_quant_report(report_dir, model_path, output, model, qmodel, plan, artifact, held_feeds, report,
-                           held_samples=held, provider=provider, progress=progress,
+        shown = report_samples(config, size, calib_images, calib_prompts, calib, held, report_images)
+        shown_feeds = held_feeds if shown is held else build_feeds(model, shown, encoder, embeddings,
+                                                                   mask_refinement=False)
+        write_quant_report(report_dir, model_path, output, model, qmodel, plan, artifact, shown_feeds, report,
+                           held_samples=shown, provider=provider, progress=progress,
                            extra=_report_extra(stats, baseline, compare, run_label(config)))
         clock.lap("report")
     report.seconds = clock.laps

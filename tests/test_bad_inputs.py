@@ -152,6 +152,10 @@ CASES: list[Case] = [
     C("quantize-output-under-file", Q + " {in}/full.onnx -o {out}/afile/q.onnx", "is a file", pre={"afile": b"x"}),
     C("quantize-output-not-writable", QF, "not writable", user=NOBODY, readonly_out=True),
     C("quantize-report-compare-without-report", QF + " --report-compare {in}/notes.txt", "--report-compare needs --report"),
+    C("quantize-report-images-without-report", QF + " --report-images 4", "--report-images needs --report"),
+    C("quantize-report-images-zero", QF + " --report {out}/rep --report-images 0", "--report-images 0", "1 to 64"),
+    C("quantize-report-images-with-embeddings", Q + " {in}/decoder.onnx -o {out}/q.onnx --embeddings {in}/emb.npz"
+      " --report {out}/rep --report-images 4", "--report-images", "--encoder"),
     C("quantize-report-compare-missing", QF + " --report {out}/rep --report-compare {in}/nowhere",
       "no recon_units.json", "nowhere"),
     C("quantize-report-compare-not-units", QF + " --report {out}/rep --report-compare {in}/notes.txt",

@@ -131,4 +131,4 @@ def test_quantize_method_flags_reach_the_config(capsys, monkeypatch):
     (cfg, kw), (plain, plain_kw) = seen
     assert (cfg.mac.scope, cfg.mac.when, kw["report_dir"], kw["report_compare"]) == ("all", "decoder", "rep", "earlier")
     assert (cfg.mac.lam_rel, cfg.mac.qk, cfg.mac.v) == (100.0, "q", False)
-    assert plain.mac == MacConfig() and plain_kw["report_compare"] is None
+    assert plain.mac == MacConfig() and plain_kw["report_compare"] is None and plain_kw["report_images"] == 2

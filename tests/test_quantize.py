@@ -257,3 +257,23 @@ def test_summary_says_what_mac_did_and_where_its_record_rose():
     assert line == "MAC: 19 attention sites (0 skipped), steps 38 kept, 0 dropped on 24 fit, 8 check images"
     r.mac["mac_check_rises"] = "7"
     assert "; 7 site(s) end with a higher check-image Q.K^T error" in next(x for x in r.lines() if x.startswith("MAC"))
+
+
+def test_report_samples_from_a_folder_stay_out_of_the_calibration_draw(tmp_path):
+    """--report-images N with --calib-images: the report's prompts are images the calibration draw does not hold
+    (another draw, seed + 1, less the calibration images), and the calibration draw itself is untouched; with too
+    few images left it says so and uses what there is."""
+    from carsam_onnx.data.prompts import load_calibration_set
+    from carsam_onnx.data.synth import write_synthetic_coco
+    from carsam_onnx.quantize import calibration_samples, report_samples
+
+    write_synthetic_coco(tmp_path / "ds", 6, 3, image_size=64)
+    cfg = QuantConfig(num_calib=3, seed=1)
+    calib, held = calibration_samples(cfg, 64, tmp_path / "ds", None)
+    assert [s.source for s in calib] == [s.source for s in load_calibration_set(tmp_path / "ds", None, 5, 1, 64)[:3]]
+    assert report_samples(cfg, 64, tmp_path / "ds", None, calib, held, len(held)) is held
+    shown = report_samples(cfg, 64, tmp_path / "ds", None, calib, held, 3)
+    names = [s.source for s in shown]
+    assert len(names) == 3 == len(set(names)) and not set(names) & {s.source for s in calib}
+    with pytest.warns(UserWarning, match="3 images outside the calibration set"):
+        assert len(report_samples(cfg, 64, tmp_path / "ds", None, calib, held, 5)) == 3

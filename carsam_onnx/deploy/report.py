@@ -259,7 +259,7 @@ def mask_overlay_section(ctx: ReportContext) -> Section | None:
     rt = ort_runtime_for(ctx.provider) if ctx.provider else OrtRuntime()
     fp = rt.session(ctx.fp_path, "FP model")
     q = rt.session(ctx.q_path, "quantized model")
-    n = len(ctx.held_feeds)
+    n = min(len(ctx.held_feeds), MASK_PANELS)
     fig, axes = plt.subplots(n, 3, figsize=(11, 4.2 * n), squeeze=False)
     ious = []
     for i, (feed, sample) in enumerate(zip(ctx.held_feeds, ctx.held_samples)):
@@ -269,6 +269,8 @@ def mask_overlay_section(ctx: ReportContext) -> Section | None:
         inter, union = np.logical_and(*masks).sum(), np.logical_or(*masks).sum()
         iou = float(inter / union) if union else 1.0
         ious.append(iou)
+        if i >= n:                                   # the table lists every prompt, the figure the first few
+            continue
         (x0, y0), (x1, y1) = sample.point_coords[0][:2]
         grey = np.repeat(image.astype(np.float32).mean(-1, keepdims=True), 3, -1)
         for ax, m, name in zip(axes[i][:2], masks, ("FP", "quantized")):
@@ -296,12 +298,18 @@ def mask_overlay_section(ctx: ReportContext) -> Section | None:
     fig.savefig(ctx.folder / png, dpi=90)
     plt.close(fig)
     rows = [(s.source, f"{iou:.4f}") for s, iou in zip(ctx.held_samples, ious)]
+    which = "each" if n == len(ious) else f"each of the first {n} (of {len(ious)}; the table has all)"
     md = (f"![FP vs quantized masks on held-out images]({png})\n\n"
-          f"*{png}: for each held-out image and its box prompt (green), the FP model's mask (left) and the "
+          f"*{png}: for {which} held-out image and its box prompt (green), the FP model's mask (left) and the "
           f"quantized model's mask (middle), cyan with a yellow outline over the image in grey, in the model's "
           f"input frame; right: where they agree (grey) and differ (red: FP only, blue: quantized only), with "
           f"the IoU of the two masks.*\n\n" + _table(rows, ("image", "mask IoU, quantized vs FP")))
+    if len(ious) > 1:
+        md += f"\n\nMean mask IoU over the {len(ious)} held-out prompts: {float(np.mean(ious)):.4f}."
     return Section("Masks: FP vs quantized", md, [png])
+
+
+MASK_PANELS = 4   # held-out prompts drawn in the masks figure (all of them are in its table)
 
 
 DEFAULT_SECTIONS: list[SectionFn] = [summary_section, weight_sqnr_section, activation_sqnr_section,

@@ -215,6 +215,23 @@ def test_official_decoder_is_calibrated_with_a_mask_input_too(tiny, emb, tmp_pat
         assert snr > floor and iou > 0.95, (snr, iou)
 
 
+def test_report_images_sets_the_reports_prompts_and_leaves_the_model_alone(tiny, tmp_path):
+    """--report-images 5: the report measures on 5 held-out prompts (their masks table lists 5, the figure draws
+    the first 4) while the quantized model is byte for byte the one made without a report."""
+    def quantize(out, *args):
+        assert main(["-q", "quantize", str(tiny["full"]), "-o", str(out), "--num-calib", "2", "--bits", "w8a8",
+                     "--method", "minmax", *args]) == 0
+        return out
+    plain = quantize(tmp_path / "p.onnx")
+    more = quantize(tmp_path / "m.onnx", "--report", str(tmp_path / "rep"), "--report-images", "5")
+    assert more.read_bytes() == plain.read_bytes()
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "over 5 held-out inputs" in text                                  # the activation SQNR section
+    masks = text.split("## Masks: FP vs quantized", 1)[1].split("\n## ", 1)[0]
+    rows = [ln for ln in masks.splitlines() if ln.startswith("| ") and "mask IoU" not in ln]
+    assert len(rows) == 5 and "each of the first 4 (of 5" in masks and "over the 5 held-out prompts" in masks
+
+
 def test_quantize_report_of_a_method_compares_against_its_calibrator(tiny, emb, tmp_path):
     """--method carsam / recon pass the calibrator artifact they start from to the report: the attention
     dissipation section then has three runs (FP, calibrator only, this run), and the loss curves are drawn;
