@@ -17,7 +17,8 @@ ONNX Runtime on the validation seeds, quantization and evaluation each run as pa
   same --work-dir) only does what is missing; `--table-only` writes the section from the cache. Quantized
   models are kept in WORK/models/. A reconstruction cell's fingerprint and its model carry a digest of the
   method's defaults (config.py), so cells made before a default changed are made again, not read back. Several
-  bench runs sharing a work dir each evaluate the FP model unless its cells exist: score it once first.
+  bench runs sharing a work dir each evaluate the FP model unless its cells exist: score it once first
+  (`--fp-only --val-seeds ...`).
 - Writes its section of --out-md between two marker comments: per validation seed and bit width, mean +- std
   over calibration seeds per variant, the share of the gap closed against the baseline, (v - mse) / (FP - mse),
   and the share of FP kept.
@@ -168,6 +169,9 @@ def main(argv=None) -> int:
                          "before any evaluation: its wall time is the method's cost with nothing else on the machine")
     ap.add_argument("--out-md", default=str(ROOT / "docs" / "results.md"))
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--fp-only", action="store_true",
+                    help="evaluate only the FP model on the validation seeds (run it once before several bench "
+                         "runs share a work dir, or each evaluates FP itself)")
     a = ap.parse_args(argv)
     if a.quantize_args and not a.tag:
         ap.error("--quantize-args needs --tag (the cells of a probe must not take the default cells' keys)")
@@ -191,7 +195,7 @@ def main(argv=None) -> int:
     from carsam_onnx.data.builtin import CALIBRATION_SEED
 
     pool = dataset(work, CALIBRATION_SEED, CALIB_POOL)
-    cells = [("fp", None, None)] + queue_order(a.variants, a.bits, a.calib_seeds, a.order)
+    cells = [("fp", None, None)] + ([] if a.fp_only else queue_order(a.variants, a.bits, a.calib_seeds, a.order))
     defaults = method_defaults()
     results: dict = {}
     todo_q, todo_e = [], []
@@ -298,6 +302,10 @@ def main(argv=None) -> int:
     if ex is not None:
         collect(block=True)
         ex.shutdown()
+    if a.fp_only:          # nothing to tabulate: the FP cells are cached for the runs that follow
+        for vs in a.val_seeds:
+            log(f"fp val{vs}: " + (f"mAP {results[('fp', vs)]['segm_mAP']:.2f}" if ("fp", vs) in results else "none"))
+        return 0
     write_section(Path(a.out_md), markdown(results, a, fp_desc), BEGIN, END)
     return 0
 
@@ -331,7 +339,7 @@ def markdown(results, a, fp_desc) -> str:
                     row.append("-")
                     continue
                 txt = f"{s[0]:.2f} +- {s[1]:.2f} (n={s[2]})"
-                if fpv is not None:
+                if fpv:                    # (an untrained model can score 0: no share of it)
                     txt += f"; kept {100 * s[0] / fpv:.1f}%"
                     if v != "mse" and base is not None and fpv > base[0]:
                         txt += f", gap closed {100 * (s[0] - base[0]) / (fpv - base[0]):.0f}%"

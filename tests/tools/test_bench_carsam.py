@@ -67,3 +67,19 @@ def test_cells_made_under_other_method_defaults_are_not_read_back(monkeypatch):
 
     monkeypatch.setattr(bench_carsam, "MacConfig", EarlierMac)
     assert bench_carsam.method_defaults() != digest
+
+
+def test_fp_only_scores_the_fp_model_once_for_the_runs_that_follow(tmp_path):
+    """--fp-only: only the FP cells are made (no quantization, no table written), and a later run in the same
+    work dir reads them back instead of evaluating FP again (the tiny SAM, 2 validation images)."""
+    from tiny_sam import tiny_sam_paths
+
+    model, work, md = str(tiny_sam_paths()["full"]), tmp_path / "w", tmp_path / "out.md"
+    common = ["--model", model, "--work-dir", str(work), "--val-seeds", "2", "--num-val", "2", "--out-md", str(md)]
+    assert bench_carsam.main(["--fp-only", *common]) == 0
+    assert sorted(p.name for p in (work / "cells").iterdir()) == ["fp_v2.json"] and not md.exists()
+    assert not list((work / "models").glob("*.onnx"))
+    stamp = (work / "cells" / "fp_v2.json").stat().st_mtime_ns
+    assert bench_carsam.main(["--variants", "mse", "--calib-seeds", "1", "--bits", "w8a8", *common]) == 0
+    assert (work / "cells" / "fp_v2.json").stat().st_mtime_ns == stamp          # read back, not evaluated again
+    assert (work / "cells" / "mse_w8a8_c1_v2.json").is_file() and "### Validation seed 2 (FP " in md.read_text()
