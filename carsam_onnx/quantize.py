@@ -23,7 +23,6 @@ from .modelio import check_writable, file_sha256, load_model, save_model
 from .qmath import sqnr_db
 
 
-
 @dataclass
 class QuantizeReport:
     output: Path

@@ -289,8 +289,7 @@ def main(argv=None) -> int:
                         submit_evals(deferred.pop(0))
                     if p.returncode == 0:
                         tmp.rename(model)
-                        if not key.startswith("mse_"):
-                            (work / "models" / f"{key}.defaults").write_text(defaults)
+                        (work / "models" / f"{key}.defaults").write_text(defaults)   # read for recon cells
                         t = round(time.perf_counter() - t0, 1)
                         (work / "models" / f"{key}.time").write_text(str(t))
                         log(f"quantized {key} in {t:.0f} s")
