@@ -92,6 +92,12 @@ def _add_quantize(sub):
                    help="keep matching layers in float (repeatable; replaces the default list: patch_embed, "
                         "output_upscaling, output_hypernetworks_mlps, iou_prediction_head, prompt_encoder)")
     p.add_argument("--require-attention", action="store_true", help="refuse a model with no attention block")
+    sm = p.add_mutually_exclusive_group()
+    sm.add_argument("--smooth", type=float, metavar="ALPHA", default=_default(QuantConfig, "smooth"),
+                    help="before calibrating, migrate activation outliers into the weights (SmoothQuant's rule, "
+                         "alpha in [0, 1]) wherever a normalisation feeds only quantized weight layers: the image "
+                         "encoder's norm1 -> qkv and norm2 -> MLP, the neck's LayerNorm2d -> conv; exact in float")
+    sm.add_argument("--no-smooth", dest="smooth", action="store_const", const=None, help="no scale migration")
     r = p.add_argument_group("block reconstruction (--method recon)")
     r.add_argument("--recon-iters", type=int, default=_default(ReconConfig, "iters"),
                    help=f"steps per unit (default: {_default(ReconConfig, 'cpu_iters')} on a CPU, "
@@ -181,7 +187,7 @@ def _run_quantize(a) -> int:
     cfg = QuantConfig(bits=BitWidths.parse(a.bits), method=a.method, target=a.target, block_size=a.block_size,
                       percentile=a.percentile, keep_float=keep, num_calib=a.num_calib, seed=a.seed,
                       device=a.device, require_attention=a.require_attention, int8_weights=a.int8_weights,
-                      calib_mask_input=a.calib_mask_input,
+                      calib_mask_input=a.calib_mask_input, smooth=a.smooth,
                       recon=ReconConfig(iters=a.recon_iters, decoder_factor=a.recon_decoder_factor,
                                         batch_size=a.recon_batch, init_method=a.recon_init,
                                         drop_prob=a.recon_drop, cuda_graphs=a.recon_cuda_graphs,

@@ -268,6 +268,8 @@ class QuantConfig:
     int8_weights: str = "auto"             # INT8_WEIGHT_FORMATS: u8 (ort) / s7 (trt); figures beside the tuple
     calib_mask_input: bool = True          # segment-anything's decoder export: per prompt also the refinement feed
                                            # (mask_input = FP low-res logits, has_mask_input 1; calib/feeds.py)
+    smooth: float | None = None            # --smooth ALPHA: migrate activation scales into the weights at every
+                                           # norm -> weight-layer pair before calibrating (calib/smooth.py); None: off
 
     def __post_init__(self):
         if self.target not in ("ort", "trt"):
@@ -283,6 +285,8 @@ class QuantConfig:
             raise InputError(f"--num-calib {self.num_calib}: must be >= 1")
         if self.int8_weights not in INT8_WEIGHT_FORMATS:
             raise InputError(f"--int8-weights {self.int8_weights!r}: choose one of {', '.join(INT8_WEIGHT_FORMATS)}")
+        if self.smooth is not None and not 0 <= self.smooth <= 1:
+            raise InputError(f"--smooth {self.smooth}: alpha must be in [0, 1]")
         if self.int8_weights == "u8" and self.target == "trt":
             raise InputError("--int8-weights u8 needs --target ort (TensorRT takes INT8 weights only)")
 

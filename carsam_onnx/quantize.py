@@ -37,6 +37,7 @@ class QuantizeReport:
     seconds: dict[str, float] = field(default_factory=dict)   # wall time by stage
     recon_units: list = field(default_factory=list)            # --method recon: calib.recon.loop.UnitStats per unit
     mac: dict[str, str] = field(default_factory=dict)          # --method carsam: the artifact's mac_* info entries
+    smooth: dict[str, str] = field(default_factory=dict)       # --smooth: the artifact's smooth_* info entries
 
     def lines(self) -> list[str]:
         fmt = lambda d: ", ".join(f"{k} {v}" for k, v in d.items()) or "none"  # noqa: E731
@@ -48,8 +49,16 @@ class QuantizeReport:
                   if self.sqnr_db else []),
                 f"size: {self.output_bytes / 1e6:.1f} MB ({self.output_bytes / max(self.input_bytes, 1):.3f}x of "
                 f"{self.input_bytes / 1e6:.1f} MB) -> {self.output}",
-                "time: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items())] + self._mac_lines() + \
-            self._recon_lines()
+                "time: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items())] + self._smooth_lines() + \
+            self._mac_lines() + self._recon_lines()
+
+    def _smooth_lines(self) -> list[str]:
+        if "smooth_alpha" not in self.smooth:
+            return []
+        pairs = self.smooth.get("smooth_pairs", "0")
+        return [f"scale migration (--smooth {self.smooth['smooth_alpha']}): {pairs} norm -> weight-layer pairs"
+                + ("; none found (a normalisation must feed only quantized weight layers, its parameters shared with "
+                   "no other node)" if pairs == "0" else "")]
 
     def _mac_lines(self) -> list[str]:
         if self.mac.get("mac") != "on":
@@ -193,6 +202,7 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
 
     from .calib.feeds import build_feeds, image_size, model_kind
     from .calib.registry import check_config
+    from .calib.smooth import calibrate_smoothed
     from .passes.emit import check_opset
     from .progress import stage_log
 
@@ -238,7 +248,7 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
         baseline: list = []
         kw = {**({"stats": stats} if method.stats else {}), **({"baseline": baseline} if method.baseline else {}),
               **({"log": clock.log} if method.log else {})}
-        artifact = method.calibrate(model, plan, config, feeds, bar, **kw)
+        artifact = calibrate_smoothed(method.calibrate, model, plan, config, feeds, bar, **kw)
     clock.lap("calibration")
     qmodel, emit_notes = emit_model(model, plan, artifact, config)
     clock.lap("emit")
@@ -262,6 +272,7 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
     report.sqnr_db = sqnr
     report.recon_units = stats
     report.mac = {k: v for k, v in artifact.info.items() if k.startswith("mac")}
+    report.smooth = {k: v for k, v in artifact.info.items() if k.startswith("smooth")}
     if report_dir is not None:
         from .deploy.report import write_quant_report
 

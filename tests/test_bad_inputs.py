@@ -146,6 +146,8 @@ CASES: list[Case] = [
     C("quantize-bad-block-size", QF + " --block-size 20", "--block-size"),
     C("quantize-mac-lambda-zero", QF + " --method carsam --mac-lambda 0", "--mac-lambda", "> 0"),
     C("quantize-mac-lambda-nan", QF + " --method carsam --mac-lambda nan", "--mac-lambda"),
+    C("quantize-smooth-above-one", QF + " --smooth 1.5", "--smooth", "[0, 1]"),
+    C("quantize-smooth-nan", QF + " --smooth nan", "--smooth"),
     # ---- quantize: the output --------------------------------------------------------------------------------
     C("quantize-output-exists", Q + " {in}/full.onnx -o {out}/keep.onnx", "exists", "--force", pre=KEEP),
     C("quantize-output-is-folder", Q + " {in}/full.onnx -o {out}/dir", "is a directory", pre={"dir": None}),
