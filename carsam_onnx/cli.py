@@ -9,8 +9,8 @@ from dataclasses import fields
 from . import api
 from .calib.registry import method_names, methods_help
 from .config import (HELDOUT, INT8_WEIGHT_FORMATS, JCAR_PAIRINGS, MAC_QK_MODES, MAC_ROUNDING, MAC_SCOPES, MAC_WHEN,
-                     MAX_REPORT_IMAGES, BitWidths, CarsamConfig, EvalConfig, ExportConfig, MacConfig, QuantConfig,
-                     ReconConfig)
+                     MAX_REPORT_IMAGES, SMOOTH_ALPHA, SMOOTH_METHODS, BitWidths, CarsamConfig, EvalConfig, ExportConfig,
+                     MacConfig, QuantConfig, ReconConfig)
 from .errors import CarsamError
 from .runtime import RUNTIMES
 
@@ -64,6 +64,15 @@ def _run_inspect(a) -> int:
     return 0
 
 
+def _smooth_alpha(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give alpha in [0, 1], or auto") from None
+
+
 def _add_quantize(sub):
     p = sub.add_parser("quantize", help="calibrate and write a Q/DQ ONNX model (opset 21)")
     p.add_argument("model", help="SAM ONNX model (full, encoder or decoder) from `carsam-onnx export`")
@@ -93,10 +102,12 @@ def _add_quantize(sub):
                         "output_upscaling, output_hypernetworks_mlps, iou_prediction_head, prompt_encoder)")
     p.add_argument("--require-attention", action="store_true", help="refuse a model with no attention block")
     sm = p.add_mutually_exclusive_group()
-    sm.add_argument("--smooth", type=float, metavar="ALPHA", default=_default(QuantConfig, "smooth"),
+    sm.add_argument("--smooth", type=_smooth_alpha, metavar="ALPHA", default=_default(QuantConfig, "smooth"),
                     help="before calibrating, migrate activation outliers into the weights (SmoothQuant's rule, "
                          "alpha in [0, 1]) wherever a normalisation feeds only quantized weight layers: the image "
-                         "encoder's norm1 -> qkv and norm2 -> MLP, the neck's LayerNorm2d -> conv; exact in float")
+                         "encoder's norm1 -> qkv and norm2 -> MLP, the neck's LayerNorm2d -> conv; exact in float "
+                         f"(default auto: {SMOOTH_ALPHA:g} for --method {' and '.join(SMOOTH_METHODS)}, off for the "
+                         "calibrators)")
     sm.add_argument("--no-smooth", dest="smooth", action="store_const", const=None, help="no scale migration")
     r = p.add_argument_group("block reconstruction (--method recon)")
     r.add_argument("--recon-iters", type=int, default=_default(ReconConfig, "iters"),

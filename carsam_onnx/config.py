@@ -250,6 +250,13 @@ class MacConfig:
             raise InputError(f"MAC shrink {self.shrink}: give strengths in (0, 1]")
 
 
+SMOOTH_ALPHA = 0.5      # --smooth auto. Seed 2, W4A4, CPU default schedule, 3 calibration seeds: recon 75.48 -> 76.34,
+                        # carsam 75.44 -> 76.13; alpha on MSE (calibration seed 1): 0.3 74.32, 0.5 74.37, 0.7 74.10
+                        # against 73.58 without (docs/results.md, "Scale migration")
+SMOOTH_METHODS = ("recon", "carsam")   # auto: the calibrators (minmax, percentile, mse) stay as their tables were
+                                       # measured; --smooth ALPHA gives them the migration too
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     bits: BitWidths = BitWidths(8, 8)
@@ -268,8 +275,9 @@ class QuantConfig:
     int8_weights: str = "auto"             # INT8_WEIGHT_FORMATS: u8 (ort) / s7 (trt); figures beside the tuple
     calib_mask_input: bool = True          # segment-anything's decoder export: per prompt also the refinement feed
                                            # (mask_input = FP low-res logits, has_mask_input 1; calib/feeds.py)
-    smooth: float | None = None            # --smooth ALPHA: migrate activation scales into the weights at every
-                                           # norm -> weight-layer pair before calibrating (calib/smooth.py); None: off
+    smooth: float | str | None = "auto"    # --smooth ALPHA: migrate activation scales into the weights at every
+                                           # norm -> weight-layer pair before calibrating (calib/smooth.py); None
+                                           # (--no-smooth): off; "auto": SMOOTH_ALPHA for SMOOTH_METHODS, else off
 
     def __post_init__(self):
         if self.target not in ("ort", "trt"):
@@ -285,10 +293,17 @@ class QuantConfig:
             raise InputError(f"--num-calib {self.num_calib}: must be >= 1")
         if self.int8_weights not in INT8_WEIGHT_FORMATS:
             raise InputError(f"--int8-weights {self.int8_weights!r}: choose one of {', '.join(INT8_WEIGHT_FORMATS)}")
-        if self.smooth is not None and not 0 <= self.smooth <= 1:
-            raise InputError(f"--smooth {self.smooth}: alpha must be in [0, 1]")
+        if self.smooth not in (None, "auto") and not (isinstance(self.smooth, (int, float)) and 0 <= self.smooth <= 1):
+            raise InputError(f"--smooth {self.smooth}: alpha must be in [0, 1] (or auto)")
         if self.int8_weights == "u8" and self.target == "trt":
             raise InputError("--int8-weights u8 needs --target ort (TensorRT takes INT8 weights only)")
+
+    @property
+    def smooth_alpha(self) -> float | None:
+        """The migration strength this run uses (smooth with "auto" resolved for the method), or None: none."""
+        if self.smooth == "auto":
+            return SMOOTH_ALPHA if self.method in SMOOTH_METHODS else None
+        return self.smooth
 
     @property
     def symmetric_activations(self) -> bool:

@@ -1,6 +1,7 @@
-"""The quantize pipeline: plan -> calibration data -> calibrate on the torch executor -> emit Q/DQ -> check.
+"""The quantize pipeline: plan -> calibration data -> [scale migration] -> calibrate on the torch executor -> emit
+Q/DQ -> check.
 
-    model --plan_quantization--> QuantPlan --calibrate--> CalibrationArtifact --emit_qdq--> Q/DQ model
+    model --plan_quantization--> QuantPlan --(smooth_model) calibrate--> CalibrationArtifact --emit_qdq--> Q/DQ model
 
 `quantize` runs it all (optionally saving the artifact); `emit` writes the Q/DQ model from a saved artifact
 without calibrating again, through the same `emit_model`, so both give the same bytes.

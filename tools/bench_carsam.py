@@ -4,7 +4,8 @@ ONNX Runtime on the validation seeds, quantization and evaluation each run as pa
     python tools/bench_carsam.py --device cuda --bits w6a6 w4a4 w3a3 --calib-seeds 1 2 3 \
         --variants mse recon recon+mac recon+jcar carsam --jobs 3 --eval-jobs 4 --eval-threads 2
 
-- Variants: `mse` (the best calibrator-only baseline), `recon` (--method recon), `recon+mac` (carsam --no-jcar),
+- Variants: `mse` (the calibrator-only baseline of the gap), `mse+smooth` (MSE with `--smooth 0.5`, calibration
+  only too; the better baseline since the scale migration), `recon` (--method recon), `recon+mac` (carsam --no-jcar),
   `recon+jcar` (carsam --no-mac), `carsam` (both). `--jcar-pairing` and `--recon-iters` pass through; a
   non-default one is part of the cell key.
 - FP model, validation sets and the calibration pool as in tools/bench_recon.py (reference model; calibration seed
@@ -44,7 +45,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from bench_accuracy import fp_model, git_commit, sha256_file, write_json_atomic  # noqa: E402
-from carsam_onnx.config import JCAR_PAIRINGS, CarsamConfig, MacConfig, ReconConfig  # noqa: E402
+from carsam_onnx.config import (JCAR_PAIRINGS, SMOOTH_ALPHA, SMOOTH_METHODS, CarsamConfig, MacConfig,  # noqa: E402
+                                QuantConfig, ReconConfig)
 
 from bench_recon import CALIB_POOL, _stats, cached, cpu_flags, dataset, write_section  # noqa: E402
 
@@ -52,24 +54,27 @@ BEGIN = "<!-- tools/bench_carsam.py writes from here -->"
 END = "<!-- tools/bench_carsam.py ends here -->"
 VARIANTS = {   # name -> quantize arguments
     "mse": ["--method", "mse"],
+    "mse+smooth": ["--method", "mse", "--smooth", "0.5"],   # calibrator only, with the scale migration
     "recon": ["--method", "recon"],
     "recon+mac": ["--method", "carsam", "--no-jcar"],
     "recon+jcar": ["--method", "carsam", "--no-mac"],
     "carsam": ["--method", "carsam"],
 }
+CALIBRATORS = ("mse", "mse+smooth")   # calibrator-only cells: on the CPU, shared by every run (no tag, no pass-through)
 
 
 def method_defaults() -> str:
-    """A digest of the method's defaults (ReconConfig, MacConfig, CarsamConfig): part of a reconstruction cell's
-    fingerprint and kept beside its model, so that a cell or model made under other defaults (e.g. MAC's lambda
-    before the ninth GPU round) is made again instead of being read back under the same key."""
+    """A digest of the method's defaults (ReconConfig, MacConfig, CarsamConfig, the scale migration): part of a
+    reconstruction cell's fingerprint and kept beside its model, so that a cell or model made under other defaults
+    (e.g. MAC's lambda before the ninth GPU round) is made again instead of being read back under the same key."""
     text = repr([sorted(asdict(c()).items()) for c in (ReconConfig, MacConfig, CarsamConfig)])
+    text += repr((QuantConfig().smooth, SMOOTH_ALPHA, SMOOTH_METHODS))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def cell_key(variant: str, bits: str, cseed: int, a) -> str:
     key = f"{variant}_{bits}_c{cseed}"
-    if variant != "mse":
+    if variant not in CALIBRATORS:
         key += f"_{'gpu' if a.device.startswith('cuda') else 'cpu'}"
         if a.recon_iters:
             key += f"_it{a.recon_iters}"
@@ -83,8 +88,8 @@ def cell_key(variant: str, bits: str, cseed: int, a) -> str:
 def quantize_cmd(fp: Path, out: Path, variant: str, bits: str, cseed: int, pool: Path, a) -> list[str]:
     cmd = [sys.executable, "-m", "carsam_onnx", "quantize", str(fp), "-o", str(out), "--bits", bits,
            *VARIANTS[variant], "--calib-images", str(pool), "--num-calib", str(a.num_calib), "--seed", str(cseed),
-           "--device", a.device if variant != "mse" else "cpu", "--force"]
-    if variant != "mse":
+           "--device", a.device if variant not in CALIBRATORS else "cpu", "--force"]
+    if variant not in CALIBRATORS:
         if a.recon_iters:
             cmd += ["--recon-iters", str(a.recon_iters)]
         cmd += ["--jcar-pairing", a.jcar_pairing, *shlex.split(a.quantize_args or "")]
@@ -204,13 +209,13 @@ def main(argv=None) -> int:
         model = fp if v == "fp" else work / "models" / f"{key}.onnx"
         need = False
         made_by = work / "models" / f"{key}.defaults"
-        if (v not in ("fp", "mse") and not a.table_only and model.is_file()
+        if (v != "fp" and v not in CALIBRATORS and not a.table_only and model.is_file()
                 and (not made_by.is_file() or made_by.read_text() != defaults)):
             model.unlink()                               # made under other method defaults: quantize again
         for vs, val in vals.items():
             fpr = {"fp": fp_hash, "val": sha256_file(val / "annotations.json")[:16], "limit": a.limit, "key": key,
                    "num_calib": a.num_calib}
-            if v not in ("fp", "mse"):
+            if v != "fp" and v not in CALIBRATORS:
                 fpr["defaults"] = defaults
             path = work / "cells" / f"{key}_v{vs}.json"
             res = cached(path, fpr)
@@ -340,7 +345,7 @@ def markdown(results, a, fp_desc) -> str:
                 txt = f"{s[0]:.2f} +- {s[1]:.2f} (n={s[2]})"
                 if fpv:                    # (an untrained model can score 0: no share of it)
                     txt += f"; kept {100 * s[0] / fpv:.1f}%"
-                    if v != "mse" and base is not None and fpv > base[0]:
+                    if v not in CALIBRATORS and base is not None and fpv > base[0]:
                         txt += f", gap closed {100 * (s[0] - base[0]) / (fpv - base[0]):.0f}%"
                 row.append(txt)
             lines.append("| " + " | ".join(row) + " |")

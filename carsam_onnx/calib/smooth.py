@@ -90,18 +90,19 @@ def smooth_model(model: onnx.ModelProto, plan: QuantPlan, feeds: list[dict], alp
 
 def calibrate_smoothed(calibrate, model: onnx.ModelProto, plan: QuantPlan, config: QuantConfig, feeds: list[dict],
                        progress=None, **kw) -> CalibrationArtifact:
-    """`calibrate` (a registry method's function) on the model with config.smooth's scales migrated; the
+    """`calibrate` (a registry method's function) on the model with config.smooth_alpha's scales migrated; the
     artifact (and any baseline artifact the method hands back through kw["baseline"]) carries the rewritten
     initializers as float_weights."""
-    if config.smooth is None:
+    alpha = config.smooth_alpha
+    if alpha is None:
         return calibrate(model, plan, config, feeds, progress, **kw)
-    smoothed, changed, pairs = smooth_model(model, plan, feeds, config.smooth, config.device)
-    if not pairs:
+    smoothed, changed, pairs = smooth_model(model, plan, feeds, alpha, config.device)
+    if not pairs and config.smooth != "auto":
         warnings.warn("--smooth: no normalisation -> weight-layer pair to migrate in this graph (a normalisation "
                       "must feed only quantized weight layers, its parameters shared with no other node)", stacklevel=3)
     art = calibrate(smoothed, plan, config, feeds, progress, **kw)
     for a in [art, *kw.get("baseline", [])]:
         a.float_weights = {**changed, **a.float_weights}
-        a.info["smooth_alpha"] = str(config.smooth)
+        a.info["smooth_alpha"] = f"{alpha:g}"
         a.info["smooth_pairs"] = str(len(pairs))
     return art

@@ -20,6 +20,19 @@ from carsam_onnx.passes.plan import plan_quantization
 from carsam_onnx.torchexec import OnnxModule
 
 
+def test_auto_migrates_for_the_reconstruction_methods_only():
+    from carsam_onnx.config import SMOOTH_ALPHA
+    from carsam_onnx.errors import InputError
+
+    assert [QuantConfig(method=m).smooth_alpha for m in ("recon", "carsam")] == [SMOOTH_ALPHA] * 2
+    assert [QuantConfig(method=m).smooth_alpha for m in ("minmax", "percentile", "mse")] == [None] * 3
+    assert QuantConfig(method="mse", smooth=0.3).smooth_alpha == 0.3
+    assert QuantConfig(method="carsam", smooth=None).smooth_alpha is None
+    for bad in (1.5, -0.1, float("nan"), "on"):
+        with pytest.raises(InputError, match="--smooth"):
+            QuantConfig(smooth=bad)
+
+
 def test_migration_scales_follow_the_rule():
     rng = np.random.default_rng(0)
     x, w = rng.random(16) * 10 + 0.1, rng.random(16) + 0.05

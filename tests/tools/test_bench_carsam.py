@@ -49,6 +49,10 @@ def test_probe_cells_never_take_the_default_keys(tmp_path):
                                                                "w4a4", 1, tmp_path, probe)
     with pytest.raises(SystemExit):
         bench_carsam.main(["--quantize-args", "--recon-iters 5", "--table-only", "--work-dir", str(tmp_path)])
+    # the migrated calibrator baseline is a calibrator cell too: shared key, on the CPU, no pass-through
+    assert bench_carsam.cell_key("mse+smooth", "w4a4", 1, probe) == "mse+smooth_w4a4_c1"
+    cmd = bench_carsam.quantize_cmd(tmp_path / "fp.onnx", tmp_path / "m.onnx", "mse+smooth", "w4a4", 1, tmp_path, probe)
+    assert "--smooth" in cmd and cmd[cmd.index("--device") + 1] == "cpu" and "--recon-round-lr" not in cmd
 
 
 def test_cells_made_under_other_method_defaults_are_not_read_back(monkeypatch):
