@@ -7,7 +7,8 @@ time, the rest kept exactly as calibrated, scored by ONNX Runtime.
 - Groups come from the graph (passes/units.py find_units: the units reconstruction learns, JCAR's joint units
   split into their members): `encoder` (every image-encoder block), `neck`, `decoder` (every mask-decoder unit),
   each decoder unit alone and, with --encoder-blocks, each encoder block (its attention and MLP units).
-- Putting a group in float drops its weight sites (the FP weight, not MAC's corrected one, goes back) and every
+- Putting a group in float drops its weight sites (the FP weight, not MAC's corrected one, goes back; a weight
+  --smooth migrated keeps its migrated value, which with its norm's computes the FP function) and every
   activation site with a quantized consumer in the group (a value shared with another group's consumer goes
   float for both: counted where it is dropped). Everything else is emitted from the saved calibration unchanged,
   so the row `none` is the shipped model.
@@ -55,13 +56,16 @@ def site_groups(unit) -> dict[str, list]:
     return out
 
 
-def float_group(plan, artifact, units):
-    """(plan, artifact) with the units' weight and activation sites removed: emitted, they stay float."""
+def float_group(plan, artifact, units, migrated: frozenset = frozenset()):
+    """(plan, artifact) with the units' weight and activation sites removed: emitted, they stay float. Their
+    float weights go back to the FP model's, except `migrated` ones (--smooth's pairs: the norm before them keeps
+    its migrated parameters, and the two together compute the FP function)."""
     weights = {w for u in units for w in u.weights}
     values = {v for u in units for v in u.activations}
     plan = replace(plan, weights=tuple(w for w in plan.weights if w.initializer not in weights),
                    activations=tuple(a for a in plan.activations if a.value not in values))
-    art = replace(artifact, float_weights={k: v for k, v in artifact.float_weights.items() if k not in weights})
+    art = replace(artifact, float_weights={k: v for k, v in artifact.float_weights.items()
+                                           if k not in weights or k in migrated})
     return plan, art
 
 
@@ -110,6 +114,11 @@ def main(argv=None) -> int:
     plan = plan_quantization(model, saved.config)
     units = find_units(model, plan)
     groups = unit_groups(units, a.encoder_blocks)
+    migrated = frozenset()
+    if "smooth_alpha" in saved.artifact.info:
+        from carsam_onnx.passes.smooth import find_smooth_pairs
+
+        migrated = frozenset(w for p in find_smooth_pairs(model, plan) for w, _ in p.weights)
     by_name = {u.name: u for u in units}
     missing = [u for u in a.sites if u not in by_name]
     if missing:
@@ -133,7 +142,7 @@ def main(argv=None) -> int:
             onnx_path = Path(a.model)
         else:
             onnx_path = work / f"{key}_{g.replace(' ', '_')}.onnx"
-            p, art = float_group(plan, saved.artifact, groups[g])
+            p, art = float_group(plan, saved.artifact, groups[g], migrated)
             qmodel, _ = emit_model(model, p, art, saved.config)
             save_model(qmodel, onnx_path, force=True)
         todo.append((g, onnx_path, path))

@@ -76,3 +76,17 @@ def test_site_groups_put_one_site_in_float(tmp_path):
         else:
             w = name.split(" weight ")[1]
             assert q == shipped_q and w in inits and w not in shipped_w
+
+
+def test_migrated_weights_keep_their_float_value(tmp_path):
+    """A weight --smooth migrated goes float at its migrated value (its norm keeps the migrated parameters, so the
+    pair computes the FP function); any other corrected weight (MAC's) goes back to the FP model's."""
+    from dataclasses import replace
+
+    model, _, saved, plan = _quantized(tmp_path)
+    dec = unit_sensitivity.unit_groups(find_units(model, plan), encoder_blocks=False)["decoder"]
+    a, b = dec[0].weights[:2]
+    fp = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    art = replace(saved.artifact, float_weights={a: fp[a] * 2, b: fp[b] * 2})
+    _, kept = unit_sensitivity.float_group(plan, art, dec, migrated=frozenset({a}))
+    assert set(kept.float_weights) == {a}
