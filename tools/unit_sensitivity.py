@@ -24,7 +24,6 @@ import argparse
 import json
 import multiprocessing
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -34,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from bench_accuracy import sha256_file, write_json_atomic  # noqa: E402
+from bench_carsam import _evaluate  # noqa: E402
 
 
 def unit_groups(units, encoder_blocks: bool) -> dict[str, list]:
@@ -67,19 +67,6 @@ def float_group(plan, artifact, units, migrated: frozenset = frozenset()):
     art = replace(artifact, float_weights={k: v for k, v in artifact.float_weights.items()
                                            if k not in weights or k in migrated})
     return plan, art
-
-
-def _evaluate(model: str, val: str, threads: int, limit) -> dict:
-    import warnings
-
-    from carsam_onnx.eval.runner import evaluate
-    from carsam_onnx.runtime.ort import OrtRuntime
-
-    t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        r = evaluate(model, val, runtime=OrtRuntime(threads=threads), limit=limit, progress=False)
-    return {"segm_mAP": r.segm_mAP, "mIoU": r.mIoU, "num_images": r.num_images, "eval_s": round(time.perf_counter() - t0, 1)}
 
 
 def main(argv=None) -> int:
