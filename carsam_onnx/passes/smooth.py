@@ -49,8 +49,8 @@ def _input_axis(node: gs.Node, plan_weights: dict[str, object]) -> tuple[str, in
         return None
     w = node.inputs[1]
     site = plan_weights.get(w.name)
-    if site is None or site.node != node.name or site.kind is WeightKind.CONSTANT:
-        return None
+    if site is None or site.node != node.name or site.kind is WeightKind.CONSTANT or len(w.outputs) != 1:
+        return None                                   # (a weight another node reads too would change there)
     if node.op == "MatMul":
         return (w.name, 0) if len(w.shape) == 2 else None
     if node.op == "Gemm":

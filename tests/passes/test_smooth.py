@@ -44,10 +44,13 @@ def _norm_graph(after: str):
     if after == "shared_gamma":                                # gamma read by a second node
         nodes.append(helper.make_node("Mul", ["x", "g"], ["gx"], name="gx"))
         outputs.append("gx")
+    if after == "shared_weight":                               # W read by a second node
+        nodes.append(helper.make_node("MatMul", ["x", "W"], ["xw"], name="xw"))
+        outputs.append("xw")
     if after == "two_layers":
         nodes.append(helper.make_node("MatMul", ["n", "W2"], ["y2"], name="mm2"))
         outputs.append("y2")
-    shapes = {"y": [2, 4, 6], "res": [2, 4, C], "gx": [2, 4, C], "y2": [2, 4, 6]}
+    shapes = {"y": [2, 4, 6], "res": [2, 4, C], "gx": [2, 4, C], "y2": [2, 4, 6], "xw": [2, 4, 6]}
     if after in ("reshape", "reshape_channels"):
         shapes["y"] = None
     if after == "transpose_channels":
@@ -67,7 +70,8 @@ def test_norm_feeding_only_weight_layers_is_a_pair(after, weights):
     assert p.value == ("r" if after == "reshape" else "n")
 
 
-@pytest.mark.parametrize("after", ["residual", "shared_gamma", "reshape_channels", "transpose_channels"])
+@pytest.mark.parametrize("after", ["residual", "shared_gamma", "shared_weight", "reshape_channels",
+                                   "transpose_channels"])
 def test_no_pair_where_the_rewrite_would_change_the_model(after):
     assert _pairs(_norm_graph(after)) == []
 
