@@ -57,9 +57,10 @@ class QuantizeReport:
         if "smooth_alpha" not in self.smooth:
             return []
         pairs = self.smooth.get("smooth_pairs", "0")
+        from .calib.smooth import NO_PAIR_REASON
+
         return [f"scale migration (--smooth {self.smooth['smooth_alpha']}): {pairs} norm -> weight-layer pairs"
-                + ("; none found (a normalisation must feed only quantized weight layers, its parameters shared with "
-                   "no other node)" if pairs == "0" else "")]
+                + (f"; none found ({NO_PAIR_REASON})" if pairs == "0" else "")]
 
     def _mac_lines(self) -> list[str]:
         if self.mac.get("mac") != "on":

@@ -31,6 +31,7 @@ from ..passes.smooth import SmoothPair, find_smooth_pairs
 from ..torchexec import OnnxModule
 from .baseline import to_torch
 
+NO_PAIR_REASON = "a normalisation must feed only quantized weight layers, its parameters shared with no other node"
 _FLOOR = 1e-5   # channels whose statistic is below this share of the largest are treated as this small
 
 
@@ -98,8 +99,8 @@ def calibrate_smoothed(calibrate, model: onnx.ModelProto, plan: QuantPlan, confi
         return calibrate(model, plan, config, feeds, progress, **kw)
     smoothed, changed, pairs = smooth_model(model, plan, feeds, alpha, config.device)
     if not pairs and config.smooth != "auto":
-        warnings.warn("--smooth: no normalisation -> weight-layer pair to migrate in this graph (a normalisation "
-                      "must feed only quantized weight layers, its parameters shared with no other node)", stacklevel=3)
+        warnings.warn(f"--smooth: no normalisation -> weight-layer pair to migrate in this graph ({NO_PAIR_REASON})",
+                      stacklevel=3)
     art = calibrate(smoothed, plan, config, feeds, progress, **kw)
     for a in [art, *kw.get("baseline", [])]:
         a.float_weights = {**changed, **a.float_weights}
