@@ -8,9 +8,9 @@ from dataclasses import fields
 
 from . import api
 from .calib.registry import method_names, methods_help
-from .config import (HELDOUT, INT8_WEIGHT_FORMATS, JCAR_PAIRINGS, MAC_QK_MODES, MAC_ROUNDING, MAC_SCOPES, MAC_WHEN,
-                     MAX_REPORT_IMAGES, SMOOTH_ALPHA, SMOOTH_METHODS, BitWidths, CarsamConfig, EvalConfig, ExportConfig,
-                     MacConfig, QuantConfig, ReconConfig)
+from .config import (HELDOUT, INT8_WEIGHT_FORMATS, JCAR_PAIRINGS, MAC_GRANULARITY, MAC_QK_MODES, MAC_ROUNDING,
+                     MAC_SCOPES, MAC_WHEN, MAX_REPORT_IMAGES, SMOOTH_ALPHA, SMOOTH_METHODS, BitWidths, CarsamConfig,
+                     EvalConfig, ExportConfig, MacConfig, QuantConfig, ReconConfig)
 from .errors import CarsamError
 from .runtime import RUNTIMES
 
@@ -154,6 +154,9 @@ def _add_quantize(sub):
     c.add_argument("--mac-qk", choices=list(MAC_QK_MODES), default=_default(MacConfig, "qk"),
                    help="which Q.K^T operand's quantization error MAC moves: k = Q's error into W_K, q = K's into "
                         f"W_Q, qk = both, none (default {_default(MacConfig, 'qk')})")
+    c.add_argument("--mac-granularity", choices=list(MAC_GRANULARITY), default=_default(MacConfig, "granularity"),
+                   help="head: one Q.K^T correction per head; projection: one per q or k projection, fitted to the "
+                        f"heads' summed scores (default {_default(MacConfig, 'granularity')})")
     c.add_argument("--mac-v", action=argparse.BooleanOptionalAction, default=_default(MacConfig, "v"),
                    help="move the softmax output's quantization error into W_V")
     c.add_argument("--mac-when", choices=list(MAC_WHEN), default=_default(MacConfig, "when"),
@@ -207,7 +210,7 @@ def _run_quantize(a) -> int:
                       carsam=CarsamConfig(use_mac=a.mac, use_jcar=a.jcar, pairing=a.jcar_pairing,
                                           mac_rounding=a.mac_rounding, joint_fallback=a.jcar_fallback),
                       mac=MacConfig(when=a.mac_when, scope=a.mac_scope, lam_rel=a.mac_lambda, qk=a.mac_qk,
-                                    v=a.mac_v))
+                                    v=a.mac_v, granularity=a.mac_granularity))
     report = api.quantize(a.model, a.output, cfg, calib_images=a.calib_images, calib_prompts=a.calib_prompts,
                           encoder=a.encoder, embeddings=a.embeddings, save_calibration=a.save_calibration,
                           force=a.force, progress=not a.quiet, provider=a.provider, report_dir=a.report,

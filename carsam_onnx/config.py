@@ -203,6 +203,7 @@ class CarsamConfig:
             raise InputError(f"--jcar-pairing {self.pairing!r}: choose one of {', '.join(JCAR_PAIRINGS)}")
 MAC_QK_MODES: tuple[str, ...] = ("q", "k", "qk", "none")
 MAC_SCOPES: tuple[str, ...] = ("decoder", "all")
+MAC_GRANULARITY: tuple[str, ...] = ("head", "projection")
 MAC_WHEN: tuple[str, ...] = ("start", "decoder")
 MAC_ROUNDING: tuple[str, ...] = ("learn", "nearest")
 
@@ -224,6 +225,10 @@ class MacConfig:
     v: bool = True                 # the softmax output's error into W_V (seed 2, k: 21.54 dB with, 18.36 without;
                                    # full model, GPU, W4A4, lam_rel 10: 76.19 with, 76.17 without)
     solve: str = "factored"        # factored | exact (calib/mac.py)
+    granularity: str = "head"      # head: one Q.K^T problem per head (each head's scores); projection: one for the
+                                   # whole q or k projection, whose target is the heads' scores summed (the
+                                   # variant the paper leaves open; the check images still judge each head's
+                                   # scores, so it is kept only where it lowers them)
     scope: str = "decoder"         # decoder: the two-way decoder's attention sites (the paper's); all: also the
                                    # image encoder's (CPU W4A4, seed 2, 3 calibration seeds: -2.6 mAP against
                                    # recon; the corrections compound through the blocks, docs/results.md)
@@ -240,6 +245,8 @@ class MacConfig:
             raise InputError(f"MAC solve {self.solve!r}: choose factored or exact")
         if self.when not in MAC_WHEN:
             raise InputError(f"MAC when {self.when!r}: choose one of {', '.join(MAC_WHEN)}")
+        if self.granularity not in MAC_GRANULARITY:
+            raise InputError(f"MAC granularity {self.granularity!r}: choose one of {', '.join(MAC_GRANULARITY)}")
         if self.scope not in MAC_SCOPES:
             raise InputError(f"MAC scope {self.scope!r}: choose one of {', '.join(MAC_SCOPES)}")
         if not 0 < self.lam_rel < float("inf"):

@@ -126,9 +126,9 @@ def test_quantize_method_flags_reach_the_config(capsys, monkeypatch):
     monkeypatch.setattr(cli.api, "quantize", lambda model, out, cfg, **kw: seen.append((cfg, kw)) or Done())
     assert main(["-q", "quantize", "m.onnx", "-o", "q.onnx", "--method", "carsam", "--mac-scope", "all",
                  "--mac-when", "decoder", "--mac-lambda", "100", "--mac-qk", "q", "--no-mac-v",
-                 "--report", "rep", "--report-compare", "earlier"]) == 0
+                 "--mac-granularity", "projection", "--report", "rep", "--report-compare", "earlier"]) == 0
     assert main(["-q", "quantize", "m.onnx", "-o", "q.onnx", "--method", "carsam"]) == 0
     (cfg, kw), (plain, plain_kw) = seen
     assert (cfg.mac.scope, cfg.mac.when, kw["report_dir"], kw["report_compare"]) == ("all", "decoder", "rep", "earlier")
-    assert (cfg.mac.lam_rel, cfg.mac.qk, cfg.mac.v) == (100.0, "q", False)
+    assert (cfg.mac.lam_rel, cfg.mac.qk, cfg.mac.v, cfg.mac.granularity) == (100.0, "q", False, "projection")
     assert plain.mac == MacConfig() and plain_kw["report_compare"] is None and plain_kw["report_images"] == 2

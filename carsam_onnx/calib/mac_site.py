@@ -283,6 +283,8 @@ def _qk_step(side: str, site: AttentionSite, ops: dict, fp: list[dict], qt: list
     if solve == "exact" and not op.aligned:
         solve = "factored"
     st = mac.QKStats(keep_samples=solve == "exact")
+    per_projection = config.granularity == "projection"
+    cols = [torch.cat(op.cols)] if per_projection else op.cols
     for f, q in zip(fp, qt):
         o_fp = _heads_of_value(f[val[other]], other == "k")              # [B, H, M, d]
         o_q = _heads_of_value(q[val[other]], other == "k")
@@ -296,11 +298,19 @@ def _qk_step(side: str, site: AttentionSite, ops: dict, fp: list[dict], qt: list
                       o_q.transpose(0, 1).reshape(o_q.shape[1], -1, o_q.shape[-1]))]
         for x_fp, x_q, of, oq in pairs:
             # target factors: P = this side's FP value in the rows of x, R = the other side's FP value
-            p = op.scale * torch.stack([x_fp @ w_aug[:, c] for c in op.cols])        # [H, N, d]
+            p = op.scale * torch.stack([x_fp @ w_aug[:, c] for c in cols])           # [H, N, d] or [1, N, H d]
+            if per_projection:
+                of, oq = _merge_heads(of), _merge_heads(oq)
             st.add(x_q, p, of, oq)
-    W = op.scale * torch.stack([w_aug[:, c] for c in op.cols])
+    W = op.scale * torch.stack([w_aug[:, c] for c in cols])
     dW = mac.solve_qk(st, W, st.lam(config.lam_rel, solve), method=solve) / op.scale
-    return mac.scatter_heads(w_aug, op.cols, dW)
+    return mac.scatter_heads(w_aug, cols, dW)
+
+
+def _merge_heads(t: torch.Tensor) -> torch.Tensor:
+    """Per-head factors [H, M, d] -> [1, M, H d], columns head by head as the projection writes them: one problem
+    whose target, P R^T, is the sum of the heads' score matrices (MacConfig.granularity "projection")."""
+    return t.permute(1, 0, 2).reshape(1, t.shape[1], -1)
 
 
 def _v_step(site: AttentionSite, op: _Operand, fp: list[dict], qt: list[dict], w_aug: torch.Tensor,
@@ -651,6 +661,7 @@ def mac_info(config: MacConfig, records: list[SiteRecord], feeds: list[dict]) ->
     return {"mac": "on",
             "mac_config": ",".join(f"{k}={v}" for k, v in (("lam_rel", config.lam_rel), ("qk", config.qk),
                                                              ("v", config.v), ("solve", config.solve),
+                                                             ("granularity", config.granularity),
                                                              ("scope", config.scope), ("when", config.when))),
             "mac_sites": str(len(records)),
             "mac_lam_rel": f"{config.lam_rel:g}",
