@@ -4,7 +4,7 @@ ONNX Runtime on the validation seeds, quantization and evaluation each run as pa
     python tools/bench_carsam.py --device cuda --bits w6a6 w4a4 w3a3 --calib-seeds 1 2 3 \
         --variants mse recon recon+mac recon+jcar carsam --jobs 3 --eval-jobs 4 --eval-threads 2
 
-- Variants: `mse` (the calibrator-only baseline of the gap), `mse+smooth` (MSE with `--smooth 0.5`, calibration
+- Variants: `mse` (the calibrator-only baseline of the gap), `mse+smooth` (MSE with the default alpha, `--smooth 0.5`, calibration
   only too; the better baseline since the scale migration), `recon` (--method recon), `recon+mac` (carsam --no-jcar),
   `recon+jcar` (carsam --no-mac), `carsam` (both). `--jcar-pairing` and `--recon-iters` pass through; a
   non-default one is part of the cell key.
@@ -54,7 +54,7 @@ BEGIN = "<!-- tools/bench_carsam.py writes from here -->"
 END = "<!-- tools/bench_carsam.py ends here -->"
 VARIANTS = {   # name -> quantize arguments
     "mse": ["--method", "mse"],
-    "mse+smooth": ["--method", "mse", "--smooth", "0.5"],   # calibrator only, with the scale migration
+    "mse+smooth": ["--method", "mse", "--smooth", f"{SMOOTH_ALPHA:g}"],   # calibrator only, the default migration
     "recon": ["--method", "recon"],
     "recon+mac": ["--method", "carsam", "--no-jcar"],
     "recon+jcar": ["--method", "carsam", "--no-mac"],
@@ -217,6 +217,8 @@ def main(argv=None) -> int:
                    "num_calib": a.num_calib}
             if v != "fp" and v not in CALIBRATORS:
                 fpr["defaults"] = defaults
+            elif v == "mse+smooth":
+                fpr["smooth_alpha"] = SMOOTH_ALPHA          # a cell made at another alpha is not read back
             path = work / "cells" / f"{key}_v{vs}.json"
             res = cached(path, fpr)
             if res is None:

@@ -53,6 +53,9 @@ def test_probe_cells_never_take_the_default_keys(tmp_path):
     assert bench_carsam.cell_key("mse+smooth", "w4a4", 1, probe) == "mse+smooth_w4a4_c1"
     cmd = bench_carsam.quantize_cmd(tmp_path / "fp.onnx", tmp_path / "m.onnx", "mse+smooth", "w4a4", 1, tmp_path, probe)
     assert "--smooth" in cmd and cmd[cmd.index("--device") + 1] == "cpu" and "--recon-round-lr" not in cmd
+    from carsam_onnx.config import SMOOTH_ALPHA
+
+    assert cmd[cmd.index("--smooth") + 1] == f"{SMOOTH_ALPHA:g}"          # the default's alpha, not a copy of it
 
 
 def test_cells_made_under_other_method_defaults_are_not_read_back(monkeypatch):
