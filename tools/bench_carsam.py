@@ -4,10 +4,10 @@ ONNX Runtime on the validation seeds, quantization and evaluation each run as pa
     python tools/bench_carsam.py --device cuda --bits w6a6 w4a4 w3a3 --calib-seeds 1 2 3 \
         --variants mse recon recon+mac recon+jcar carsam --jobs 3 --eval-jobs 4 --eval-threads 2
 
-- Variants: `mse` (the calibrator-only baseline of the gap), `mse+smooth` (MSE with the default alpha, `--smooth 0.5`, calibration
-  only too; the better baseline since the scale migration), `recon` (--method recon), `recon+mac` (carsam --no-jcar),
-  `recon+jcar` (carsam --no-mac), `carsam` (both). `--jcar-pairing` and `--recon-iters` pass through; a
-  non-default one is part of the cell key.
+- Variants: `mse` (the calibrator-only baseline of the gap), `mse+smooth` (MSE with the scale migration at
+  config.SMOOTH_ALPHA; calibration only too; the better baseline since the migration), `recon` (--method recon),
+  `recon+mac` (carsam --no-jcar), `recon+jcar` (carsam --no-mac), `carsam` (both). `--jcar-pairing` and
+  `--recon-iters` pass through; a non-default one is part of the cell key.
 - FP model, validation sets and the calibration pool as in tools/bench_recon.py (reference model; calibration seed
   s draws --num-calib images from a pool of data seed 1 and seeds everything random in the method).
 - Phase 1 quantizes every missing cell with `carsam-onnx quantize` processes (--jobs at once; on one GPU they
