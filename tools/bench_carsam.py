@@ -254,9 +254,11 @@ def main(argv=None) -> int:
             except Exception as e:   # one failed cell must not lose the others
                 log(f"{k} val{vs}: eval FAILED: {e}")
                 continue
-            tf = work / "models" / f"{k}.time"
+            tf, jf = work / "models" / f"{k}.time", work / "models" / f"{k}.jobs"
             if tf.is_file():
                 r["quantize_s"] = float(tf.read_text())
+            if jf.is_file():
+                r["quantize_jobs"] = int(jf.read_text())
             r.update({"commit": git_commit(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")})
             write_json_atomic(path, {"fingerprint": fpr, "result": r})
             results[(k, vs)] = r
@@ -282,13 +284,13 @@ def main(argv=None) -> int:
                 penv = {**env, "OMP_NUM_THREADS": str(a.cores), "MKL_NUM_THREADS": str(a.cores)} if alone else env
                 running.append((key, subprocess.Popen(cmd, env=penv, stdout=open(work / "models" / f"{key}.log", "w"),
                                                       stderr=subprocess.STDOUT),
-                                time.perf_counter(), tmp, model))
+                                time.perf_counter(), tmp, model, 1 if alone else a.jobs))
             if late(a.deadline):
                 queue.clear()
             time.sleep(1)
             collect(block=False)
             for r in list(running):
-                key, p, t0, tmp, model = r
+                key, p, t0, tmp, model, jobs = r
                 if p.poll() is not None:
                     running.remove(r)
                     alone = False
@@ -299,6 +301,7 @@ def main(argv=None) -> int:
                         (work / "models" / f"{key}.defaults").write_text(defaults)   # read for recon cells
                         t = round(time.perf_counter() - t0, 1)
                         (work / "models" / f"{key}.time").write_text(str(t))
+                        (work / "models" / f"{key}.jobs").write_text(str(jobs))   # what shared the machine
                         log(f"quantized {key} in {t:.0f} s")
                         submit_evals(model)
                     else:
@@ -308,6 +311,9 @@ def main(argv=None) -> int:
     if ex is not None:
         collect(block=True)
         ex.shutdown()
+    if a.phase == "quantize":   # nothing was scored: a table of dashes must not replace the last one
+        log("quantize phase: no table written (run --phase eval with the same flags to score the models)")
+        return 0
     if a.fp_only:          # nothing to tabulate: the FP cells are cached for the runs that follow
         for vs in a.val_seeds:
             log(f"fp val{vs}: " + (f"mAP {results[('fp', vs)]['segm_mAP']:.2f}" if ("fp", vs) in results else "none"))
@@ -352,17 +358,28 @@ def markdown(results, a, fp_desc) -> str:
                 row.append(txt)
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
-    qt = {}
+    qt, jobs = {}, set()
     for v in a.variants:
-        ts = [results[(cell_key(v, b, c, a), vs)].get("quantize_s") for b in a.bits for c in a.calib_seeds
-              for vs in a.val_seeds if (cell_key(v, b, c, a), vs) in results]
-        ts = [t for t in ts if t]
+        rs = [results[(cell_key(v, b, c, a), vs)] for b in a.bits for c in a.calib_seeds for vs in a.val_seeds
+              if (cell_key(v, b, c, a), vs) in results]
+        ts = [r["quantize_s"] for r in rs if r.get("quantize_s")]
+        jobs |= {r.get("quantize_jobs") for r in rs if r.get("quantize_s")}
         if ts:
             qt[v] = statistics.median(ts)
     if qt:
-        lines += ["Median quantize wall time per cell (s; processes ran " + f"{a.jobs} at once): " +
+        lines += [f"Median quantize wall time per cell (s; {_sharing(jobs)}): " +
                   ", ".join(f"{v} {t:.0f}" for v, t in qt.items()), ""]
     return "\n".join(lines)
+
+
+def _sharing(jobs: set) -> str:
+    """How many quantize processes shared the machine, as recorded beside each cell's model (a cell made by another
+    run, e.g. `--phase quantize` before `--phase eval`, keeps its own count; older cells have none)."""
+    known = sorted(j for j in jobs if j)
+    if not known:
+        return "processes at once: not recorded"
+    span = str(known[0]) if len(known) == 1 else f"{known[0]}-{known[-1]}"
+    return f"processes ran {span} at once" + (" where recorded" if None in jobs else "")
 
 
 if __name__ == "__main__":

@@ -90,3 +90,25 @@ def test_fp_only_scores_the_fp_model_once_for_the_runs_that_follow(tmp_path):
     assert bench_carsam.main(["--variants", "mse", "--calib-seeds", "1", "--bits", "w8a8", *common]) == 0
     assert (work / "cells" / "fp_v2.json").stat().st_mtime_ns == stamp          # read back, not evaluated again
     assert (work / "cells" / "mse_w8a8_c1_v2.json").is_file() and "### Validation seed 2 (FP " in md.read_text()
+
+
+def test_a_quantize_phase_writes_no_table_and_its_sharing_reaches_the_later_one(tmp_path):
+    """--phase quantize scores nothing, so it must not replace the last table with dashes; the number of quantize
+    processes that shared the machine is kept beside each model and named by the --phase eval run's table."""
+    from tiny_sam import tiny_sam_paths
+
+    model, work, md = str(tiny_sam_paths()["full"]), tmp_path / "w", tmp_path / "out.md"
+    common = ["--model", model, "--work-dir", str(work), "--val-seeds", "2", "--num-val", "2", "--out-md", str(md),
+              "--variants", "mse", "--calib-seeds", "1", "--bits", "w8a8"]
+    assert bench_carsam.main(["--phase", "quantize", "--jobs", "2", *common]) == 0
+    assert not md.exists() and not list((work / "cells").iterdir())
+    assert (work / "models" / "mse_w8a8_c1.jobs").read_text() == "2"
+    assert bench_carsam.main(["--phase", "eval", "--jobs", "1", *common]) == 0
+    assert "(s; processes ran 2 at once)" in md.read_text()
+
+
+def test_sharing_names_what_was_recorded():
+    assert bench_carsam._sharing({2}) == "processes ran 2 at once"
+    assert bench_carsam._sharing({1, 6}) == "processes ran 1-6 at once"
+    assert bench_carsam._sharing({2, None}) == "processes ran 2 at once where recorded"
+    assert bench_carsam._sharing({None}) == "processes at once: not recorded"
