@@ -373,13 +373,14 @@ def markdown(results, a, fp_desc) -> str:
 
 
 def _sharing(jobs: set) -> str:
-    """How many quantize processes shared the machine, as recorded beside each cell's model (a cell made by another
-    run, e.g. `--phase quantize` before `--phase eval`, keeps its own count; older cells have none)."""
+    """How many quantize processes the run that made each cell allowed at once (its --jobs; 1 for --first-alone),
+    as recorded beside the cell's model: a cell made by another run, e.g. `--phase quantize` before `--phase eval`,
+    keeps that run's count; older cells have none."""
     known = sorted(j for j in jobs if j)
     if not known:
         return "processes at once: not recorded"
     span = str(known[0]) if len(known) == 1 else f"{known[0]}-{known[-1]}"
-    return f"processes ran {span} at once" + (" where recorded" if None in jobs else "")
+    return f"up to {span} processes at once" + (" where recorded" if None in jobs else "")
 
 
 if __name__ == "__main__":
