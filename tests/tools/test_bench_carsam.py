@@ -93,8 +93,8 @@ def test_fp_only_scores_the_fp_model_once_for_the_runs_that_follow(tmp_path):
 
 
 def test_a_quantize_phase_writes_no_table_and_its_sharing_reaches_the_later_one(tmp_path):
-    """--phase quantize scores nothing, so it must not replace the last table with dashes; the number of quantize
-    processes that shared the machine is kept beside each model and named by the --phase eval run's table."""
+    """--phase quantize scores nothing, so it must not replace the last table with dashes; how many quantize
+    processes its run allowed at once (--jobs) is kept beside each model and named by the --phase eval run's table."""
     from tiny_sam import tiny_sam_paths
 
     model, work, md = str(tiny_sam_paths()["full"]), tmp_path / "w", tmp_path / "out.md"
