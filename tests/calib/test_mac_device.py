@@ -76,16 +76,22 @@ def test_mac_cut_on_cuda_matches_the_cpu(tiny_full_w4a4, cpu_default):
     # ... and the correction made from them is as good as the CPU's. Not the same weights: on the first device
     # run (2026-12-04) the CUDA-corrected k/v weights differed from the CPU's by 1.3% of their norm, because
     # quantized values that land on a neighbouring code change dK = K^ - K, which MAC's right-hand side is made
-    # of. What must hold is what MAC is for: on the held-back check images each site's Q.K^T error falls by
-    # (nearly) as much as on the CPU, and never rises.
+    # of. What must hold is that on the held-back check image each site's Q.K^T error changes (nearly) as the
+    # CPU's does and that their sum falls as much. Not that no site rises: MAC keeps a step only where it lowers
+    # its own site's check error, but a correction upstream moves a later site's 4-bit codes, and with one check
+    # image at lam_rel 100 the CPU itself leaves decoder_image_to_token:0 at 0.3300 -> 0.3333 (its k step
+    # dropped; 2026-12-05, torch 2.14.1) and CUDA at 0.3300 -> 0.3327 (H200, torch 2.11). The claim that no site's
+    # held-out error rises is test_mac.py's, on the reference decoder and on a tiny SAM with 6 images.
     out = apply_mac(model, plan, art, feeds, MacConfig(), device="cuda")
     assert out.float_weights.keys() == cpu_default.float_weights.keys()
     got_err, want_err = _check_errors(out.info), _check_errors(cpu_default.info)
     assert got_err.keys() == want_err.keys() and got_err
+    print("cuda:", out.info["mac_check_qk_error"], "\ncpu: ", cpu_default.info["mac_check_qk_error"])
     for site, (before, after) in got_err.items():
-        assert after <= before + 1e-9, site
         cpu_before, cpu_after = want_err[site]
         assert after / before <= cpu_after / cpu_before + 0.05, site
+    got_sum, want_sum = (sum(a for _, a in e.values()) / sum(b for b, _ in e.values()) for e in (got_err, want_err))
+    assert got_sum < 1.0 and got_sum <= want_sum + 0.02, (got_sum, want_sum)
 
 
 def _check_errors(info: dict) -> dict[str, tuple[float, float]]:
