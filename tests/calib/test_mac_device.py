@@ -77,9 +77,9 @@ def test_mac_cut_on_cuda_matches_the_cpu(tiny_full_w4a4, cpu_default):
     # run (2026-12-04) the CUDA-corrected k/v weights differed from the CPU's by 1.3% of their norm, because
     # quantized values that land on a neighbouring code change dK = K^ - K, which MAC's right-hand side is made
     # of. What must hold is that on the held-back check image each site's Q.K^T error changes (nearly) as the
-    # CPU's does and that their sum falls as much. Not that no site rises: MAC keeps a step only where it lowers
-    # its own site's check error, but a correction upstream moves a later site's 4-bit codes, and with one check
-    # image at lam_rel 100 the CPU itself leaves decoder_image_to_token:0 at 0.3300 -> 0.3333 (its k step
+    # CPU's does, that no site rises where the CPU's does not, and that their sum falls as much. Not that no
+    # site rises at all: MAC keeps a step only where it lowers its own site's check error, but a correction
+    # upstream moves a later site's 4-bit codes, and with one check image at lam_rel 100 the CPU itself leaves decoder_image_to_token:0 at 0.3300 -> 0.3333 (its k step
     # dropped; 2026-12-05, torch 2.14.1) and CUDA at 0.3300 -> 0.3327 (H200, torch 2.11). The claim that no site's
     # held-out error rises is test_mac.py's, on the reference decoder and on a tiny SAM with 6 images.
     out = apply_mac(model, plan, art, feeds, MacConfig(), device="cuda")
@@ -89,6 +89,7 @@ def test_mac_cut_on_cuda_matches_the_cpu(tiny_full_w4a4, cpu_default):
     print("cuda:", out.info["mac_check_qk_error"], "\ncpu: ", cpu_default.info["mac_check_qk_error"])
     for site, (before, after) in got_err.items():
         cpu_before, cpu_after = want_err[site]
+        assert after <= before + 1e-9 or cpu_after > cpu_before, site     # a rise only where the CPU's rises too
         assert after / before <= cpu_after / cpu_before + 0.05, site
     got_sum, want_sum = (sum(a for _, a in e.values()) / sum(b for b, _ in e.values()) for e in (got_err, want_err))
     assert got_sum < 1.0 and got_sum <= want_sum + 0.02, (got_sum, want_sum)
