@@ -79,9 +79,10 @@ def test_mac_cut_on_cuda_matches_the_cpu(tiny_full_w4a4, cpu_default):
     # of. What must hold is that on the held-back check image each site's Q.K^T error changes (nearly) as the
     # CPU's does, that no site rises where the CPU's does not, and that their sum falls as much. Not that no
     # site rises at all: MAC keeps a step only where it lowers its own site's check error, but a correction
-    # upstream moves a later site's 4-bit codes, and with one check image at lam_rel 100 the CPU itself leaves decoder_image_to_token:0 at 0.3300 -> 0.3333 (its k step
-    # dropped; 2026-12-05, torch 2.14.1) and CUDA at 0.3300 -> 0.3327 (H200, torch 2.11). The claim that no site's
-    # held-out error rises is test_mac.py's, on the reference decoder and on a tiny SAM with 6 images.
+    # upstream moves a later site's 4-bit codes, and with one check image at lam_rel 100 the CPU itself leaves
+    # decoder_image_to_token:0 at 0.3300 -> 0.3333 (its k step dropped; 2026-12-05, torch 2.14.1) and CUDA at
+    # 0.3300 -> 0.3327 (H200, torch 2.11). The claim that no site's held-out error rises is test_mac.py's, on
+    # the reference decoder and on a tiny SAM with 6 images.
     out = apply_mac(model, plan, art, feeds, MacConfig(), device="cuda")
     assert out.float_weights.keys() == cpu_default.float_weights.keys()
     got_err, want_err = _check_errors(out.info), _check_errors(cpu_default.info)
