@@ -112,7 +112,8 @@ def _add_quantize(sub):
     r = p.add_argument_group("block reconstruction (--method recon)")
     r.add_argument("--recon-iters", type=int, default=_default(ReconConfig, "iters"),
                    help=f"steps per unit (default: {_default(ReconConfig, 'cpu_iters')} on a CPU, "
-                        f"{_default(ReconConfig, 'gpu_iters')} on a GPU)")
+                        f"{_default(ReconConfig, 'cpu_iters_3bit')} there when weights and activations both have "
+                        f"<= 3 bits; {_default(ReconConfig, 'gpu_iters')} on a GPU)")
     r.add_argument("--recon-decoder-factor", type=int, default=_default(ReconConfig, "decoder_factor"),
                    help="mask-decoder units take this many times the steps of an encoder unit (default "
                         f"{_default(ReconConfig, 'decoder_factor')})")

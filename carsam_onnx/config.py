@@ -67,9 +67,12 @@ class ReconConfig:
     (shared/RESEARCH.md) except the iteration counts, which are schedules sized to a time budget."""
 
     init_method: str = "mse"          # calibrator that gives the weight scales and the initial step sizes
-    iters: int | None = None          # steps per unit; None: cpu_iters on a CPU, gpu_iters on a GPU
+    iters: int | None = None          # steps per unit; None: cpu_iters (cpu_iters_3bit) on a CPU, gpu_iters on a GPU
     cpu_iters: int = 200              # CPU schedule: sized so that --method recon --bits w4a4 on the reference
                                       # model fits 15 min on 2 cores
+    cpu_iters_3bit: int = 400         # CPU schedule when weights and activations both have <= 3 bits. Seed 2, W3A3,
+                                      # 3 calibration seeds: recon 68.04 +- 0.62 against 59.42 +- 3.21 at 200 (about
+                                      # 1.8x the time; docs/results.md, "W3A3 at 2x the CPU schedule")
     gpu_iters: int = 500              # GPU schedule: recon W4A4 on the reference model 170 s alone on an H200
     decoder_factor: int = 1           # mask-decoder units take this many times the steps of an encoder unit (they
                                       # are a few percent of a full model's reconstruction time); JCAR's joint units
@@ -121,7 +124,8 @@ class ReconConfig:
     def __post_init__(self):
         if self.init_method not in ("minmax", "percentile", "mse"):
             raise InputError(f"recon init method {self.init_method!r}: choose minmax, percentile or mse")
-        for name in ("cpu_iters", "gpu_iters", "cpu_batch_size", "gpu_batch_size", "guard_images", "decoder_factor"):
+        for name in ("cpu_iters", "cpu_iters_3bit", "gpu_iters", "cpu_batch_size", "gpu_batch_size", "guard_images",
+                     "decoder_factor"):
             if getattr(self, name) < 1:
                 raise InputError(f"recon {name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
         if self.iters is not None and self.iters < 1:
@@ -155,13 +159,18 @@ class ReconConfig:
         lr = self.scale_lr_base(device)
         return lr if self.scale_lr_ref is None else lr * s0 / self.scale_lr_ref
 
-    def iters_for(self, device: str) -> int:
+    def iters_for(self, device: str, bits: BitWidths | None = None) -> int:
+        """Steps per unit: iters if set, else the device's schedule (on a CPU, cpu_iters_3bit where `bits` has
+        weights and activations of 3 bits or fewer)."""
+        on_cpu = not str(device).startswith("cuda")
+        if self.iters is None and on_cpu and bits is not None and max(bits.weight, bits.activation) <= 3:
+            return self.cpu_iters_3bit
         return self.for_device("iters", device)
 
-    def unit_iters(self, device: str, unit) -> int:
-        """Steps of one unit (passes/units.Unit): iters, times decoder_factor for a mask-decoder unit, times the
-        member count for a joint unit."""
-        return (self.iters_for(device) * max(1, len(unit.members))
+    def unit_iters(self, device: str, unit, bits: BitWidths | None = None) -> int:
+        """Steps of one unit (passes/units.Unit): iters_for, times decoder_factor for a mask-decoder unit, times
+        the member count for a joint unit."""
+        return (self.iters_for(device, bits) * max(1, len(unit.members))
                 * (self.decoder_factor if unit.in_decoder else 1))
 
     def batch_for(self, device: str) -> int:

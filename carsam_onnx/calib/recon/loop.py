@@ -543,7 +543,7 @@ def reconstruct(model: onnx.ModelProto, plan: QuantPlan, base: CalibrationArtifa
     `fallback`: joint unit name -> its members; a joint unit whose learned values the unit guard rejects is
     followed by its members reconstructed one by one (their stats follow its own)."""
     rc: ReconConfig = config.recon
-    iters = rc.iters_for(config.device)
+    iters = rc.iters_for(config.device, config.bits)
     gen = torch.Generator().manual_seed(config.seed)
     devices = [torch.device(config.device)] if torch.device(config.device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -562,13 +562,13 @@ def reconstruct(model: onnx.ModelProto, plan: QuantPlan, base: CalibrationArtifa
                 before_unit(r, unit)
             before = r.finished()
             with tf32(rc.tf32 and r.device.type == "cuda"):
-                stats.append(r.reconstruct(unit, feeds, rc.unit_iters(config.device, unit), progress, gen))
+                stats.append(r.reconstruct(unit, feeds, rc.unit_iters(config.device, unit, config.bits), progress, gen))
             _log_unit(log, stats[-1], f"{k}/{len(units)}")
             if stats[-1].kept == "init" and unit.name in fallback:
                 r.reopen(unit, before)
                 for m in fallback[unit.name]:
                     with tf32(rc.tf32 and r.device.type == "cuda"):
-                        stats.append(r.reconstruct(m, feeds, rc.unit_iters(config.device, m), progress, gen))
+                        stats.append(r.reconstruct(m, feeds, rc.unit_iters(config.device, m, config.bits), progress, gen))
                     _log_unit(log, stats[-1], f"{k}/{len(units)}, member of {unit.name}")
             if outer is not None:
                 outer.set_postfix(unit=unit.name, loss=f"{stats[-1].loss_end:.4g}")
