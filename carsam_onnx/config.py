@@ -71,9 +71,10 @@ class ReconConfig:
     cpu_iters: int = 200              # CPU schedule: sized so that --method recon --bits w4a4 on the reference
                                       # model fits 15 min on 2 cores
     cpu_iters_3bit: int = 400         # CPU schedule when weights and activations both have <= 3 bits. Seed 2, W3A3,
-                                      # 3 calibration seeds: recon 68.04 +- 0.62 against 59.42 +- 3.21 at 200 (about
-                                      # 1.8x the time; docs/results.md, "W3A3 at 2x the CPU schedule")
-    gpu_iters: int = 500              # GPU schedule: recon W4A4 on the reference model 170 s alone on an H200
+                                      # 3 calibration seeds: recon 68.04 +- 0.62 against 59.42 +- 3.21 at 200 (2x at
+                                      # W4A4: 1.8x the time; docs/results.md, "W3A3 at 2x the CPU schedule")
+    gpu_iters: int = 500              # GPU schedule: recon W4A4 on the reference model 47 s alone on an H100
+                                      # (twelfth GPU round; 170 s on an H200 in the fourth, older code)
     decoder_factor: int = 1           # mask-decoder units take this many times the steps of an encoder unit (they
                                       # are a few percent of a full model's reconstruction time); JCAR's joint units
                                       # also multiply by their member count. Seed 2, GPU, W4A4 recon, 3 calibration
