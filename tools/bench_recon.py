@@ -99,8 +99,8 @@ def main(argv=None) -> int:
     fp_hash = sha256_file(fp)[:16]
     rc = ReconConfig(iters=a.recon_iters)
 
-    def schedule(bits: str) -> str:   # a cell key's schedule: the steps per unit at these bits on this device
-        return f"{'gpu' if a.device.startswith('cuda') else 'cpu'}{rc.iters_for(a.device, BitWidths.parse(bits))}"
+    def steps(bits: str) -> int:   # steps per unit at these bits on this device (part of a recon cell's key)
+        return rc.iters_for(a.device, BitWidths.parse(bits))
     vals = {s: dataset(work, s, a.num_val) for s in a.val_seeds}
     from carsam_onnx.data.builtin import CALIBRATION_SEED
 
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     results: dict = {}
 
     def cell(method: str, bits: str | None, cseed: int | None):
-        key = "fp" if method == "fp" else f"{method}{'_' + schedule(bits) if method == 'recon' else ''}_{bits}_c{cseed}"
+        key = "fp" if method == "fp" else f"{method}{'_' + schedule(a, steps, bits) if method == 'recon' else ''}_{bits}_c{cseed}"
         todo = []
         for vs, val in vals.items():
             fpr = {"fp": fp_hash, "val": sha256_file(val / "annotations.json")[:16], "limit": a.limit, "key": key,
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
         for cs in a.calib_seeds:
             cell(a.baseline, bits, cs)
             cell("recon", bits, cs)
-    write_section(Path(a.out_md), markdown(results, a, schedule, fp_desc))
+    write_section(Path(a.out_md), markdown(results, a, steps, fp_desc))
     return 0
 
 
@@ -169,19 +169,24 @@ def _stats(xs):
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0), len(xs)
 
 
-def markdown(results, a, schedule, fp_desc) -> str:
+def schedule(a, steps, bits: str) -> str:
+    """A recon cell's schedule key: device and steps per unit, e.g. cpu200."""
+    return f"{'gpu' if a.device.startswith('cuda') else 'cpu'}{steps(bits)}"
+
+
+def markdown(results, a, steps, fp_desc) -> str:
     import os
 
     flags = cpu_flags()
     cmd = "python tools/bench_recon.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
     dev = "gpu" if a.device.startswith("cuda") else "cpu"
-    steps = ", ".join(f"{b} {schedule(b)[3:]}" for b in a.bits)
+    per_bits = ", ".join(f"{b} {steps(b)}" for b in a.bits)
     lines = [f"## Block reconstruction (`--method recon`, issue 11): {dev} schedule", "",
              f"Made by `{cmd}` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC ({platform.machine()}, "
              f"{os.cpu_count()} CPU cores, {flags or 'no AVX2'}; device {a.device}).", "",
              f"- Model: {fp_desc}. Scores: ONNX Runtime (CPU) running the emitted Q/DQ ONNX, segm mAP over "
              f"{a.num_val if a.limit is None else a.limit} images per validation seed, ground-truth boxes.",
-             f"- recon: steps per unit {steps} ({dev} schedule); {a.num_calib} calibration images drawn by each calibration "
+             f"- recon: steps per unit {per_bits} ({dev} schedule); {a.num_calib} calibration images drawn by each calibration "
              f"seed from a pool of {CALIB_POOL} (data seed 1); cells are mean +- std over calibration seeds "
              f"{', '.join(map(str, a.calib_seeds))} (n = seeds with a result).",
              "- Gap closed = (recon - baseline) / (FP - baseline), the baseline being the calibrator-only "
@@ -195,7 +200,7 @@ def markdown(results, a, schedule, fp_desc) -> str:
         for bits in a.bits:
             b = _stats([results[(f"{a.baseline}_{bits}_c{c}", vs)]["segm_mAP"] for c in a.calib_seeds
                         if (f"{a.baseline}_{bits}_c{c}", vs) in results])
-            rkeys = [(f"recon_{schedule(bits)}_{bits}_c{c}", vs) for c in a.calib_seeds]
+            rkeys = [(f"recon_{schedule(a, steps, bits)}_{bits}_c{c}", vs) for c in a.calib_seeds]
             r = _stats([results[k]["segm_mAP"] for k in rkeys if k in results])
             times = [results[k].get("quantize_s") for k in rkeys if k in results and results[k].get("quantize_s")]
             fmt = lambda s: "–" if s is None else f"{s[0]:.2f} ± {s[1]:.2f} (n={s[2]})"  # noqa: E731

@@ -16,7 +16,7 @@ def test_section_reports_mean_std_and_gap_closed(tmp_path):
         res[(f"recon_cpu200_w4a4_c{c}", 2)] = {"segm_mAP": r, "quantize_s": 600.0}
     a = Namespace(val_seeds=[2], bits=["w4a4"], calib_seeds=[1, 2, 3], baseline="mse", num_val=200, limit=None,
                   num_calib=32, device="cpu")
-    md = bench_recon.markdown(res, a, lambda bits: "cpu200", "the reference model")   # schedule per bit width
+    md = bench_recon.markdown(res, a, lambda bits: 200, "the reference model")   # steps per bit width
     row = next(line for line in md.splitlines() if line.startswith("| W4A4"))
     assert "steps per unit w4a4 200 (cpu schedule)" in md
     assert "71.00 ± 1.00 (n=3)" in row and "74.00 ± 1.00 (n=3)" in row and "| 33% |" in row   # (74-71)/(80-71)
