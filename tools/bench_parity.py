@@ -9,10 +9,13 @@ replayed as CUDA graphs), torch-cuda-eager (vmapped, no graphs), torch-cuda-loop
 Prints one JSON line per variant; --fp FP.onnx adds the FP image part's relative error on CUDA against the CPU
 (about 1e-6 in IEEE float32; TF32 would show about 1e-3).
 
---draws K adds K-1 evaluations of each variant with N(0, --sigma) added to the normalised image (1e-4: far below
-one grey level, 1/58): at 4-bit activations such a perturbation, like a change of runtime, moves codes that sit
-within float rounding of a tie, and the moves spread through the later layers; the spread of the draws' mAP is
-the noise floor of any runtime comparison on that set, and the draws' mean a comparison above it.
+--draws K adds K-1 evaluations of each listed variant with N(0, --sigma) added to the normalised image (1e-4: far
+below one grey level, 1/58): at 4-bit activations such a perturbation, like a change of runtime, moves codes that
+sit within float rounding of a tie, and the moves spread through the later layers; the spread of the draws' mAP is
+the noise floor of any runtime comparison on that set, and the draws' mean a comparison above it. Draw k adds the
+noise of seed k in every runtime, so two runs with the same --draws are paired draw by draw. ORT is always
+evaluated once (the reference of the mask comparison); it is drawn only when listed, so `--variants ort` and
+`--variants torch-cuda` can run as two processes at once (the CPU and the GPU). Each draw prints a line as it ends.
 """
 from __future__ import annotations
 
@@ -87,8 +90,10 @@ def main() -> None:
         secs = time.perf_counter() - t
         lg = logits(a.model, dataset, some, rt)
         row = {"variant": v, "segm_mAP": round(r.segm_mAP, 3), "mIoU": round(r.mIoU, 5), "eval_s": round(secs, 1)}
-        if a.draws > 1:
-            maps = perturbed_maps(a.model, dataset, rt, a.draws, a.sigma, a.limit)   # draw 0: r's score again
+        if a.draws > 1 and v in a.variants:
+            def show(k, m, v=v):
+                print(json.dumps({"variant": v, "draw": k, "segm_mAP": round(m, 3)}), flush=True)
+            maps = perturbed_maps(a.model, dataset, rt, a.draws, a.sigma, a.limit, show)   # draw 0: r's score again
             row.update(draws=[round(m, 3) for m in maps], draws_mean=round(float(np.mean(maps)), 3),
                        draws_std=round(float(np.std(maps, ddof=1)), 3))
         if ref_logits is None:

@@ -7,6 +7,8 @@ two correct runtimes, or one runtime on an input changed far below one grey leve
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from ..data.coco import CocoDataset
@@ -19,9 +21,9 @@ SIGMA = 1e-4   # std added to the normalised image: about 1/170 of one grey leve
 
 
 def perturbed_maps(model, dataset: CocoDataset, runtime: Runtime, draws: int, sigma: float = SIGMA,
-                   limit: int | None = None) -> list[float]:
+                   limit: int | None = None, on_draw: Callable[[int, float], None] | None = None) -> list[float]:
     """segm mAP (ground-truth boxes) of `draws` evaluations of `model` on `runtime`: the first unperturbed, the
-    others with N(0, sigma) added to the preprocessed image."""
+    others with N(0, sigma) added to the preprocessed image. `on_draw(k, mAP)` is called as each draw ends."""
     by_image, ids, _ = select_prompts(dataset, "gt", limit)
     engine = build_predictor(model, runtime)
     encode, maps = engine.set_image, []
@@ -31,6 +33,8 @@ def perturbed_maps(model, dataset: CocoDataset, runtime: Runtime, draws: int, si
         engine.set_image = encode if k == 0 else perturbed
         preds, _ = run_predictions(engine, dataset, by_image, progress=False)
         maps.append(segm_metrics(dataset, preds, ids)["segm_mAP"])
+        if on_draw is not None:
+            on_draw(k, maps[-1])
     return maps
 
 

@@ -140,13 +140,16 @@ def test_cuda_graph_replays_give_the_eager_values(ds):
 
 
 def test_perturbed_draws_start_with_the_evaluation_itself(ds):
-    """eval.noise.perturbed_maps: draw 0 is the plain evaluation; with sigma 0 every draw scores the same."""
+    """eval.noise.perturbed_maps: draw 0 is the plain evaluation; with sigma 0 every draw scores the same; each draw
+    is reported to `on_draw` in order."""
     from carsam_onnx.eval.noise import perturbed_maps
 
     model = tiny_sam_paths()["full"]
     plain = evaluate(model, ds, runtime="ort", progress=False).segm_mAP
-    maps = perturbed_maps(model, ds, get_runtime("ort"), 3, sigma=0.0)
+    seen = []
+    maps = perturbed_maps(model, ds, get_runtime("ort"), 3, sigma=0.0, on_draw=lambda k, m: seen.append((k, m)))
     assert maps == [plain] * 3
+    assert seen == [(0, plain), (1, plain), (2, plain)]   # each draw reported as it ends
     assert perturbed_maps(model, ds, get_runtime("ort"), 2, sigma=0.5)[0] == plain
 
 
