@@ -15,7 +15,8 @@ sit within float rounding of a tie, and the moves spread through the later layer
 the noise floor of any runtime comparison on that set, and the draws' mean a comparison above it. Draw k adds the
 noise of seed k in every runtime, so two runs with the same --draws are paired draw by draw. ORT is always
 evaluated once (the reference of the mask comparison); it is drawn only when listed, so `--variants ort` and
-`--variants torch-cuda` can run as two processes at once (the CPU and the GPU). Each draw prints a line as it ends.
+`--variants torch-cuda` can run as two processes at once (the CPU and the GPU). Each draw prints a line as it ends;
+`python tools/bench_parity.py --pair A.jsonl B.jsonl` reads two such outputs and prints the paired difference.
 """
 from __future__ import annotations
 
@@ -67,10 +68,32 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
+def paired(a_path: Path, b_path: Path) -> dict:
+    """B - A over the draws both outputs hold (one variant each): mean, sd, standard error, correlation."""
+    draws = []
+    for path in (a_path, b_path):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if '"draw"' in line]
+        if len({r["variant"] for r in rows}) != 1:
+            raise ValueError(f"{path} must hold the draws of exactly one variant")
+        draws.append((rows[0]["variant"], {r["draw"]: r["segm_mAP"] for r in rows}))
+    (va, a), (vb, b) = draws
+    ks = sorted(set(a) & set(b))
+    if len(ks) < 2:
+        raise ValueError("fewer than 2 draws in common")
+    x, y = np.array([a[k] for k in ks]), np.array([b[k] for k in ks])
+    d = y - x
+    return {"pair": f"{vb} - {va}", "draws": len(ks), "mean": round(float(d.mean()), 3),
+            "sd": round(float(d.std(ddof=1)), 3), "se": round(float(d.std(ddof=1) / np.sqrt(len(ks))), 3),
+            "within_0.2": f"{int((abs(d) <= 0.2).sum())}/{len(ks)}", "corr": round(float(np.corrcoef(x, y)[0, 1]), 2),
+            f"{va}_mean": round(float(x.mean()), 3), f"{vb}_mean": round(float(y.mean()), 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("model", type=Path)
-    ap.add_argument("--dataset", type=Path, required=True)
+    ap.add_argument("model", type=Path, nargs="?")
+    ap.add_argument("--pair", type=Path, nargs=2, metavar=("A.jsonl", "B.jsonl"),
+                    help="print B - A, paired by draw, from two outputs of this tool; nothing is evaluated")
+    ap.add_argument("--dataset", type=Path)
     ap.add_argument("--limit", type=int, default=80)
     ap.add_argument("--logit-images", type=int, default=20, help="images whose logits are compared")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -78,6 +101,14 @@ def main() -> None:
     ap.add_argument("--sigma", type=float, default=1e-4, help="std of the perturbation of the normalised image")
     ap.add_argument("--fp", type=Path, help="the FP model: report CUDA's float32 error on its image part")
     a = ap.parse_args()
+    if a.pair:
+        try:
+            print(json.dumps(paired(*a.pair)))
+        except (OSError, ValueError, KeyError) as e:
+            ap.error(f"--pair: {e}")
+        return
+    if a.model is None or a.dataset is None:
+        ap.error("a model and --dataset are required (or --pair A.jsonl B.jsonl)")
     warnings.simplefilter("ignore")
     dataset = load_coco_dataset(a.dataset)
     by_image, _, _ = select_prompts(dataset, "gt", a.limit)
