@@ -61,6 +61,11 @@ class BitWidths:
 INT8_WEIGHT_FORMATS: tuple[str, ...] = ("auto", "s8", "s7", "u8")
 
 
+def _on_cuda(device) -> bool:
+    """Whether a device string ("cpu", "cuda", "cuda:1") names a GPU: which schedule's defaults apply."""
+    return str(device).startswith("cuda")
+
+
 @dataclass(frozen=True)
 class ReconConfig:
     """Block reconstruction (`--method recon`; calib/recon/). The published QDrop/PTQ4SAM recipe
@@ -148,7 +153,7 @@ class ReconConfig:
         value = getattr(self, name)
         if value is not None:
             return value
-        return getattr(self, ("gpu_" if str(device).startswith("cuda") else "cpu_") + name)
+        return getattr(self, ("gpu_" if _on_cuda(device) else "cpu_") + name)
 
     def round_lr_for(self, device: str) -> float:
         return self.for_device("round_lr", device)
@@ -163,8 +168,7 @@ class ReconConfig:
     def iters_for(self, device: str, bits: BitWidths | None = None) -> int:
         """Steps per unit: iters if set, else the device's schedule (on a CPU, cpu_iters_3bit where `bits` has
         weights and activations of 3 bits or fewer)."""
-        on_cpu = not str(device).startswith("cuda")
-        if self.iters is None and on_cpu and bits is not None and max(bits.weight, bits.activation) <= 3:
+        if self.iters is None and not _on_cuda(device) and bits is not None and max(bits.weight, bits.activation) <= 3:
             return self.cpu_iters_3bit
         return self.for_device("iters", device)
 

@@ -72,7 +72,7 @@ def paired(a_path: Path, b_path: Path) -> dict:
     """B - A over the draws both outputs hold (one variant each): mean, sd, standard error, correlation."""
     draws = []
     for path in (a_path, b_path):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if '"draw"' in line]
+        rows = [r for r in map(json.loads, path.read_text().splitlines()) if "draw" in r]   # per-draw lines only
         if len({r["variant"] for r in rows}) != 1:
             raise ValueError(f"{path} must hold the draws of exactly one variant")
         draws.append((rows[0]["variant"], {r["draw"]: r["segm_mAP"] for r in rows}))
