@@ -1,7 +1,8 @@
 """Where a reconstruction step spends its time, by unit role (issue 11's vit_b cost).
 
     python tools/profile_recon_units.py MODEL.onnx [--bits w4a4] [--num-calib 32] [--device cuda]
-        [--steps 60] [--roles encoder_global encoder_window ...] [--tf32] [--batch N] [--profile-steps 5] [--captures]
+        [--steps 60] [--roles encoder_global encoder_window ...] [--tf32] [--batch N] [--torch-quantizers]
+        [--profile-steps 5] [--captures]
 
 For the first unit of each role (encoder_window, encoder_global, encoder_mlp, decoder_t2i, ...; or of each
 role named in --roles) this reconstructs the unit alone, as
@@ -36,6 +37,8 @@ def main(argv=None) -> int:
     ap.add_argument("--roles", nargs="+", help="unit roles to run, e.g. encoder_global encoder_mlp (default: all)")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls and convolutions while reconstructing")
     ap.add_argument("--batch", type=int, help="calibration images per step (default: the device's schedule)")
+    ap.add_argument("--torch-quantizers", action="store_true",
+                    help="run the LSQ + QDrop quantizers as torch ops on a GPU too (default there: Triton kernels)")
     ap.add_argument("--profile-steps", type=int, default=0)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--captures", action="store_true",
@@ -52,6 +55,9 @@ def main(argv=None) -> int:
     from carsam_onnx.quantize import _plan, calibration_samples
     from carsam_onnx.torchexec import OnnxModule
 
+    from carsam_onnx.torchexec import fakequant
+
+    fakequant.FUSED_ON_CUDA = not args.torch_quantizers
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     torch.backends.cudnn.allow_tf32 = args.tf32
     config = QuantConfig(method="recon", bits=BitWidths.parse(args.bits), device=args.device,

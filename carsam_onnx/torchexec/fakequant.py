@@ -122,6 +122,39 @@ def fake_quant_values(x: torch.Tensor, scale: torch.Tensor, zero_point: float = 
         return t.mul_(scale)
 
 
+def lsq_drop_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, keep: torch.Tensor,
+                      zero_point: float, qmin: int, qmax: int, g: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """lsq_drop's gradients (of x; of the scale, shaped like it) in torch ops: the CPU path, and the reference
+    of the Triton kernels (torchexec/lsq_drop_triton.py)."""
+    t = x / scale
+    r = torch.round(t)
+    qz = r + zero_point if zero_point else r
+    low, high = qz < qmin, qz > qmax   # codes on a bound are in range (clamp_ste)
+    quantized = ~keep
+    # d out / d s: round(t) - t where the code is in range, the bound minus z outside it (LSQ)
+    ds = torch.where(low, float(qmin - zero_point), torch.where(high, float(qmax - zero_point), r - t))
+    grad_s = (grad * ds).masked_fill_(keep, 0.0).sum() * g
+    grad_x = grad.masked_fill(quantized & (low | high), 0.0)   # clipped STE; kept elements pass unchanged
+    return grad_x, grad_s.reshape(scale.shape)
+
+
+FUSED_ON_CUDA = True   # lsq_drop on CUDA float32 tensors through the Triton kernels (False: torch ops, to compare)
+_TRITON: list = []
+
+
+def _fused(x: torch.Tensor):
+    """torchexec.lsq_drop_triton where it serves x (a CUDA float32 tensor, Triton importable), else None."""
+    if not (FUSED_ON_CUDA and x.is_cuda and x.dtype == torch.float32):
+        return None
+    if not _TRITON:
+        try:
+            from . import lsq_drop_triton
+        except ImportError:
+            lsq_drop_triton = None
+        _TRITON.append(lsq_drop_triton)
+    return _TRITON[0]
+
+
 class _LsqDrop(torch.autograd.Function):
     """fake_quant(x, s, z, lsq=True) where `keep` is False, x where it is True (QDrop), with the gradients
     autograd derives for that composition, computed in a few passes over x instead of one per elementary op
@@ -130,6 +163,9 @@ class _LsqDrop(torch.autograd.Function):
 
     @staticmethod
     def forward(x, scale, keep, zero_point: float, qmin: int, qmax: int, g: float):
+        fused = _fused(x)
+        if fused is not None:
+            return fused.forward(x, scale, keep, zero_point, qmin, qmax)
         return torch.where(keep, x, fake_quant_values(x, scale, zero_point, qmin, qmax))
 
     @staticmethod
@@ -141,17 +177,10 @@ class _LsqDrop(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, scale, keep = ctx.saved_tensors
-        zero_point, qmin, qmax, g = ctx.zq
-        t = x / scale
-        r = torch.round(t)
-        qz = r + zero_point if zero_point else r
-        low, high = qz < qmin, qz > qmax   # codes on a bound are in range (clamp_ste)
-        quantized = ~keep
-        # d out / d s: round(t) - t where the code is in range, the bound minus z outside it (LSQ)
-        ds = torch.where(low, float(qmin - zero_point), torch.where(high, float(qmax - zero_point), r - t))
-        grad_s = (grad * ds).masked_fill_(keep, 0.0).sum() * g
-        grad_x = grad.masked_fill(quantized & (low | high), 0.0)   # clipped STE; kept elements pass unchanged
-        return grad_x, grad_s.reshape(scale.shape), None, None, None, None, None
+        fused = _fused(x)
+        step = lsq_drop_backward if fused is None else fused.backward
+        grad_x, grad_s = step(grad, x, scale, keep, *ctx.zq)
+        return grad_x, grad_s, None, None, None, None, None
 
     @staticmethod
     def vmap(info, in_dims, x, scale, keep, zero_point, qmin, qmax, g):
