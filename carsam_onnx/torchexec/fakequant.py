@@ -22,6 +22,7 @@ integer tensors carry no gradient).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -142,14 +143,42 @@ FUSED_ON_CUDA = True   # lsq_drop on CUDA float32 tensors through the Triton ker
 _TRITON: list = []
 
 
+def kernel_mismatch(kernels, device) -> str | None:
+    """Why `kernels` (forward and backward as in torchexec.lsq_drop_triton) cannot stand in for lsq_drop's torch
+    ops on `device`, or None when they can: on a small tensor with exact ties and saturated codes, for a signed and
+    a zero-pointed grid, the forward bit for bit, the input's gradient bit for bit, the scale's to 1e-5."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([(torch.arange(-20, 20) + 0.5) * 0.25, torch.randn(5000, generator=gen) * 3]).to(device)
+    keep = (torch.rand(x.shape, generator=gen) < 0.5).to(device)
+    grad = torch.randn(x.shape, generator=gen).to(device)
+    scale = torch.tensor(0.25, device=device)
+    try:
+        for zp, lo, hi in ((0, -8, 7), (8, 0, 15)):
+            want = torch.where(keep, x, fake_quant_values(x, scale, zp, lo, hi))
+            if not torch.equal(kernels.forward(x, scale, keep, zp, lo, hi), want):
+                return f"forward differs from the torch ops (grid {lo}..{hi}, zero point {zp})"
+            gx_ref, gs_ref = lsq_drop_backward(grad, x, scale, keep, zp, lo, hi, 1.0)
+            gx, gs = kernels.backward(grad, x, scale, keep, zp, lo, hi, 1.0)
+            if not torch.equal(gx, gx_ref) or abs(float(gs) - float(gs_ref)) > 1e-5 * abs(float(gs_ref)) + 1e-6:
+                return f"backward differs from the torch ops (grid {lo}..{hi}, zero point {zp})"
+    except Exception as e:   # no compiler for this GPU, an older Triton: the torch ops serve
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else 'no message'}"
+    return None
+
+
 def _fused(x: torch.Tensor):
-    """torchexec.lsq_drop_triton where it serves x (a CUDA float32 tensor, Triton importable), else None."""
+    """torchexec.lsq_drop_triton where it serves x (a CUDA float32 tensor; Triton importable and its kernels
+    computing what the torch ops compute on this GPU, checked once), else None."""
     if not (FUSED_ON_CUDA and x.is_cuda and x.dtype == torch.float32):
         return None
     if not _TRITON:
         try:
             from . import lsq_drop_triton
         except ImportError:
+            lsq_drop_triton = None
+        why = None if lsq_drop_triton is None else kernel_mismatch(lsq_drop_triton, x.device)
+        if why is not None:
+            warnings.warn(f"lsq_drop: the Triton kernels are not used ({why}); torch ops instead", stacklevel=2)
             lsq_drop_triton = None
         _TRITON.append(lsq_drop_triton)
     return _TRITON[0]

@@ -82,3 +82,47 @@ def test_lsq_drop_on_cuda_has_the_values_and_gradients_of_its_torch_ops(zp, lo, 
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
         torch.testing.assert_close(gx, gx_ref, rtol=0, atol=0)
         torch.testing.assert_close(gs, gs_ref, rtol=1e-5, atol=1e-9)
+
+
+class _Broken:
+    """Kernels that round half away from zero (torch.round rounds half to even)."""
+
+    @staticmethod
+    def forward(x, scale, keep, zero_point, qmin, qmax):
+        t = torch.sign(x / scale) * torch.floor((x / scale).abs() + 0.5)
+        q = torch.clamp(t + zero_point, qmin, qmax) - zero_point
+        return torch.where(keep, x, q * scale)
+
+    @staticmethod
+    def backward(grad, x, scale, keep, zero_point, qmin, qmax, g):
+        from carsam_onnx.torchexec.fakequant import lsq_drop_backward
+
+        return lsq_drop_backward(grad, x, scale, keep, zero_point, qmin, qmax, g)
+
+
+class _Failing:
+    @staticmethod
+    def forward(*_):
+        raise RuntimeError("no compiler for this GPU\nsecond line")
+
+
+def test_kernel_check_accepts_the_torch_ops_and_refuses_other_rounding_or_a_failure():
+    """The check run once before the kernels serve a GPU: torch's own ops pass it; rounding half away from zero
+    (ties on the tensor it checks) and a kernel that raises do not, with the reason in one line."""
+    from carsam_onnx.torchexec import fakequant
+
+    class TorchOps:
+        forward = staticmethod(lambda x, s, k, z, lo, hi: torch.where(k, x, fakequant.fake_quant_values(x, s, z, lo, hi)))
+        backward = staticmethod(fakequant.lsq_drop_backward)
+
+    assert fakequant.kernel_mismatch(TorchOps, "cpu") is None
+    assert fakequant.kernel_mismatch(_Broken, "cpu").startswith("forward differs from the torch ops (grid -8..7")
+    assert fakequant.kernel_mismatch(_Failing, "cpu") == "RuntimeError: no compiler for this GPU"
+
+
+def test_the_kernel_check_passes_in_tritons_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    code = ("from carsam_onnx.torchexec import lsq_drop_triton as t, fakequant as f; "
+            "print(f.kernel_mismatch(t, 'cpu'))")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "None", r.stderr[-2000:]
