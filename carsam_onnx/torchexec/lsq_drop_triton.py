@@ -14,6 +14,8 @@ deterministic, equal up to float rounding).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -78,14 +80,20 @@ def _grid(n: int) -> tuple[int]:
     return (triton.cdiv(n, BLOCK),)
 
 
+def _on(x: torch.Tensor):
+    """Launch on x's GPU (Triton launches on the current device; `--device cuda:1` need not be it)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def forward(x: torch.Tensor, scale: torch.Tensor, keep: torch.Tensor, zero_point: float, qmin: int,
             qmax: int) -> torch.Tensor:
     x, keep = x.contiguous(), keep.contiguous()
     out = torch.empty_like(x)
     n = x.numel()
     if n:
-        _forward[_grid(n)](x, keep, scale.reshape(1).to(x.dtype), out, n, float(zero_point), float(qmin),
-                           float(qmax), HAS_ZP=bool(zero_point), BLOCK=BLOCK)
+        with _on(x):
+            _forward[_grid(n)](x, keep, scale.reshape(1).to(x.dtype), out, n, float(zero_point), float(qmin),
+                               float(qmax), HAS_ZP=bool(zero_point), BLOCK=BLOCK)
     return out
 
 
@@ -97,6 +105,7 @@ def backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, keep: tor
     grad_x = torch.empty_like(x)
     partial = torch.zeros(max(_grid(n)[0], 1), dtype=torch.float32, device=x.device)
     if n:
-        _backward[_grid(n)](x, keep, grad, scale.reshape(1).to(x.dtype), grad_x, partial, n, float(zero_point),
-                            float(qmin), float(qmax), HAS_ZP=bool(zero_point), BLOCK=BLOCK)
+        with _on(x):
+            _backward[_grid(n)](x, keep, grad, scale.reshape(1).to(x.dtype), grad_x, partial, n, float(zero_point),
+                                float(qmin), float(qmax), HAS_ZP=bool(zero_point), BLOCK=BLOCK)
     return grad_x, (partial.sum() * g).to(scale.dtype).reshape(scale.shape)
