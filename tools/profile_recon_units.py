@@ -53,9 +53,7 @@ def main(argv=None) -> int:
     from carsam_onnx.calib.recon.loop import Reconstructor
     from carsam_onnx.modelio import load_model
     from carsam_onnx.quantize import _plan, calibration_samples
-    from carsam_onnx.torchexec import OnnxModule
-
-    from carsam_onnx.torchexec import fakequant
+    from carsam_onnx.torchexec import OnnxModule, fakequant
 
     fakequant.FUSED_ON_CUDA = not args.torch_quantizers
     torch.backends.cuda.matmul.allow_tf32 = args.tf32

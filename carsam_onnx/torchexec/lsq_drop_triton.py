@@ -2,7 +2,7 @@
 
 The per-tensor LSQ + QDrop quantizer of reconstruction runs on SAM's largest tensors (a global attention's
 probabilities: 8 x 12 x 4096 x 4096 floats per step on vit_b). Composed of torch ops its forward and backward
-pass over them about 30 times; here the forward reads x and keep and writes the output (9 bytes an element),
+pass over them about 25 times; here the forward reads x and keep and writes the output (9 bytes an element),
 the backward reads x, keep and the gradient and writes the input's gradient and one partial sum of the
 scale's gradient per block (13 bytes an element).
 
