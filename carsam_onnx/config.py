@@ -189,7 +189,7 @@ JCAR_PAIRINGS: tuple[str, ...] = ("attn", "mlp", "layer")
 
 @dataclass(frozen=True)
 class CarsamConfig:
-    """`--method carsam` = reconstruction + MAC + JCAR (calib/recon/, calib/mac_site.py); the flags ablate it.
+    """`--method carsam` = reconstruction + MAC + JCAR (calib/recon/, calib/mac/); the flags ablate it.
 
     JCAR pairings, per two-way decoder layer (passes/units.py joint_units):
     - attn: the token->image and image->token attentions learn together (the MLP between them runs inside the
@@ -224,7 +224,7 @@ MAC_ROUNDING: tuple[str, ...] = ("learn", "nearest")
 
 @dataclass(frozen=True)
 class MacConfig:
-    """MatMul-Aware Compensation (CAR-SAM; calib/mac.py, calib/mac_site.py): closed-form corrections of the
+    """MatMul-Aware Compensation (CAR-SAM; calib/mac/): closed-form corrections of the
     attention projections' float weights. Defaults chosen on validation seed 2 (docs/results.md, "MAC: lambda
     and mode chosen on seed 2")."""
 
@@ -238,7 +238,7 @@ class MacConfig:
                                    # recon + MAC, lam_rel 10): k 76.19, q 76.27 (within the std: k stays)
     v: bool = True                 # the softmax output's error into W_V (seed 2, k: 21.54 dB with, 18.36 without;
                                    # full model, GPU, W4A4, lam_rel 10: 76.19 with, 76.17 without)
-    solve: str = "factored"        # factored | exact (calib/mac.py)
+    solve: str = "factored"        # factored | exact (calib/mac/solve.py)
     granularity: str = "head"      # head: one Q.K^T problem per head (each head's scores); projection: one for the
                                    # whole q or k projection, whose target is the heads' scores summed (the
                                    # variant the paper leaves open; the check images still judge each head's
@@ -292,7 +292,7 @@ class QuantConfig:
     require_attention: bool = False
     recon: ReconConfig = ReconConfig()     # --method recon and carsam
     carsam: CarsamConfig = CarsamConfig()  # --method carsam only
-    mac: MacConfig = MacConfig()           # MAC (calib/mac_site.apply_mac; --method carsam)
+    mac: MacConfig = MacConfig()           # MAC (calib/mac.apply_mac; --method carsam)
     int8_weights: str = "auto"             # INT8_WEIGHT_FORMATS: u8 (ort) / s7 (trt); figures beside the tuple
     calib_mask_input: bool = True          # segment-anything's decoder export: per prompt also the refinement feed
                                            # (mask_input = FP low-res logits, has_mask_input 1; calib/feeds.py)

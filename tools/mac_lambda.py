@@ -4,7 +4,7 @@ W4A4 (calibrator --method mse) with and without MAC, for a grid of lam_rel and m
     python tools/mac_lambda.py [--num-calib 32] [--num-val 48] [--bits w4a4] [--method mse] \
         [--lams 0.1 1 10 100] [--modes q/v k/v qk/v q/- k/- qk/-] [--jobs-threads 2]
 
-- Decoder-only reference model (exported once into .cache/), run by the torch executor (calib/mac_site.QuantSim:
+- Decoder-only reference model (exported once into .cache/), run by the torch executor (calib/mac/graph.QuantSim:
   the plan's quantization simulated, what emission writes), on FP encoder embeddings (the torch encoder).
 - Calibration images: the built-in set (calibration seed 1); validation images: validation seed 2, one
   ground-truth box prompt each (never seed 7).
@@ -64,7 +64,8 @@ def output_sqnr(module, sim, feeds_, float_weights, ref) -> dict[str, float]:
 
 
 def main() -> None:
-    from carsam_onnx.calib import mac_site as ms
+    from carsam_onnx.calib import mac as ms
+    from carsam_onnx.calib.mac.graph import QuantSim
     from carsam_onnx.calib.baseline import calibrate_baseline
     from carsam_onnx.config import BitWidths, MacConfig, QuantConfig
     from carsam_onnx.data.builtin import VALIDATION_SEED, builtin_calibration_set
@@ -90,7 +91,7 @@ def main() -> None:
     config = QuantConfig(bits=BitWidths.parse(a.bits), method=a.method)
     plan = plan_quantization(model, config)
     art = calibrate_baseline(model, plan, config, calib)
-    sim = ms.QuantSim(model, plan, art)
+    sim = QuantSim(model, plan, art)
     module = sim.module
     with torch.no_grad():
         ref = [module.run({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in f.items()}) for f in val]

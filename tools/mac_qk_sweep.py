@@ -17,7 +17,7 @@ import torch
 
 
 def main() -> None:
-    from carsam_onnx.calib import mac_site as ms
+    from carsam_onnx.calib import mac as ms
     from carsam_onnx.calib.baseline import calibrate_baseline
     from carsam_onnx.calib.feeds import build_feeds
     from carsam_onnx.config import BitWidths, MacConfig, QuantConfig

@@ -11,7 +11,7 @@ predicted IoU when the export gives several, as SamPredictor's users pass it bac
 (prompt_encoder.mask_downscaling) stays float under the default keep-float list; what the second feed gives real
 statistics to is everything it changes downstream: the image stream (image embedding + dense prompt embedding)
 into every two-way layer, and through the cross-attentions the token stream after the first self-attention.
-The two feeds of one prompt share the embedding array (mac_site.split_feeds keeps them on one side).
+The two feeds of one prompt share the embedding array (calib.mac.split_feeds keeps them on one side).
 """
 from __future__ import annotations
 

@@ -12,13 +12,13 @@
 
 Entropy, top-k mass and maps are measured on the emitted Q/DQ graphs run by the torch executor over the
 held-out inputs: ctx.q_model for this run, the baseline artifact emitted on this run's plan, i.e. exactly
-what ships. (An earlier calib.mac_site.QuantSim quantized an activation for all its consumers and drifted from
+what ships. (An earlier calib.mac.graph.QuantSim quantized an activation for all its consumers and drifted from
 the deployed graph by up to 0.023 in normalised entropy on the reference model; it now quantizes for the listed
 consumers only, but the report keeps measuring the files themselves.) The probabilities are read as the
 Softmax computes them, before their own Q/DQ: that isolates the
 effect of the quantized Q and K (and everything upstream) from the rounding of the probabilities themselves.
 
-The Q.K^T error section uses calib.mac_site.qk_error as MAC does (its QuantSim simulation), so that it
+The Q.K^T error section uses calib.mac.qk_error as MAC does (its QuantSim simulation), so that it
 shows what MAC optimised.
 
 Definitions, per attention row p (one query, one head) over N keys:
@@ -273,7 +273,7 @@ def attention_dissipation_section(ctx: ReportContext) -> Section | None:
 
 
 def parse_mac_record(text: str) -> dict[str, tuple[float, float, str]]:
-    """Artifact info "mac_check_qk_error" ("role:block before->after k=.. v=..; ...", calib/mac_site.mac_info)
+    """Artifact info "mac_check_qk_error" ("role:block before->after k=.. v=..; ...", calib/mac/__init__.py mac_info)
     -> {"role:block": (before, after, "k=.. v=..")}."""
     out = {}
     for entry in filter(None, (e.strip() for e in text.split(";"))):
@@ -310,7 +310,8 @@ def qk_error_section(ctx: ReportContext) -> Section | None:
         # After reconstruction the corrected projections carry AdaRound's integers: "without MAC" would not be
         # the model MAC started from. What MAC measured at its own step is in the artifact's info.
         return _mac_record_section(ctx, len(fw))
-    from ..calib.mac_site import QuantSim, qk_error
+    from ..calib.mac import qk_error
+    from ..calib.mac.graph import QuantSim
 
     sim = QuantSim(ctx.fp_model, ctx.plan, ctx.artifact)
     before = qk_error(ctx.fp_model, ctx.plan, ctx.artifact, ctx.held_feeds, float_weights={}, sim=sim)

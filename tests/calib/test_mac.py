@@ -1,4 +1,4 @@
-"""MAC (calib/mac.py): the closed-form solves checked against their equations and against independent
+"""MAC (calib/mac/): the closed-form solves checked against their equations and against independent
 least-squares solves of the objectives; on the bundled reference model, MAC lowers no decoder site's
 held-out Q.K^T error."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import scipy.linalg
 import torch
 from onnx import numpy_helper
 
-from carsam_onnx.calib import mac
+from carsam_onnx.calib.mac import solve as mac
 
 D64 = torch.float64
 
@@ -198,7 +198,7 @@ def test_mac_never_raises_heldout_qk_error_on_reference_decoder(reference_w4a4):
     (0.1941 -> 0.1938), the sum -10%; with q + v every site fell 6-29%, the sum -13%. Before the fit / check
     split (steps judged on the images they were fitted on, and a simulation that quantized values for every
     consumer) the final token->image site rose 0.185 -> 0.196."""
-    from carsam_onnx.calib.mac_site import DECODER_ROLES, apply_mac, qk_error
+    from carsam_onnx.calib.mac import DECODER_ROLES, apply_mac, qk_error
     from carsam_onnx.config import MacConfig
     from carsam_onnx.passes.emit import emit_qdq
 
@@ -233,7 +233,7 @@ def test_mac_never_raises_heldout_qk_error_on_reference_decoder(reference_w4a4):
         else:
             assert np.array_equal(numpy_helper.to_array(emitted[k]), v), k
     # ... so the emitted file computes exactly the model MAC judged (QuantSim), here on one held-out image
-    from carsam_onnx.calib.mac_site import QuantSim
+    from carsam_onnx.calib.mac.graph import QuantSim
     from carsam_onnx.torchexec import OnnxModule
 
     sim = QuantSim(model, plan, out)
@@ -246,7 +246,8 @@ def test_mac_never_raises_heldout_qk_error_on_reference_decoder(reference_w4a4):
 
 def test_mac_is_deterministic_and_checks_its_input(reference_w4a4):
     from carsam_onnx.artifact import CalibrationArtifact
-    from carsam_onnx.calib.mac_site import apply_mac, find_projection, split_feeds
+    from carsam_onnx.calib.mac import apply_mac, split_feeds
+    from carsam_onnx.calib.mac.graph import find_projection
     from carsam_onnx.config import MacConfig
     from carsam_onnx.errors import CalibrationError, InputError
     from carsam_onnx.qmath import WeightQuant, quantize_weight
@@ -281,21 +282,23 @@ def test_mac_is_deterministic_and_checks_its_input(reference_w4a4):
 def test_mac_runs_from_the_fixed_part_give_the_same_values(reference_w4a4):
     """The part of the graph no correction touches runs once per image; later runs start there and must
     capture exactly what full runs capture (FP and quantized, with a corrected weight)."""
-    from carsam_onnx.calib.mac_site import DECODER_ROLES, QuantSim, _capture, _Runner, _site_values
+    from carsam_onnx.calib.mac import DECODER_ROLES
+    from carsam_onnx.calib.mac.graph import QuantSim, Runner, capture_values
+    from carsam_onnx.calib.mac.site import site_values
 
     model, plan, artifact, calib, held = reference_w4a4
     sim = QuantSim(model, plan, artifact)
     sites = [sim.site(s) for s in plan.attention if s.role in DECODER_ROLES]
     projs = [sim.projection(model, n) for s in sites for n in (s.q_proj, s.k_proj, s.v_proj)]
-    wanted = [v for s, i in zip(sites, range(0, len(projs), 3)) for v in _site_values(
+    wanted = [v for s, i in zip(sites, range(0, len(projs), 3)) for v in site_values(
         s, dict(zip("qkv", projs[i:i + 3])))]
-    runner = _Runner(sim, calib[:2], {n for p in projs for n in (p.weight, p.bias) if n}, wanted)
+    runner = Runner(sim, calib[:2], {n for p in projs for n in (p.weight, p.bias) if n}, wanted)
     assert runner.fp_cut and "image_embeddings" not in runner.fp_cut[0]
     w = projs[-3].weight
     fw = {w: 1.01 * np.asarray(numpy_helper.to_array(sim.inits[w]))}
     for float_weights in (None, fw):
         got = runner.capture(wanted, float_weights)
-        want = _capture(sim.module, calib[:2], wanted, None if float_weights is None else sim.hooks(float_weights))
+        want = capture_values(sim.module, calib[:2], wanted, None if float_weights is None else sim.hooks(float_weights))
         assert all(torch.equal(g[k], h[k]) for g, h in zip(got, want) for k in wanted)
 
 
@@ -312,7 +315,7 @@ def test_mac_on_a_full_tiny_sam_lowers_heldout_decoder_qk_error():
 
     from carsam_onnx.calib.baseline import calibrate_baseline
     from carsam_onnx.calib.feeds import build_feeds
-    from carsam_onnx.calib.mac_site import DECODER_ROLES, apply_mac, qk_error
+    from carsam_onnx.calib.mac import DECODER_ROLES, apply_mac, qk_error
     from carsam_onnx.config import BitWidths, MacConfig, QuantConfig
     from carsam_onnx.modelio import load_model
     from carsam_onnx.passes.plan import plan_quantization
@@ -352,7 +355,7 @@ def test_mac_on_a_full_tiny_sam_lowers_heldout_decoder_qk_error():
 def test_merged_heads_score_is_the_sum_of_the_heads_scores():
     """MacConfig.granularity "projection": one problem per projection, whose factors P R^T give the heads' score
     matrices summed (what one Q.K^T over the unsplit projection outputs computes)."""
-    from carsam_onnx.calib.mac_site import _merge_heads
+    from carsam_onnx.calib.mac.site import _merge_heads
 
     g = torch.Generator().manual_seed(0)
     p, r = torch.randn(3, 5, 4, generator=g, dtype=torch.float64), torch.randn(3, 7, 4, generator=g, dtype=torch.float64)
@@ -369,7 +372,7 @@ def test_mac_per_projection_never_raises_heldout_qk_error(reference_w4a4):
     the sum 1.298 -> 1.233 (-5%) per projection against 1.127 (-13%) per head, every site but the first
     token->image one (0.1922 against 0.1928) less corrected: one correction for all heads fits their sum, not
     each head's scores (docs/results.md, "MAC per projection")."""
-    from carsam_onnx.calib.mac_site import DECODER_ROLES, apply_mac, qk_error
+    from carsam_onnx.calib.mac import DECODER_ROLES, apply_mac, qk_error
     from carsam_onnx.config import MacConfig
 
     model, plan, artifact, calib, held = reference_w4a4

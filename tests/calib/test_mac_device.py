@@ -1,4 +1,4 @@
-"""MAC's once-per-image runs of the part no correction touches (a full model's image encoder, calib/mac_site._Runner)
+"""MAC's once-per-image runs of the part no correction touches (a full model's image encoder, calib/mac/graph.Runner)
 go to the calibration device; captures after the cut and the solves stay on the CPU. On CUDA the result matches the
 CPU's up to float rounding of the cut. (On the CPU nothing moves: tests/calib/test_mac.py checks there that runs
 resumed at the cut capture exactly what full runs capture.)"""
@@ -36,14 +36,16 @@ def tiny_full_w4a4():
 
 @pytest.fixture(scope="module")
 def cpu_default(tiny_full_w4a4):
-    from carsam_onnx.calib.mac_site import apply_mac
+    from carsam_onnx.calib.mac import apply_mac
 
     model, plan, art, feeds = tiny_full_w4a4
     return apply_mac(model, plan, art, feeds, MacConfig())
 
 
 def _runner(tiny_full_w4a4, device):
-    from carsam_onnx.calib.mac_site import DECODER_ROLES, QuantSim, _Runner, _site_values
+    from carsam_onnx.calib.mac import DECODER_ROLES
+    from carsam_onnx.calib.mac.graph import QuantSim, Runner
+    from carsam_onnx.calib.mac.site import site_values
 
     model, plan, art, feeds = tiny_full_w4a4
     sim = QuantSim(model, plan, art)
@@ -51,13 +53,13 @@ def _runner(tiny_full_w4a4, device):
     projs = {s.qk_matmul: {k: sim.projection(model, n) for k, n in zip("qkv", (s.q_proj, s.k_proj, s.v_proj))}
              for s in sites}
     dirty = {n for ps in projs.values() for p in ps.values() for n in (p.weight, p.bias) if n}
-    wanted = [v for s in sites for v in _site_values(sim.site(s), projs[s.qk_matmul])]
-    return sim, _Runner(sim, feeds[:2], dirty, wanted, device=device)
+    wanted = [v for s in sites for v in site_values(sim.site(s), projs[s.qk_matmul])]
+    return sim, Runner(sim, feeds[:2], dirty, wanted, device=device)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_mac_cut_on_cuda_matches_the_cpu(tiny_full_w4a4, cpu_default):
-    from carsam_onnx.calib.mac_site import apply_mac
+    from carsam_onnx.calib.mac import apply_mac
 
     model, plan, art, feeds = tiny_full_w4a4
     # the cut (the image encoder here) runs on the GPU; its values come back as CPU float32, the module too

@@ -158,7 +158,7 @@ def test_official_decoder_is_calibrated_with_a_mask_input_too(tiny, emb, tmp_pat
     and the quantized decoder at has_mask_input 1 agrees with the FP decoder on unseen embeddings."""
     from carsam_onnx.calib.baseline import calibrate_baseline
     from carsam_onnx.calib.feeds import build_feeds, mask_refinement_feeds
-    from carsam_onnx.calib.mac_site import split_feeds
+    from carsam_onnx.calib.mac import split_feeds
     from carsam_onnx.config import BitWidths, QuantConfig
     from carsam_onnx.modelio import load_model
     from carsam_onnx.qmath import sqnr_db

@@ -15,7 +15,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report_ctx import tiny_report_context  # noqa: E402
 
-from carsam_onnx.calib.mac_site import find_projection, qk_error  # noqa: E402
+from carsam_onnx.calib.mac import qk_error  # noqa: E402
+from carsam_onnx.calib.mac.graph import find_projection  # noqa: E402
 from carsam_onnx.deploy import report as report_mod  # noqa: E402
 from carsam_onnx.deploy.report import ReportContext  # noqa: E402
 from carsam_onnx.deploy.report_attention import (MAP_TOKEN, attention_dissipation_section,  # noqa: E402

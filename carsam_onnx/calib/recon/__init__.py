@@ -67,7 +67,7 @@ def _calibrate(model, plan, config, feeds, progress, *, show_units, stats, basel
         baseline.append(base)
     deferred = DeferredMac(model, plan, feeds, config.mac, device=config.device) if mac and config.mac.when != "start" else None
     if mac and deferred is None:
-        from ..mac_site import apply_mac
+        from ..mac import apply_mac
 
         base = apply_mac(model, plan, base, feeds, config.mac, device=config.device)
         log("MAC done")
@@ -82,7 +82,7 @@ def _calibrate(model, plan, config, feeds, progress, *, show_units, stats, basel
         show_units = progress is not None and not getattr(progress, "disable", False)
     nearest = frozenset()
     if mac and config.carsam.mac_rounding == "nearest":
-        from ..mac_site import mac_weight_names
+        from ..mac import mac_weight_names
 
         nearest = frozenset(mac_weight_names(model, plan, config.mac))
     result, _ = reconstruct(model, plan, base, config, feeds, units, progress=show_units, before_unit=deferred,
@@ -105,7 +105,7 @@ class DeferredMac:
     from the corrected values."""
 
     def __init__(self, model, plan, feeds, config, device="cpu"):
-        from ..mac_site import mac_weight_names
+        from ..mac import mac_weight_names
 
         self.model, self.plan, self.feeds, self.config, self.device = model, plan, feeds, config, device
         self.names = mac_weight_names(model, plan, config)
@@ -115,7 +115,7 @@ class DeferredMac:
     def __call__(self, reconstructor, unit: Unit) -> None:
         if self.done or not self.names & set(unit.weights):
             return
-        from ..mac_site import mac_info, mac_sites
+        from ..mac import mac_info, mac_sites
 
         self.done = True
         art = reconstructor.artifact({}, finished_only=True)

@@ -39,7 +39,7 @@ def _bytes(model, plan, cfg, art) -> bytes:
 def carsam_by_hand(tiny):
     """CAR-SAM spelled out: calibrator init, MAC, JCAR's joint units, reconstruction; (result, reconstructor).
     Shared by the two tests below (a tiny-SAM CAR-SAM run is the costliest part of this module)."""
-    from carsam_onnx.calib.mac_site import apply_mac
+    from carsam_onnx.calib.mac import apply_mac
 
     model, cfg, plan, feeds, _ = tiny
     base = calibrate_baseline(model, plan, replace(cfg, method=cfg.recon.init_method), feeds)
@@ -87,20 +87,20 @@ def test_carsam_without_mac_and_jcar_is_recon(tiny):
 def test_deferred_mac_sees_the_reconstructed_encoder_and_corrects_only_what_is_not_learned_yet(tiny, monkeypatch):
     """`MacConfig.when` "decoder": MAC runs once, just before the first unit holding a projection it corrects;
     the model it measures has the earlier units' rounding fixed (learned), the corrected ones' not."""
-    from carsam_onnx.calib import mac_site
+    from carsam_onnx.calib import mac as mac_pkg
 
     model, cfg, plan, feeds, _ = tiny
     seen = []
-    real = mac_site.mac_sites
+    real = mac_pkg.mac_sites
 
     def spy(*args, **kw):
         seen.append(args[2])
         return real(*args, **kw)
-    monkeypatch.setattr(mac_site, "mac_sites", spy)
+    monkeypatch.setattr(mac_pkg, "mac_sites", spy)
     cfg = replace(cfg, carsam=CarsamConfig(use_jcar=False), mac=replace(cfg.mac, when="decoder"))
     art = calibrate_carsam(model, plan, cfg, feeds)
     assert len(seen) == 1
-    names = mac_site.mac_weight_names(model, plan, cfg.mac)
+    names = mac_pkg.mac_weight_names(model, plan, cfg.mac)
     units = find_units(model, plan)
     first = next(i for i, u in enumerate(units) if names & set(u.weights))
     assert first > 0 and units[first].name.startswith("decoder")
@@ -115,12 +115,12 @@ def test_deferred_mac_sees_the_reconstructed_encoder_and_corrects_only_what_is_n
 def test_mac_rounding_nearest_keeps_the_corrected_projections_at_nearest_rounding(tiny):
     """`--mac-rounding nearest`: the q/k/v weights of MAC's scope carry no learned integers (emission rounds their
     float values, corrected where MAC corrected them, to nearest); the other weights still learn theirs."""
-    from carsam_onnx.calib import mac_site
+    from carsam_onnx.calib import mac as mac_pkg
 
     model, cfg, plan, feeds, _ = tiny
     cfg = replace(cfg, carsam=CarsamConfig(mac_rounding="nearest"))
     art = calibrate_carsam(model, plan, cfg, feeds)
-    names = mac_site.mac_weight_names(model, plan, cfg.mac)
+    names = mac_pkg.mac_weight_names(model, plan, cfg.mac)
     corrected = [n for n in art.float_weights if n in art.weights]
     assert corrected and set(corrected) <= names
     assert all(art.weights[n].values is None for n in names if n in art.weights)

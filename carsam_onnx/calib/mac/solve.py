@@ -1,6 +1,6 @@
 """MatMul-Aware Compensation (MAC, CAR-SAM): closed-form weight corrections that move one attention
 operand's quantization error into the other operand's projection. Pure math on torch tensors (float64
-inside); calib/mac_site.py applies it to the attention sites of a graph.
+inside); the rest of calib/mac/ applies it to the attention sites of a graph.
 
 Q.K^T (per head; the same code serves W_K with the roles of Q and K swapped)
 ----------------------------------------------------------------------------
