@@ -27,7 +27,7 @@ def export(output: str | Path, config: ExportConfig = ExportConfig(), progress: 
     if not config.split:
         targets = {"full": targets["full"]}
     for path in targets.values():        # fail before the long export, never half-way
-        check_writable(path, config.force)
+        check_writable(path, config.force, inputs=[config.checkpoint])
     from tqdm.auto import tqdm
 
     written = []
@@ -127,7 +127,7 @@ def split(model_path, output=None, *, force: bool = False) -> dict[str, Path]:
     targets = split_paths(Path(output) if output else model_path)
     targets.pop("full")
     for path in targets.values():
-        check_writable(path, force)
+        check_writable(path, force, inputs=[model_path])
     model = load_model(model_path)
     encoder, decoder, _ = split_at_embedding(model, sam_image_size(inspect_sam_model(model)))
     save_model(encoder, targets["encoder"], force=force)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from dataclasses import fields
 
 from . import api
@@ -267,7 +268,8 @@ def _run_eval(a) -> int:
     cfg = EvalConfig(prompts=a.prompts, min_score=a.min_score, limit=a.limit, runtime=a.runtime, device=a.device,
                      provider=a.provider)
     if a.json_out:
-        check_writable(a.json_out, a.force)
+        ann = Path(a.dataset) / "annotations.json" if a.dataset else a.annotations
+        check_writable(a.json_out, a.force, inputs=[*a.model, ann])
     model = a.model[0] if len(a.model) == 1 else a.model
     result = api.evaluate(model, cfg, dataset=a.dataset, images=a.images, annotations=a.annotations,
                           progress=not a.quiet)

@@ -312,6 +312,8 @@ class QuantConfig:
             raise InputError(f"--percentile {self.percentile}: must be in (0, 100]")
         if self.num_calib < 1:
             raise InputError(f"--num-calib {self.num_calib}: must be >= 1")
+        if not 0 <= self.seed < 2**32:                          # numpy's generators take no negative seed
+            raise InputError(f"--seed {self.seed}: must be in 0..{2**32 - 1}")
         if self.int8_weights not in INT8_WEIGHT_FORMATS:
             raise InputError(f"--int8-weights {self.int8_weights!r}: choose one of {', '.join(INT8_WEIGHT_FORMATS)}")
         if self.smooth not in (None, "auto") and not (isinstance(self.smooth, (int, float)) and 0 <= self.smooth <= 1):

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,11 +37,15 @@ def first_line(e: Exception) -> str:
     return s.splitlines()[0][:300] if s else type(e).__name__
 
 
-def check_writable(path: str | Path, force: bool) -> Path:
-    """Fail early (before any long work) if `path` cannot be written."""
+def check_writable(path: str | Path, force: bool, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Fail early (before any long work) if `path` cannot be written, or if it names one of `inputs` (an input
+    file is never overwritten, --force or not)."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{path} is a directory, not a file path")
+    for src in inputs:
+        if src is not None and _same_file(path, Path(src)):
+            raise OutputError(f"{path} is also an input of this command; write the output to another file")
     if path.exists() and not force:
         raise OutputError(f"{path} exists; pass --force to overwrite it")
     parent = path.parent if str(path.parent) else Path(".")
@@ -51,6 +56,13 @@ def check_writable(path: str | Path, force: bool) -> Path:
     if not os.access(parent, os.W_OK):
         raise OutputError(f"cannot write {path}: folder {parent} is not writable")
     return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def initializer_bytes(model: onnx.ModelProto) -> int:

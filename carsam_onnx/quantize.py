@@ -19,7 +19,7 @@ from .artifact import CalibrationArtifact, load_artifact, save_artifact
 from .config import HELDOUT, MAX_REPORT_IMAGES, QuantConfig
 from .data.builtin import HELDOUT_SEED, builtin_calibration_set
 from .data.prompts import load_calibration_set
-from .errors import ArtifactError, InputError
+from .errors import ArtifactError, InputError, OutputError
 from .modelio import check_writable, file_sha256, load_model, save_model
 from .qmath import sqnr_db
 
@@ -207,12 +207,16 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
     from .calib.smooth import calibrate_smoothed
     from .passes.emit import check_opset
     from .progress import stage_log
+    from .torchexec.device import torch_device
 
     method = check_config(config)
+    torch_device(config.device)                              # a device this machine lacks fails before any work
     model_path, output = Path(model_path), Path(output)
-    check_writable(output, force)
+    check_writable(output, force, inputs=[model_path])
     if save_calibration is not None:
-        check_writable(save_calibration, force)
+        check_writable(save_calibration, force, inputs=[model_path])
+        if Path(save_calibration).resolve() == output.resolve():
+            raise OutputError(f"--save-calibration {save_calibration} is the output model's path; give another file")
     if provider is not None:   # an unavailable provider fails before any long work
         from .runtime.providers import ort_providers
 
@@ -329,7 +333,7 @@ def _report_extra(stats: list, baseline: list, compare: tuple[str, list] | None,
 def emit(model_path: str | Path, calibration: str | Path, output: str | Path, *, force: bool = False) -> QuantizeReport:
     """Write the Q/DQ model of `model_path` from a saved calibration (no calibration run)."""
     model_path, output = Path(model_path), Path(output)
-    check_writable(output, force)
+    check_writable(output, force, inputs=[model_path, calibration])
     saved = load_artifact(calibration)
     sha = file_sha256(model_path) if model_path.is_file() else None
     if sha is not None and sha != saved.model_sha256:

@@ -86,12 +86,22 @@ CASES: list[Case] = [
     # ---- emit, split, check-trt, predict --------------------------------------------------------------------
     C("emit-calibration-not-a-calibration", "emit {in}/full.onnx --calibration {in}/notes.txt -o {out}/q.onnx",
       "notes.txt"),
+    C("emit-output-is-model", "emit {in}/full.onnx --calibration {in}/notes.txt -o {in}/full.onnx --force",
+      "also an input"),
+    C("emit-output-is-calibration", "emit {in}/full.onnx --calibration {in}/notes.txt -o {in}/notes.txt --force",
+      "also an input"),
     C("split-truncated-onnx", "split {in}/truncated.onnx -o {out}/s.onnx", "truncated.onnx"),
     C("check-trt-not-onnx", "check-trt {in}/image.onnx", "image.onnx"),
     C("predict-not-onnx", "predict {in}/image.onnx {in}/ds/images/000000000100.png --box 1 1 9 9 -o {out}/m.png",
       "image.onnx"),
     C("predict-corrupt-image", "predict {in}/full.onnx {in}/calib_corrupt/corrupt.png --box 1 1 9 9 -o {out}/m.png",
       "corrupt.png"),
+    C("predict-output-is-image", "predict {in}/full.onnx {in}/ds/images/000000000100.png --box 1 1 9 9 "
+      "-o {in}/ds/images/000000000100.png --force", "also an input"),
+    C("predict-overlay-is-output", "predict {in}/full.onnx {in}/ds/images/000000000100.png --box 1 1 9 9 "
+      "-o {out}/m.png --overlay {out}/m.png", "same file"),
+    C("predict-device-not-a-device", "predict {in}/full.onnx {in}/ds/images/000000000100.png --box 1 1 9 9 "
+      "-o {out}/m.png --runtime torch --device gpu", "not a device"),
     # ---- predict over a folder of images (PF: a folder predict that would otherwise succeed) ---------------------
     C("predict-folder-empty", "predict {in}/full.onnx {in}/empty_dir --box 1 1 9 9 -o {out}/masks", "empty_dir",
       "no image files"),
@@ -153,6 +163,13 @@ CASES: list[Case] = [
     C("quantize-output-is-folder", Q + " {in}/full.onnx -o {out}/dir", "is a directory", pre={"dir": None}),
     C("quantize-output-under-file", Q + " {in}/full.onnx -o {out}/afile/q.onnx", "is a file", pre={"afile": b"x"}),
     C("quantize-output-not-writable", QF, "not writable", user=NOBODY, readonly_out=True),
+    C("quantize-output-is-input", Q + " {in}/full.onnx -o {in}/full.onnx --force", "also an input"),
+    C("quantize-save-calibration-is-output", QF + " --save-calibration {out}/q.onnx", "--save-calibration",
+      "output model's path"),
+    C("quantize-seed-negative", QF + " --seed -1", "--seed -1"),
+    C("quantize-device-not-a-device", QF + " --device gpu", "--device 'gpu'", "not a device"),
+    C("quantize-device-other-type", QF + " --device mps", "--device mps", "cpu or cuda"),
+    C("quantize-device-cuda-index", QF + " --device cuda:99", "--device cuda:99"),   # no GPU, or not 100 of them
     C("quantize-report-compare-without-report", QF + " --report-compare {in}/notes.txt", "--report-compare needs --report"),
     C("quantize-report-images-without-report", QF + " --report-images 4", "--report-images needs --report"),
     C("quantize-report-images-zero", QF + " --report {out}/rep --report-images 0", "--report-images 0", "1 to 64"),
@@ -199,6 +216,8 @@ CASES: list[Case] = [
     C("eval-json-exists", E + " --dataset {in}/ds --json {out}/keep.onnx", "exists", "--force", pre=KEEP),
     C("eval-json-is-folder", E + " --dataset {in}/ds --json {out}/dir", "is a directory", pre={"dir": None}),
     C("eval-json-under-file", E + " --dataset {in}/ds --json {out}/afile/m.json", "is a file", pre={"afile": b"x"}),
+    C("eval-json-is-annotations", E + " --dataset {in}/ds --json {in}/ds/annotations.json --force", "also an input"),
+    C("eval-json-is-model", E + " --dataset {in}/ds --json {in}/full.onnx --force", "also an input"),
     C("eval-json-not-writable", E + " --dataset {in}/ds --json {out}/m.json", "not writable",
       user=NOBODY, readonly_out=True),
     # ---- data synth ------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def official_decoder(sam) -> onnx.ModelProto:
 def export_official_decoder(output: str | Path, model_type: str = "reference", checkpoint: str | None = None,
                             seed: int | None = None, force: bool = False) -> Path:
     output = Path(output)
-    check_writable(output, force)
+    check_writable(output, force, inputs=[checkpoint])
     built = build_sam(model_type, checkpoint=checkpoint, seed=seed)
     model = official_decoder(built.sam.eval())
     save_model(model, output, force=force)

@@ -121,9 +121,12 @@ def predict_to_files(model, image, *, boxes=None, points=None, labels=None, outp
         from ..runtime.providers import ort_providers
 
         ort_providers(provider)
+    if overlay is not None and Path(overlay).resolve() == output.resolve():
+        raise OutputError(f"-o and --overlay name the same file {output}; the overlay would replace the masks")
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
     for p in (output, overlay):
         if p is not None:
-            check_writable(p, force)
+            check_writable(p, force, inputs=[image, *(m for m in models if isinstance(m, (str, Path)))])
     pixels = read_image_file(image)
     predictor = SamOnnxPredictor(model, runtime, device, provider)
     masks, scores = _predict_masks(predictor, pixels, boxes, points, labels, multimask)

@@ -138,7 +138,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, *, strongly_typ
             raise ModelError(f"{onnx_path} has {len(found)} TensorRT Q/DQ rule violations (first: {found[0]}); "
                              f"quantize with --target trt or see docs/tensorrt.md")
     del model
-    check_writable(engine_path, force)
+    check_writable(engine_path, force, inputs=[onnx_path])
     trt = import_tensorrt()
 
     logger = trt.Logger(trt.Logger.WARNING)

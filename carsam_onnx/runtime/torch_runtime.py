@@ -22,20 +22,13 @@ import numpy as np
 import onnx
 import torch
 
-from ..errors import InputError
 from ..modelio import load_model
+from ..torchexec.device import torch_device
 from ..torchexec.precision import ieee_fp32
 from .base import Runtime, Session
 
 MAX_VMAP_BATCH = 64          # prompts per vmapped call (bounds activation memory)
 VMAP_CHECK_RTOL = 1e-3       # batched vs per-prompt outputs on the first call, relative to the output's scale
-
-
-def _device(device: str | None) -> torch.device:
-    dev = torch.device(device or "cpu")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: torch sees no CUDA device; use --device cpu or --runtime ort")
-    return dev
 
 
 class TorchSession(Session):
@@ -129,7 +122,7 @@ class TorchRuntime(Runtime):
     def __init__(self, device: str | None = None, batch_prompts: bool | None = None, cuda_graphs: bool | None = None):
         """batch_prompts: vmap an image's prompts through the prompt part; cuda_graphs: capture and replay each
         run (None: both on GPUs, neither on the CPU)."""
-        self.device = _device(device)
+        self.device = torch_device(device, hint="use --device cpu or --runtime ort")
         self.batch_prompts = batch_prompts
         self.cuda_graphs = cuda_graphs
 

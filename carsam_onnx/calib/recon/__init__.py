@@ -47,15 +47,12 @@ def calibrate_carsam(model: onnx.ModelProto, plan: QuantPlan, config: QuantConfi
 
 def _calibrate(model, plan, config, feeds, progress, *, show_units, stats, baseline, mac: bool, jcar: str | None,
                log=None):
-    import torch
-
-    from ...errors import InputError
+    from ...torchexec.device import torch_device
     from ..baseline import calibrate_baseline
     from ...torchexec import OnnxModule
     from .loop import reconstruct
 
-    if str(config.device).startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {config.device}: torch sees no CUDA device; use --device cpu")
+    torch_device(config.device)
 
     base_cfg = replace(config, method=config.recon.init_method)
     module = OnnxModule(model).to(config.device).eval()
