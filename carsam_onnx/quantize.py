@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .artifact import CalibrationArtifact, load_artifact, save_artifact
-from .config import HELDOUT, MAX_REPORT_IMAGES, QuantConfig
+from .config import DEFAULT_KEEP_FLOAT, HELDOUT, MAX_REPORT_IMAGES, QuantConfig
 from .data.builtin import HELDOUT_SEED, builtin_calibration_set
 from .data.prompts import load_calibration_set
 from .errors import ArtifactError, InputError, OutputError
@@ -175,7 +175,7 @@ def emit_model(model, plan, artifact: CalibrationArtifact, config: QuantConfig):
 def _plan(model, config: QuantConfig):
     """(model at a Q/DQ-capable opset, plan, notes)."""
     from .deploy.official import to_quantizable_opset
-    from .passes.plan import plan_quantization
+    from .passes.plan import plan_quantization, unmatched_patterns
 
     notes = []
     model, converted = to_quantizable_opset(model)   # segment-anything's own decoder export is opset 17
@@ -183,6 +183,10 @@ def _plan(model, config: QuantConfig):
         notes.append(converted)
         warnings.warn(converted, stacklevel=3)
     plan = plan_quantization(model, config)
+    given = tuple(p for p in config.keep_float if p not in DEFAULT_KEEP_FLOAT)   # the defaults fit no model whole
+    for pattern in unmatched_patterns(model, given):
+        notes.append(f"--keep-float {pattern!r} matches no node of this model: it keeps nothing float")
+        warnings.warn(notes[-1], stacklevel=3)
     if not plan.attention:
         notes.append("no attention block found: quantizing the linear layers only (see `carsam-onnx inspect`)")
         warnings.warn(notes[-1], stacklevel=3)

@@ -62,6 +62,16 @@ def keep_float_reason(g: GraphIndex, node: gs.Node, patterns: list[re.Pattern]) 
     return None
 
 
+def unmatched_patterns(model: onnx.ModelProto, patterns: tuple[str, ...]) -> list[str]:
+    """The keep-float patterns that match no node of `model` (its name, module path or an initializer's name, as
+    keep_float_reason looks): such a pattern keeps nothing float, most often a typo."""
+    if not patterns:
+        return []
+    g = GraphIndex(model)
+    nodes = list(g.graph.nodes)
+    return [p.pattern for p in compile_patterns(patterns) if not any(keep_float_reason(g, n, [p]) for n in nodes)]
+
+
 def _output_axis(node: gs.Node, weight: gs.Constant) -> int | None:
     rank = len(weight.shape)
     if node.op == "MatMul":

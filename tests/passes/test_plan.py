@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from carsam_onnx.config import DEFAULT_KEEP_FLOAT, BitWidths, QuantConfig
 from carsam_onnx.errors import InputError, ModelError
-from carsam_onnx.passes.plan import plan_quantization
+from carsam_onnx.passes.plan import plan_quantization, unmatched_patterns
 from carsam_onnx.passes.sites import ActivationKind, WeightKind
 from onnx_graphs import float_input as _vi
 from onnx_graphs import make_model as _model
@@ -130,6 +130,15 @@ def test_keep_float_override_and_attention_patterns():
     assert sum(r.startswith("attention kept float") for r in kept.values()) == 24  # 12 sites x 2 MatMuls
     assert not any("image_encoder" in a.value or any("image_encoder" in c for c in a.consumers)
                    for a in dec_only.activations)
+
+
+def test_keep_float_patterns_that_match_nothing_are_named():
+    """A pattern that matches no node keeps nothing float (a typo, most often): quantize names it in a warning."""
+    model = _sam("full", "dynamo")
+    assert unmatched_patterns(model, (r"image_encoder", r"imgae_encoder", r"mask_decoder\.transformer")) == [
+        "imgae_encoder"]
+    assert unmatched_patterns(model, DEFAULT_KEEP_FLOAT) == []          # every default names a part of a full SAM
+    assert unmatched_patterns(model, ()) == []
 
 
 def test_weight_only_bits_have_no_activation_sites():
