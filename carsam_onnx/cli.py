@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from dataclasses import fields
+from pathlib import Path
 
 from . import api
 from .calib.registry import method_names, methods_help

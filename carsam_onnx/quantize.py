@@ -183,7 +183,8 @@ def _plan(model, config: QuantConfig):
         notes.append(converted)
         warnings.warn(converted, stacklevel=3)
     plan = plan_quantization(model, config)
-    given = tuple(p for p in config.keep_float if p not in DEFAULT_KEEP_FLOAT)   # the defaults fit no model whole
+    # only the user's own patterns: the defaults name parts that a decoder-only or encoder-only model lacks
+    given = tuple(p for p in config.keep_float if p not in DEFAULT_KEEP_FLOAT)
     for pattern in unmatched_patterns(model, given):
         notes.append(f"--keep-float {pattern!r} matches no node of this model: it keeps nothing float")
         warnings.warn(notes[-1], stacklevel=3)
@@ -216,9 +217,10 @@ def quantize(model_path: str | Path, output: str | Path, config: QuantConfig = Q
     method = check_config(config)
     torch_device(config.device)                              # a device this machine lacks fails before any work
     model_path, output = Path(model_path), Path(output)
-    check_writable(output, force, inputs=[model_path])
+    inputs = [model_path, encoder, embeddings, calib_prompts]
+    check_writable(output, force, inputs=inputs)
     if save_calibration is not None:
-        check_writable(save_calibration, force, inputs=[model_path])
+        check_writable(save_calibration, force, inputs=inputs)
         if Path(save_calibration).resolve() == output.resolve():
             raise OutputError(f"--save-calibration {save_calibration} is the output model's path; give another file")
     if provider is not None:   # an unavailable provider fails before any long work

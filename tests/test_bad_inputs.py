@@ -164,6 +164,8 @@ CASES: list[Case] = [
     C("quantize-output-under-file", Q + " {in}/full.onnx -o {out}/afile/q.onnx", "is a file", pre={"afile": b"x"}),
     C("quantize-output-not-writable", QF, "not writable", user=NOBODY, readonly_out=True),
     C("quantize-output-is-input", Q + " {in}/full.onnx -o {in}/full.onnx --force", "also an input"),
+    C("quantize-output-is-embeddings", Q + " {in}/decoder.onnx -o {in}/emb.npz --embeddings {in}/emb.npz --force",
+      "also an input"),
     C("quantize-save-calibration-is-output", QF + " --save-calibration {out}/q.onnx", "--save-calibration",
       "output model's path"),
     C("quantize-seed-negative", QF + " --seed -1", "--seed -1"),
