@@ -70,6 +70,11 @@ def clip_max_name(tensor: str) -> str:
     return f"{tensor}_clip_max"
 
 
+def quant_point_name(tensor: str) -> str:
+    """The Identity in front of a value's quantized consumers while calibrating (never in an emitted file)."""
+    return f"{tensor}__carsam_recon_q"
+
+
 def graph_names(graph: onnx.GraphProto) -> set[str]:
     """All node, value and initializer names of `graph` and of its subgraphs."""
     names: set[str] = set()
@@ -150,3 +155,6 @@ class Namer:
 
     def clip_max(self, tensor: str) -> str:
         return self.fresh(clip_max_name(tensor))
+
+    def quant_point(self, tensor: str) -> str:
+        return self.fresh(quant_point_name(tensor))

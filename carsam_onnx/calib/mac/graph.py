@@ -18,6 +18,7 @@ from onnx import numpy_helper
 
 from ...artifact import CalibrationArtifact
 from ...errors import CalibrationError
+from ...passes.quant_points import insert_quant_points
 from ...passes.sites import AttentionSite, QuantPlan
 from ...qmath import dequantize_weight, quantize_weight
 from ...torchexec import OnnxModule
@@ -103,14 +104,12 @@ def split_aug(proj: Projection, w_aug: torch.Tensor, model_inits: dict) -> dict[
 
 class QuantSim:
     """The plan's quantization simulated as emission writes it: the model with a quant point (an Identity,
-    calib/recon/loop.insert_quant_points) per activation site, read by that site's listed consumers only,
+    passes/quant_points.py) per activation site, read by that site's listed consumers only,
     fake-quantized by a replace hook; every plan weight replaced by its dequantized grid values.
     `hooks(float_weights)` rebuilds the weight hooks for corrected float weights. `module` (the augmented
     model) serves the FP runs too (no hooks: the Identities change nothing)."""
 
     def __init__(self, model: onnx.ModelProto, plan: QuantPlan, artifact: CalibrationArtifact):
-        from ..recon.loop import insert_quant_points
-
         self.model, self.qpoint = insert_quant_points(model, plan)
         self.module = OnnxModule(self.model).eval()
         self.module.requires_grad_(False)
@@ -285,7 +284,7 @@ def _fixed_cut(model: onnx.ModelProto, dirty: set[str], wanted: list[str]) -> li
     moving: set[str] = set(dirty)
     const: set[str] = set(inits)
     changed = True
-    while changed:       # to a fixpoint: quant points are appended after their consumers
+    while changed:       # to a fixpoint (one pass suffices for a sorted graph; the loop does not rely on it)
         changed = False
         for n in g.node:
             ins = [x for x in n.input if x]

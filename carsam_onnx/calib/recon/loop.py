@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import torch
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from ...artifact import CalibrationArtifact
 from ...config import QuantConfig, ReconConfig
+from ...passes.quant_points import insert_quant_points
 from ...passes.sites import QuantPlan, WeightKind
 from ...torchexec import OnnxModule
 from ...torchexec.precision import tf32
@@ -34,7 +35,6 @@ from .graph_step import batch_loss, image_loss
 from .quantizers import AdaRoundWeight, FixedWeight, LsqActivation, beta_at, cosine_lr
 from ...passes.units import Unit
 
-QPOINT_SUFFIX = "__carsam_recon_q"
 IMAGE_INPUT = "image"
 VMAP_CHECK_RTOL = 1e-2   # batched vs per-image unit outputs (fixed quantizers): relative Frobenius error
 
@@ -48,29 +48,6 @@ def batch_agrees(got: torch.Tensor, ref: torch.Tensor) -> bool:
     if got.shape != ref.shape:
         return False
     return float((got - ref).double().norm()) <= VMAP_CHECK_RTOL * float(ref.double().norm()) + 1e-9
-
-
-def insert_quant_points(model: onnx.ModelProto, plan: QuantPlan) -> tuple[onnx.ModelProto, dict[str, str]]:
-    """A copy of `model` with `v_q = Identity(v)` for each activation site v, read by the site's consumers only."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    g = m.graph
-    used = {o for n in g.node for o in n.output} | {i.name for i in g.input} | {t.name for t in g.initializer}
-    qname: dict[str, str] = {}
-    consumers: dict[str, set[str]] = {}
-    for a in plan.activations:
-        name = a.value + QPOINT_SUFFIX
-        while name in used:
-            name += "_"
-        used.add(name)
-        qname[a.value] = name
-        consumers[a.value] = set(a.consumers)
-    for n in g.node:
-        for j, x in enumerate(n.input):
-            if x in qname and n.name in consumers[x]:
-                n.input[j] = qname[x]
-    g.node.extend(helper.make_node("Identity", [v], [q], name=q) for v, q in qname.items())
-    return m, qname
 
 
 @dataclass
