@@ -365,6 +365,10 @@ class ExportConfig:
     split: bool = False
     force: bool = False
 
+    def __post_init__(self):
+        if self.seed is not None and not 0 <= self.seed < 2**63:   # torch.manual_seed takes a signed 64-bit seed
+            raise InputError(f"--seed {self.seed}: must be in 0..{2**63 - 1}")
+
 
 @dataclass(frozen=True)
 class EvalConfig:

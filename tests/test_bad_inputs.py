@@ -230,7 +230,11 @@ CASES: list[Case] = [
     C("synth-output-not-writable", "data synth -o {out}/set --num-images 1 --seed 0", "not writable",
       user=NOBODY, readonly_out=True),
     C("synth-zero-images", "data synth -o {out}/set --num-images 0 --seed 0", "--num-images"),
-    C("synth-image-too-small", "data synth -o {out}/set --num-images 1 --seed 0 --image-size 8", "too small"),
+    C("synth-image-too-small", "data synth -o {out}/set --num-images 1 --seed 0 --image-size 8", "--image-size 8", "32"),
+    C("synth-image-too-large", "data synth -o {out}/set --num-images 1 --seed 0 --image-size 100000", "--image-size",
+      "4096"),
+    C("export-seed-out-of-range", "export --model-type reference --random-init --seed 99999999999999999999 "
+      "-o {out}/m.onnx", "--seed"),
 ]
 
 

@@ -156,7 +156,8 @@ def test_failure_leaves_nothing(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("kwargs, match", [({"num_images": 0, "seed": 0}, "num-images"),
                                            ({"num_images": 1, "seed": -1}, "seed"),
-                                           ({"num_images": 1, "seed": 0, "image_size": 16}, "too small")])
+                                           ({"num_images": 1, "seed": 0, "image_size": 16}, "32 to 4096"),
+                                           ({"num_images": 1, "seed": 0, "image_size": 4097}, "32 to 4096")])
 def test_bad_arguments_raise_input_error(tmp_path, kwargs, match):
     with pytest.raises(InputError, match=match):
         write_synthetic_coco(tmp_path / "set", **kwargs)
