@@ -110,7 +110,8 @@ def calibration_samples(config: QuantConfig, image_size: int, calib_images, cali
         calib = builtin_calibration_set(config.num_calib, config.seed, image_size)
         held = builtin_calibration_set(HELDOUT, config.seed, image_size, data_seed=HELDOUT_SEED, warn=False)
         return calib, held
-    samples = load_calibration_set(calib_images, calib_prompts, config.num_calib + HELDOUT, config.seed, image_size)
+    samples = load_calibration_set(calib_images, calib_prompts, config.num_calib + HELDOUT, config.seed, image_size,
+                                   asked=config.num_calib)
     if len(samples) <= config.num_calib:
         warnings.warn(f"{calib_images} has no images left over for held-out prompts; the SQNR in the summary "
                       "is measured on calibration images", stacklevel=2)
@@ -129,7 +130,8 @@ def report_samples(config: QuantConfig, image_size: int, calib_images, calib_pro
     if calib_images is None:
         return builtin_calibration_set(num, config.seed, image_size, data_seed=HELDOUT_SEED, warn=False)
     used = {s.source for s in calib}
-    pool = load_calibration_set(calib_images, calib_prompts, config.num_calib + num, config.seed + 1, image_size)
+    pool = load_calibration_set(calib_images, calib_prompts, config.num_calib + num, config.seed + 1, image_size,
+                                asked=config.num_calib)
     rest = [s for s in pool if s.source not in used][:num]
     if len(rest) < num:
         warnings.warn(f"{calib_images} has {len(rest)} images outside the calibration set for --report-images "

@@ -318,8 +318,9 @@ def random_box(height: int, width: int, rng: np.random.Generator) -> tuple[float
 
 
 def load_calibration_set(images_dir: str | Path, prompts_file: str | Path | None, num: int, seed: int,
-                         image_size: int) -> list[CalibSample]:
-    """`num` calibration samples (one image, one box each), drawn with `seed`.
+                         image_size: int, *, asked: int | None = None) -> list[CalibSample]:
+    """`num` calibration samples (one image, one box each), drawn with `seed`. `asked`: the --num-calib the user
+    gave when `num` also counts held-out samples; the folder is short only when it has fewer images than that.
 
     `images_dir` is a folder of images, or a COCO-layout dataset folder (annotations.json + images/, or its
     images/ folder). Boxes: from `prompts_file` (COCO detection results naming images by "file_name" or by
@@ -372,7 +373,7 @@ def load_calibration_set(images_dir: str | Path, prompts_file: str | Path | None
         if not (np.isfinite(tensor).all() and np.isfinite(coords).all()):
             raise CalibrationError(f"calibration sample from {path.name} contains NaN or infinite values")
         samples.append(CalibSample(tensor, coords, labels, path.name, box))
-    if len(candidates) < num:
+    if len(candidates) < (asked or num):
         warnings.warn(f"calibration set {images_dir} has {len(candidates)} images with boxes; using all of them "
-                      f"instead of --num-calib {num}", stacklevel=2)
+                      f"instead of --num-calib {asked or num}", stacklevel=2)
     return samples

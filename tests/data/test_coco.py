@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -236,6 +237,12 @@ def test_calibration_with_prompts_file_and_dataset_folder(tmp_path):
     with pytest.warns(UserWarning, match="has 2 images with boxes; using all of them"):
         samples = load_calibration_set(folder, f, num=32, seed=0, image_size=128)
     assert sorted(s.source for s in samples) == ["000000000100.png", "000000000102.png"]
+    # quantize draws --num-calib plus held-out images: short only below what the user asked for, named as asked
+    with pytest.warns(UserWarning, match="has 2 images with boxes; using all of them instead of --num-calib 3$"):
+        load_calibration_set(folder, f, num=5, seed=0, image_size=128, asked=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_calibration_set(folder, f, num=4, seed=0, image_size=128, asked=2)) == 2
     s100 = next(s for s in samples if s.source == "000000000100.png")
     geo = Geometry.of(96, 160, 128)
     np.testing.assert_allclose(s100.point_coords[0], box_inputs(np.array([5, 6, 25, 36]), geo)[0][0], atol=1e-5)
