@@ -50,7 +50,15 @@ _PHOTO_NAMES = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "mot
 
 MIN_VISIBLE_PIXELS = 160         # at 256 px (scaled by area): an instance smaller than this is dropped
 MIN_VISIBLE_FRACTION = 0.3       # ... or one with less than this share of its shape visible
+MIN_IMAGE_SIZE = 32
 MAX_IMAGE_SIZE = 4096            # one 4096 px image: 1.2 GB peak, 11 s; 100,000 px was killed for memory (SAM reads 1024)
+
+
+def check_image_size(image_size: int) -> int:
+    s = int(image_size)
+    if not MIN_IMAGE_SIZE <= s <= MAX_IMAGE_SIZE:
+        raise InputError(f"--image-size {s}: use {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels for synthetic data")
+    return s
 
 
 @lru_cache(maxsize=1)
@@ -225,11 +233,7 @@ def generate_sample(rng: np.random.Generator, image_size: int = 256) -> tuple[np
     Masks are disjoint (an object's mask is what later objects leave visible); instances with too
     little visible are dropped. Draws everything from `rng`.
     """
-    s = int(image_size)
-    if s < 32:
-        raise InputError(f"image size {s} is too small for synthetic data; use at least 32")
-    if s > MAX_IMAGE_SIZE:
-        raise InputError(f"image size {s} is too large for synthetic data; use at most {MAX_IMAGE_SIZE}")
+    s = check_image_size(image_size)
     canvas = _texture(rng, s, s)
     # Clutter: small unannotated marks, lines and blobs.
     n_clutter = int(rng.integers(4, 30))
@@ -317,8 +321,7 @@ def write_synthetic_coco(out_dir: str | Path, num_images: int, seed: int, image_
         raise InputError(f"--num-images must be at least 1 (got {num_images})")
     if int(seed) < 0:
         raise InputError(f"--seed must be a non-negative integer (got {seed})")
-    if not 32 <= int(image_size) <= MAX_IMAGE_SIZE:       # before the output folder is made
-        raise InputError(f"--image-size {image_size}: use 32 to {MAX_IMAGE_SIZE} pixels")
+    check_image_size(image_size)                           # before the output folder is made
     out = Path(out_dir)
     _check_output_dir(out, force)
     try:
