@@ -1,6 +1,7 @@
 """Frozen configuration objects. Defaults live here and nowhere else (the CLI reads them from here)."""
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, fields, is_dataclass
 
@@ -130,19 +131,20 @@ class ReconConfig:
     def __post_init__(self):
         if self.init_method not in ("minmax", "percentile", "mse"):
             raise InputError(f"recon init method {self.init_method!r}: choose minmax, percentile or mse")
-        for name in ("cpu_iters", "cpu_iters_3bit", "gpu_iters", "cpu_batch_size", "gpu_batch_size", "guard_images",
-                     "decoder_factor"):
+        for name in ("cpu_iters", "cpu_iters_3bit", "gpu_iters", "cpu_batch_size", "gpu_batch_size", "guard_images"):
             if getattr(self, name) < 1:
                 raise InputError(f"recon {name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
+        if self.decoder_factor < 1:
+            raise InputError(f"--recon-decoder-factor {self.decoder_factor}: must be >= 1")
         if self.iters is not None and self.iters < 1:
             raise InputError(f"--recon-iters {self.iters}: must be >= 1")
         if self.batch_size is not None and self.batch_size < 1:
             raise InputError(f"--recon-batch {self.batch_size}: must be >= 1")
         for name in ("round_lr", "scale_lr", "cpu_round_lr", "gpu_round_lr", "cpu_scale_lr", "gpu_scale_lr"):
-            if getattr(self, name) is not None and not getattr(self, name) >= 0:
-                raise InputError(f"--recon-{name.replace('_', '-')} {getattr(self, name)}: must be >= 0")
-        if self.scale_lr_ref is not None and not self.scale_lr_ref > 0:
-            raise InputError(f"--recon-scale-lr-ref {self.scale_lr_ref}: must be > 0")
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) < math.inf:
+                raise InputError(f"--recon-{name.replace('_', '-')} {getattr(self, name)}: must be a finite number >= 0")
+        if self.scale_lr_ref is not None and not 0 < self.scale_lr_ref < math.inf:
+            raise InputError(f"--recon-scale-lr-ref {self.scale_lr_ref}: must be a finite number > 0")
         if not 0 <= self.drop_prob < 1:
             raise InputError(f"--recon-drop {self.drop_prob}: must be in [0, 1)")
         if not 0 <= self.warmup < 1:

@@ -83,6 +83,10 @@ CASES: list[Case] = [
     C("quantize-missing-external-data", Q + " {in}/ext/encoder.onnx -o {out}/q.onnx", "encoder.onnx.data"),
     C("quantize-recon-negative-lr", Q + " {in}/full.onnx -o {out}/q.onnx --method recon --recon-round-lr -1",
       "--recon-round-lr", ">= 0"),
+    C("quantize-recon-infinite-lr", Q + " {in}/full.onnx -o {out}/q.onnx --method recon --recon-scale-lr inf",
+      "--recon-scale-lr inf", "finite"),
+    C("quantize-recon-decoder-factor-zero", Q + " {in}/full.onnx -o {out}/q.onnx --method recon "
+      "--recon-decoder-factor 0", "--recon-decoder-factor 0", ">= 1"),
     # ---- emit, split, check-trt, predict --------------------------------------------------------------------
     C("emit-calibration-not-a-calibration", "emit {in}/full.onnx --calibration {in}/notes.txt -o {out}/q.onnx",
       "notes.txt"),
@@ -134,6 +138,8 @@ CASES: list[Case] = [
       "--num-calib 3", "empty.png"),
     C("quantize-calib-corrupt-image", "quantize {in}/full.onnx -o {out}/q.onnx --calib-images {in}/calib_corrupt "
       "--num-calib 3", "corrupt.png"),
+    C("quantize-num-calib-beyond-memory", "quantize {in}/full.onnx -o {out}/q.onnx --num-calib 100000000",
+      "--num-calib 100000000", "GiB available"),
     C("quantize-calib-coco-missing-keys", "quantize {in}/full.onnx -o {out}/q.onnx --calib-images {in}/ds_bad",
       "images[0] needs"),
     C("quantize-prompts-not-json", QF + " --calib-prompts {in}/notes.txt", "notes.txt", "JSON"),

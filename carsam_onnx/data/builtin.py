@@ -9,6 +9,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from .memory import check_images_fit
 from .prompts import CalibSample, load_calibration_set
 from .synth import write_synthetic_coco
 
@@ -21,6 +22,7 @@ SYNTH_IMAGE_SIZE = 256
 def builtin_calibration_set(num: int, seed: int, image_size: int, data_seed: int = CALIBRATION_SEED,
                             warn: bool = True) -> list[CalibSample]:
     """`num` synthetic images with ground-truth box prompts, preprocessed for a model of `image_size`."""
+    check_images_fit(num, image_size)
     if warn:
         warnings.warn("no --calib-images given: calibrating on the built-in synthetic set "
                       f"({num} images, seed {data_seed}); use real images of your domain for deployment",

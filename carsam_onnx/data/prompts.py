@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import CalibrationError, InputError
 from .coco import ANNOTATIONS_NAME, BOX_TOLERANCE_PX, IMAGES_DIRNAME, CocoDataset, read_image_file
+from .memory import check_images_fit
 from .preprocess import Geometry, preprocess_image, transform_coords
 
 BOX_LABELS = np.array([2.0, 3.0], dtype=np.float32)
@@ -354,6 +355,7 @@ def load_calibration_set(images_dir: str | Path, prompts_file: str | Path | None
         raise CalibrationError(f"calibration set {images_dir} has no images with boxes")
     rng = np.random.default_rng(seed)
     chosen = [candidates[i] for i in sorted(rng.permutation(len(candidates))[: num])]
+    check_images_fit(len(chosen), image_size, asked=asked or num)
     samples = []
     for path in chosen:
         image = _read_calib_image(path)
