@@ -107,6 +107,14 @@ CASES: list[Case] = [
     C("predict-device-not-a-device", "predict {in}/full.onnx {in}/ds/images/000000000100.png --box 1 1 9 9 "
       "-o {out}/m.png --runtime torch --device gpu", "not a device"),
     # ---- predict over a folder of images (PF: a folder predict that would otherwise succeed) ---------------------
+    C("predict-box-outside-image", "predict {in}/full.onnx {in}/ds/images/000000000100.png --box 1 1 400 90 "
+      "-o {out}/m.png", "outside", "000000000100.png", "160 x 96"),
+    C("predict-point-outside-image", "predict {in}/full.onnx {in}/ds/images/000000000100.png --point 170 5 "
+      "-o {out}/m.png", "point (170.0, 5.0)", "outside"),
+    C("predict-point-not-finite", "predict {in}/full.onnx {in}/ds/images/000000000100.png --point nan 5 "
+      "-o {out}/m.png", "point", "finite"),
+    C("predict-folder-box-outside-one-image", PF + " --box 1 1 130 90 -o {out}/masks", "000000000101.png",
+      "outside", "100 x 150"),
     C("predict-folder-empty", "predict {in}/full.onnx {in}/empty_dir --box 1 1 9 9 -o {out}/masks", "empty_dir",
       "no image files"),
     C("predict-folder-no-images", "predict {in}/full.onnx {in}/no_images --box 1 1 9 9 -o {out}/masks", "no_images",

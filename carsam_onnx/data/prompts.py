@@ -311,6 +311,25 @@ def check_box_inside(box, height: int, width: int, where: str) -> tuple[float, f
     return _clip(box, height, width)
 
 
+def check_prompts_inside(boxes, points, height: int, width: int, where: str):
+    """Command-line prompts against one image: every coordinate finite, each box within BOX_TOLERANCE_PX of the
+    image (then clipped to it), each point within that tolerance. Returns the boxes as checked (or None);
+    InputError naming `where` otherwise (a box for a bigger image, or coordinates given normalised, say)."""
+    bx = None if boxes is None else np.asarray(boxes, dtype=np.float64)
+    pt = None if points is None else np.asarray(points, dtype=np.float64)
+    if (bx is not None and bx.size % 4) or (pt is not None and pt.size % 2):
+        return boxes                      # not boxes or points at all: encode_prompts says what shape it needs
+    for name, arr in (("box", bx), ("point", pt)):
+        if arr is not None and not np.isfinite(arr).all():
+            bad = next(v for v in arr.reshape(-1, 4 if name == "box" else 2) if not np.isfinite(v).all())
+            raise InputError(f"{name} {bad.tolist()}: coordinates must be finite numbers")
+    for x, y in ([] if pt is None else pt.reshape(-1, 2)):
+        if not _box_inside((x, y, x, y), height, width):
+            raise InputError(f"point ({round(float(x), 1)}, {round(float(y), 1)}) lies outside {where} "
+                             f"({width} x {height})")
+    return None if bx is None else [check_box_inside(tuple(b.tolist()), height, width, where) for b in bx.reshape(-1, 4)]
+
+
 def random_box(height: int, width: int, rng: np.random.Generator) -> tuple[float, float, float, float]:
     """A box with sides uniform in [20%, 90%] of the image's sides, placed uniformly inside the image."""
     bw, bh = rng.uniform(0.2, 0.9) * width, rng.uniform(0.2, 0.9) * height

@@ -23,7 +23,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..data.coco import read_image_file
-from ..data.prompts import IMAGE_SUFFIXES, check_box_inside, list_image_files, load_folder_prompts
+from ..data.prompts import (IMAGE_SUFFIXES, check_box_inside, check_prompts_inside, list_image_files,
+                            load_folder_prompts)
 from ..errors import InputError, OutputError
 from ..modelio import check_writable
 from .predictor import PromptResult, SamOnnxPredictor
@@ -128,6 +129,7 @@ def predict_to_files(model, image, *, boxes=None, points=None, labels=None, outp
         if p is not None:
             check_writable(p, force, inputs=[image, *(m for m in models if isinstance(m, (str, Path)))])
     pixels = read_image_file(image)
+    boxes = check_prompts_inside(boxes, points, *pixels.shape[:2], f"image {Path(image).name}")
     predictor = SamOnnxPredictor(model, runtime, device, provider)
     masks, scores = _predict_masks(predictor, pixels, boxes, points, labels, multimask)
     save_png(mask_image(masks), output)
@@ -222,8 +224,9 @@ def predict_folder(model, folder, *, boxes=None, points=None, labels=None, outpu
                 raise InputError(f"{prompts_file}: {len(bxs)} boxes for {f.name}; an 8-bit mask PNG holds at "
                                  f"most {MAX_PROMPTS} prompts")
         todo = [f for f in files if f in per_image]
-    else:
-        per_image, todo = None, files
+    else:   # the command-line prompts on every image: checked against each image's size before any work
+        per_image = {f: check_prompts_inside(boxes, points, *sizes[f], f"image {f.name}") for f in files}
+        todo = files
     targets = {f: (mask_dir / f"{f.stem}.png", overlay_dir / f"{f.stem}.png" if overlay_dir else None) for f in todo}
     for m, o in targets.values():
         for p in (m, o):
@@ -242,9 +245,9 @@ def predict_folder(model, folder, *, boxes=None, points=None, labels=None, outpu
                 d.mkdir()
             except OSError as e:
                 raise OutputError(f"cannot create {d}: {e.strerror or e}") from None
-        pts, lbs = (points, labels) if per_image is None else (None, None)
+        pts, lbs = (points, labels) if prompts_file is None else (None, None)
         for f in tqdm(todo, desc="predict", unit="img", disable=not progress or None):
-            bx = per_image[f] if per_image is not None else boxes
+            bx = per_image[f]
             pixels = read_image_file(f)
             masks, scores = _predict_masks(predictor, pixels, bx, pts, lbs, multimask)
             m, o = targets[f]

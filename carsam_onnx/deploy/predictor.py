@@ -57,6 +57,8 @@ def encode_prompts(geo: Geometry, boxes=None, points=None, labels=None) -> tuple
             bx = bx[None]
         if bx.ndim != 2 or bx.shape[1] != 4 or len(bx) == 0:
             raise InputError(f"boxes must be [k, 4] as x0 y0 x1 y1, got shape {bx.shape}")
+        if not np.isfinite(bx).all():
+            raise InputError("box coordinates must be finite numbers")
         if not ((bx[:, 2] > bx[:, 0]) & (bx[:, 3] > bx[:, 1])).all():
             raise InputError("a box needs x1 > x0 and y1 > y0")
     pt = lb = None
@@ -66,6 +68,8 @@ def encode_prompts(geo: Geometry, boxes=None, points=None, labels=None) -> tuple
             pt = pt[None]
         if pt.ndim != 3 or pt.shape[2] != 2 or pt.shape[1] == 0:
             raise InputError(f"points must be [n, 2] or [k, n, 2] as x y, got shape {pt.shape}")
+        if not np.isfinite(pt).all():
+            raise InputError("point coordinates must be finite numbers")
         lb = np.ones(pt.shape[:2]) if labels is None else np.asarray(labels, dtype=np.float64).reshape(-1, pt.shape[1])
         if lb.shape[1] != pt.shape[1] or len(lb) not in (1, len(pt)):
             raise InputError(f"{lb.size} labels for {pt.shape[0] * pt.shape[1]} points")
