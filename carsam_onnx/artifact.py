@@ -115,6 +115,6 @@ def load_artifact(path: str | Path) -> SavedCalibration:
             sha = str(header["model_sha256"])
     except ArtifactError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile) as e:
         raise ArtifactError(f"{path} is not a readable carsam-onnx calibration file ({type(e).__name__})") from None
     return SavedCalibration(art, config, sha)

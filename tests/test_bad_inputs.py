@@ -90,6 +90,8 @@ CASES: list[Case] = [
     # ---- emit, split, check-trt, predict --------------------------------------------------------------------
     C("emit-calibration-not-a-calibration", "emit {in}/full.onnx --calibration {in}/notes.txt -o {out}/q.onnx",
       "notes.txt"),
+    C("emit-calibration-empty", "emit {in}/full.onnx --calibration {in}/empty.onnx -o {out}/q.onnx", "empty.onnx",
+      "not a readable carsam-onnx calibration file"),
     C("emit-output-is-model", "emit {in}/full.onnx --calibration {in}/notes.txt -o {in}/full.onnx --force",
       "also an input"),
     C("emit-output-is-calibration", "emit {in}/full.onnx --calibration {in}/notes.txt -o {in}/notes.txt --force",
