@@ -26,16 +26,17 @@ from onnx import numpy_helper
 
 from ...artifact import CalibrationArtifact
 from ...config import QuantConfig, ReconConfig
+from ...passes.image_cut import image_cut_plan
 from ...passes.quant_points import insert_quant_points
 from ...passes.sites import QuantPlan, WeightKind
+from ...passes.units import Unit
+from ...samgraph import IMAGE_INPUT
 from ...torchexec import OnnxModule
 from ...torchexec.precision import tf32
 from .frontier import Frontier
 from .graph_step import batch_loss, image_loss
 from .quantizers import AdaRoundWeight, FixedWeight, LsqActivation, beta_at, cosine_lr
-from ...passes.units import Unit
 
-IMAGE_INPUT = "image"
 VMAP_CHECK_RTOL = 1e-2   # batched vs per-image unit outputs (fixed quantizers): relative Frobenius error
 
 
@@ -107,7 +108,7 @@ class Reconstructor:
         self.done_weights: set[str] = set()
         self._vmap_ok: dict = {}
         self._cut = None
-        self._cut_plan = self._plan_image_cut(model, list(units) + list(spare)) if config.recon.image_cut else None
+        self._cut_plan = image_cut_plan(model, list(units) + list(spare)) if config.recon.image_cut else None
         self._frontier = Frontier(aug, IMAGE_INPUT) if config.recon.stream_cut else None
         self._unit_acts = {v for u in units for v in u.activations}
         self._unit_weights = {w for u in units for w in u.weights}
@@ -201,39 +202,6 @@ class Reconstructor:
                     fps.append({k: v.to(where) for k, v in f.items()})
             self._cut = (qs, fps)
         return self._cut
-
-    def _plan_image_cut(self, model: onnx.ModelProto, units: list[Unit]):
-        """(cut values, names of the prompt-side units that may start there), or None (see _image_cut)."""
-        from ...samgraph import PROMPT_INPUTS
-        from ...passes.units import _Graph
-
-        inputs = {i.name for i in model.graph.input}
-        if IMAGE_INPUT not in inputs or not inputs & set(PROMPT_INPUTS):
-            return None
-        G = _Graph(model)
-        prompt: set[str] = set(PROMPT_INPUTS) & inputs
-        image: set[str] = {IMAGE_INPUT}
-        image_nodes: set[int] = set()
-        for i, n in enumerate(G.nodes):
-            ins = [x for x in n.input if x]
-            if any(x in prompt for x in ins):
-                prompt.update(o for o in n.output if o)
-            elif any(x in image for x in ins):
-                image.update(o for o in n.output if o)
-                image_nodes.add(i)
-        unit_nodes = [set().union(*(G.between(u.inputs, v) for v, _ in u.losses)) for u in units]
-        prompt_side = [bool(nodes - image_nodes) for nodes in unit_nodes]
-        if not any(prompt_side):
-            return None
-        first = prompt_side.index(True)
-        if any(not p for p in prompt_side[first:]):   # an image-only unit after a prompt-side one: no cut
-            return None
-        region = image_nodes - set().union(*(n for n, p in zip(unit_nodes, prompt_side) if p))
-        produced = {o for i in region for o in G.nodes[i].output if o}
-        cut = sorted({x for i, n in enumerate(G.nodes) if i not in region for x in n.input
-                      if x in produced and x not in G.const})
-        cut += [o.name for o in model.graph.output if o.name in produced and o.name not in cut]
-        return cut, {u.name for u, p in zip(units, prompt_side) if p}
 
     def _start(self, names, n_main, q_in, fp_in) -> dict:
         """A unit's start values for one image: quantized-model values; its inputs (the first len(fp_in)) mixed
