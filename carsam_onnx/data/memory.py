@@ -11,10 +11,10 @@ from pathlib import Path
 from ..errors import CalibrationError
 
 MEMINFO = Path("/proc/meminfo")
+CGROUP = Path("/sys/fs/cgroup")       # cgroup v2: a container's own limit (MemAvailable is the host's)
 
 
-def available_bytes() -> int | None:
-    """The memory available to a new allocation now (Linux MemAvailable), or None where it cannot be read."""
+def _meminfo_available() -> int | None:
     try:
         for line in MEMINFO.read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -22,6 +22,23 @@ def available_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def _cgroup_available() -> int | None:
+    try:
+        limit = (CGROUP / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(int(limit) - int((CGROUP / "memory.current").read_text().strip()), 0)
+    except (OSError, ValueError):
+        return None
+
+
+def available_bytes() -> int | None:
+    """The memory available to a new allocation now: Linux MemAvailable, or less where this process's cgroup
+    (a container) has a lower limit; None where neither can be read."""
+    known = [b for b in (_meminfo_available(), _cgroup_available()) if b is not None]
+    return min(known) if known else None
 
 
 def image_bytes(count: int, image_size: int) -> int:

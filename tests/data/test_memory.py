@@ -7,10 +7,18 @@ from carsam_onnx.data import builtin, memory, prompts
 from carsam_onnx.errors import CalibrationError
 
 
-def _meminfo(tmp_path, monkeypatch, kib: int | None):
+def _meminfo(tmp_path, monkeypatch, kib: int | None, cgroup: tuple[str, int] | None = None):
     f = tmp_path / "meminfo"
     f.write_text("MemTotal:  99999999 kB\n" + (f"MemAvailable:  {kib} kB\n" if kib is not None else ""))
     monkeypatch.setattr(memory, "MEMINFO", f)
+    cg = tmp_path / "cgroup"
+    cg.mkdir(exist_ok=True)
+    for name in ("memory.max", "memory.current"):
+        (cg / name).unlink(missing_ok=True)
+    if cgroup is not None:
+        (cg / "memory.max").write_text(cgroup[0] + "\n")
+        (cg / "memory.current").write_text(f"{cgroup[1]}\n")
+    monkeypatch.setattr(memory, "CGROUP", cg)
 
 
 def test_available_bytes_reads_memavailable(tmp_path, monkeypatch):
@@ -22,6 +30,15 @@ def test_no_memavailable_means_no_check(tmp_path, monkeypatch):
     _meminfo(tmp_path, monkeypatch, None)
     assert memory.available_bytes() is None
     memory.check_images_fit(10**9, 1024)             # nothing to compare with: not refused
+
+
+def test_a_containers_lower_limit_counts(tmp_path, monkeypatch):
+    _meminfo(tmp_path, monkeypatch, 2048, cgroup=("1048576", 524288))        # 1 MiB limit, half used
+    assert memory.available_bytes() == 524288
+    _meminfo(tmp_path, monkeypatch, 2048, cgroup=("max", 524288))            # no limit: the host's figure
+    assert memory.available_bytes() == 2048 * 1024
+    _meminfo(tmp_path, monkeypatch, None, cgroup=("1048576", 2 * 1048576))   # over the limit already: nothing
+    assert memory.available_bytes() == 0
 
 
 def test_half_of_the_available_memory_is_the_bound(tmp_path, monkeypatch):
