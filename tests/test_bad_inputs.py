@@ -246,6 +246,8 @@ CASES: list[Case] = [
     C("synth-output-not-writable", "data synth -o {out}/set --num-images 1 --seed 0", "not writable",
       user=NOBODY, readonly_out=True),
     C("synth-zero-images", "data synth -o {out}/set --num-images 0 --seed 0", "--num-images"),
+    C("synth-beyond-free-disk", "data synth -o {out}/set --num-images 100000000 --seed 0", "--num-images 100000000",
+      "GiB free"),
     C("synth-image-too-small", "data synth -o {out}/set --num-images 1 --seed 0 --image-size 8", "--image-size 8", "32"),
     C("synth-image-too-large", "data synth -o {out}/set --num-images 1 --seed 0 --image-size 100000", "--image-size",
       "4096"),

@@ -61,6 +61,25 @@ def check_image_size(image_size: int) -> int:
     return s
 
 
+PNG_BYTES_PER_PIXEL_LOW = 0.75   # a low estimate of the PNGs' size (3 bytes a pixel raw; measured 1.7 at 256 px)
+
+
+def check_disk_space(out_dir: Path, num_images: int, image_size: int) -> None:
+    """OutputError when `num_images` PNGs of `image_size` px cannot fit in the free space where `out_dir` goes,
+    judged by a low estimate of their size, so that only a set that certainly cannot fit is refused."""
+    where = Path(out_dir).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return
+    need = num_images * image_size * image_size * PNG_BYTES_PER_PIXEL_LOW
+    if need > free:
+        raise OutputError(f"--num-images {num_images}: {num_images} images of {image_size} px take at least "
+                          f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free in {where}")
+
+
 @lru_cache(maxsize=1)
 def _photos() -> tuple[tuple[str, np.ndarray], ...]:
     """(name, HxWx3 uint8) for scikit-image's bundled photographs, or () without scikit-image."""
@@ -323,6 +342,7 @@ def write_synthetic_coco(out_dir: str | Path, num_images: int, seed: int, image_
         raise InputError(f"--seed must be a non-negative integer (got {seed})")
     check_image_size(image_size)                           # before the output folder is made
     out = Path(out_dir)
+    check_disk_space(out, int(num_images), int(image_size))
     _check_output_dir(out, force)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -170,3 +170,16 @@ def test_output_path_that_is_a_file_is_refused(tmp_path):
     with pytest.raises(OutputError):
         write_synthetic_coco(f, 1, seed=0)
     assert os.path.isfile(f)
+
+
+def test_a_set_that_cannot_fit_on_the_disk_is_refused_before_any_file(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    one = 64 * 64 * synth.PNG_BYTES_PER_PIXEL_LOW        # the low estimate of one 64 px image
+    monkeypatch.setattr(synth.shutil, "disk_usage", lambda p: usage(0, 0, int(10 * one)))
+    with pytest.raises(OutputError, match=r"--num-images 11: 11 images of 64 px take at least .* GiB free in "):
+        write_synthetic_coco(tmp_path / "new" / "set", 11, seed=0, image_size=64)
+    assert list(tmp_path.iterdir()) == []
+    write_synthetic_coco(tmp_path / "set", 10, seed=0, image_size=64)   # at the estimate: written
+    assert len(list((tmp_path / "set" / "images").iterdir())) == 10
