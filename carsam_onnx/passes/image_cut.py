@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx
 
 from ..samgraph import IMAGE_INPUT, PROMPT_INPUTS
-from .units import Unit, _Graph
+from .units import Unit, GraphIndex
 
 
 def image_cut_plan(model: onnx.ModelProto, units: list[Unit]) -> tuple[list[str], set[str]] | None:
@@ -21,7 +21,7 @@ def image_cut_plan(model: onnx.ModelProto, units: list[Unit]) -> tuple[list[str]
     inputs = {i.name for i in model.graph.input}
     if IMAGE_INPUT not in inputs or not inputs & set(PROMPT_INPUTS):
         return None
-    G = _Graph(model)
+    G = GraphIndex(model)
     prompt: set[str] = set(PROMPT_INPUTS) & inputs
     image: set[str] = {IMAGE_INPUT}
     image_nodes: set[int] = set()

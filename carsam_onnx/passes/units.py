@@ -63,7 +63,10 @@ class Unit:
         return d
 
 
-class _Graph:
+class GraphIndex:
+    """A model's nodes with their producers, consumers and constant values (initializers and what is computed
+    from them alone), for the structural rules of this module, image_cut.py and recon's frontier."""
+
     def __init__(self, model: onnx.ModelProto):
         g = model.graph
         self.nodes = list(g.node)
@@ -159,7 +162,7 @@ class _Graph:
 
 def find_units(model: onnx.ModelProto, plan: QuantPlan) -> list[Unit]:
     """The reconstruction units of `model` under `plan` (see the module docstring), in graph order."""
-    G = _Graph(model)
+    G = GraphIndex(model)
     layers = {G.index[w.node]: w for w in plan.weights if w.kind is not WeightKind.CONSTANT and w.node in G.index}
     acts_by_node: dict[int, list[str]] = {}
     for a in plan.activations:
@@ -244,7 +247,7 @@ def joint_units(model: onnx.ModelProto, units: list[Unit], pairing: str) -> list
     one of them (the MLP for pairing "attn") runs inside the joint unit and is reconstructed on its own just
     before it. Layers that lack one of the roles are left as they are."""
     roles = JOINT_ROLES[pairing]
-    G = _Graph(model)
+    G = GraphIndex(model)
     by_block: dict[int, dict[str, Unit]] = {}
     for u in units:
         if u.block is not None and u.role in roles:
@@ -266,11 +269,11 @@ def joint_units(model: onnx.ModelProto, units: list[Unit], pairing: str) -> list
 
 
 def join_units(model: onnx.ModelProto, members: list[Unit], role: str, block: int | None,
-               G: _Graph | None = None) -> Unit:
+               G: GraphIndex | None = None) -> Unit:
     """One unit that learns `members` (in graph order) together: it starts from the first member's inputs plus
     what later members read from outside it, runs every node on the way to each member's output, learns all
     their weights and activations, and its loss sums the members' output errors."""
-    G = G or _Graph(model)
+    G = G or GraphIndex(model)
     inputs: list[str] = list(members[0].inputs)
     for m in members[1:]:
         inputs += [x for x in m.inputs if x not in inputs and not G.between(tuple(inputs), x)]

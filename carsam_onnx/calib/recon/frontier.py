@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import onnx
 
-from ...passes.units import _Graph
+from ...passes.units import GraphIndex
 
 
 class Frontier:
     def __init__(self, model: onnx.ModelProto, image_input: str):
         """`model`: the graph the executor runs (with its quantization points)."""
-        self.G = _Graph(model)
+        self.G = GraphIndex(model)
         self.image = image_input
         self.graph_outputs = [o.name for o in model.graph.output]
         self.cached: tuple[list[dict], list[dict]] | None = None   # (quantized, float) values per image
