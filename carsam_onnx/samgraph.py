@@ -122,7 +122,8 @@ def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
     return names
 
 
-def _inputs_of(node: onnx.NodeProto) -> list[str]:
+def node_inputs(node: onnx.NodeProto) -> list[str]:
+    """The values a node reads: its inputs and those its subgraphs (If, Loop) read from outside."""
     return [x for x in node.input if x] + sorted(_subgraph_inputs(node))
 
 
@@ -132,7 +133,7 @@ def find_boundary(model: onnx.ModelProto, image: str = IMAGE_INPUT, prompts=PROM
     img, pts = {image}, set(prompts)
     consumers_pts: set[str] = set()
     for node in g.node:
-        ins = _inputs_of(node)
+        ins = node_inputs(node)
         dep_img = any(x in img for x in ins)
         dep_pts = any(x in pts for x in ins)
         if dep_pts:
@@ -148,7 +149,7 @@ def find_boundary(model: onnx.ModelProto, image: str = IMAGE_INPUT, prompts=PROM
     return boundary
 
 
-def _closure(nodes: list[onnx.NodeProto], targets: list[str], stop: set[str]) -> list[onnx.NodeProto]:
+def nodes_needed(nodes: list[onnx.NodeProto], targets: list[str], stop: set[str]) -> list[onnx.NodeProto]:
     """Nodes needed to compute `targets`, not looking past `stop` values; in graph order."""
     producer = {}
     for i, node in enumerate(nodes):
@@ -163,14 +164,15 @@ def _closure(nodes: list[onnx.NodeProto], targets: list[str], stop: set[str]) ->
         if i is None or i in needed:
             continue
         needed.add(i)
-        for x in _inputs_of(nodes[i]):
+        for x in node_inputs(nodes[i]):
             if x not in stop and x not in seen:
                 seen.add(x)
                 todo.append(x)
     return [nodes[i] for i in sorted(needed)]
 
 
-def _value_infos(model: onnx.ModelProto, names: list[str]) -> dict[str, onnx.ValueInfoProto]:
+def value_infos(model: onnx.ModelProto, names: list[str]) -> dict[str, onnx.ValueInfoProto]:
+    """The type and shape of each named value (ModelError for one the model does not type)."""
     g = model.graph
     known = {v.name: v for v in list(g.value_info) + list(g.output) + list(g.input)}
     missing = [n for n in names if n not in known or not known[n].type.HasField("tensor_type")]
@@ -187,11 +189,12 @@ def _value_infos(model: onnx.ModelProto, names: list[str]) -> dict[str, onnx.Val
     return {n: known[n] for n in names}
 
 
-def _submodel(model: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto],
-              outputs: list[onnx.ValueInfoProto], name: str) -> onnx.ModelProto:
+def submodel(model: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto],
+             outputs: list[onnx.ValueInfoProto], name: str) -> onnx.ModelProto:
+    """A model of `nodes` with the given inputs and outputs, the initializers they read, and `model`'s opsets."""
     used: set[str] = set()
     for n in nodes:
-        used.update(_inputs_of(n))
+        used.update(node_inputs(n))
     produced = {o for n in nodes for o in n.output} | {i.name for i in inputs}
     inits = [t for t in model.graph.initializer if t.name in used and t.name not in produced]
     sparse = [t for t in model.graph.sparse_initializer if t.values.name in used]
@@ -216,17 +219,17 @@ def split_full_model(model: onnx.ModelProto, image: str = IMAGE_INPUT,
     if not boundary:
         raise ModelError("cannot split: no value of the graph depends on the image alone and feeds the prompt part")
     nodes = list(g.node)
-    infos = _value_infos(model, boundary)
+    infos = value_infos(model, boundary)
     stop = set(boundary) | set(prompts) | {image}
-    enc_nodes = _closure(nodes, boundary, {image})
-    dec_nodes = _closure(nodes, [o.name for o in g.output if o.name not in boundary], stop)
-    leaked = {x for n in dec_nodes for x in _inputs_of(n)} & ({image} - set(boundary))
+    enc_nodes = nodes_needed(nodes, boundary, {image})
+    dec_nodes = nodes_needed(nodes, [o.name for o in g.output if o.name not in boundary], stop)
+    leaked = {x for n in dec_nodes for x in node_inputs(n)} & ({image} - set(boundary))
     if leaked:
         raise ModelError("cannot split: the prompt part still reads the image input")
     graph_inputs = {i.name: i for i in g.input}
-    encoder = _submodel(model, enc_nodes, [graph_inputs[image]], [infos[b] for b in boundary], g.name + "_image")
+    encoder = submodel(model, enc_nodes, [graph_inputs[image]], [infos[b] for b in boundary], g.name + "_image")
     dec_inputs = [infos[b] if b != image else graph_inputs[image] for b in boundary] + [graph_inputs[p] for p in prompts]
-    decoder = _submodel(model, dec_nodes, dec_inputs, list(g.output), g.name + "_prompt")
+    decoder = submodel(model, dec_nodes, dec_inputs, list(g.output), g.name + "_prompt")
     return encoder, decoder, boundary
 
 

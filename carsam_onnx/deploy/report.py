@@ -122,7 +122,8 @@ def _bar_chart(path: Path, names: list[str], values: list[float], title: str, yl
     plt.close(fig)
 
 
-def _table(rows: list[tuple], header: tuple) -> str:
+def md_table(rows: list[tuple], header: tuple) -> str:
+    """A Markdown table of `rows` under `header`."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
@@ -130,7 +131,7 @@ def _table(rows: list[tuple], header: tuple) -> str:
 
 def _worst(rows: list[tuple[str, float]], n: int = 5) -> str:
     worst = sorted(rows, key=lambda r: r[1])[:n]
-    return _table([(f"`{name}`", f"{v:.1f}") for name, v in worst], ("layer", "SQNR (dB)"))
+    return md_table([(f"`{name}`", f"{v:.1f}") for name, v in worst], ("layer", "SQNR (dB)"))
 
 
 # ---- sections ---------------------------------------------------------------------------------------------------
@@ -222,7 +223,7 @@ def activation_sqnr_section(ctx: ReportContext) -> Section | None:
     return Section("Activation SQNR per layer", md, [png])
 
 
-def _image_of(sample) -> np.ndarray:
+def sample_image(sample) -> np.ndarray:
     """The preprocessed [1, 3, S, S] input back to uint8 RGB, cropped to the resized image (padding removed)."""
     from ..data.preprocess import PIXEL_MEAN, PIXEL_STD
 
@@ -263,7 +264,7 @@ def mask_overlay_section(ctx: ReportContext) -> Section | None:
     fig, axes = plt.subplots(n, 3, figsize=(11, 4.2 * n), squeeze=False)
     ious = []
     for i, (feed, sample) in enumerate(zip(ctx.held_feeds, ctx.held_samples)):
-        image = _image_of(sample)
+        image = sample_image(sample)
         size = sample.image.shape[-1]
         masks = [_best_mask(s.run(feed), size)[: image.shape[0], : image.shape[1]] for s in (fp, q)]
         inter, union = np.logical_and(*masks).sum(), np.logical_or(*masks).sum()
@@ -303,7 +304,7 @@ def mask_overlay_section(ctx: ReportContext) -> Section | None:
           f"*{png}: for {which} held-out image and its box prompt (green), the FP model's mask (left) and the "
           f"quantized model's mask (middle), cyan with a yellow outline over the image in grey, in the model's "
           f"input frame; right: where they agree (grey) and differ (red: FP only, blue: quantized only), with "
-          f"the IoU of the two masks.*\n\n" + _table(rows, ("image", "mask IoU, quantized vs FP")))
+          f"the IoU of the two masks.*\n\n" + md_table(rows, ("image", "mask IoU, quantized vs FP")))
     if len(ious) > 1:
         md += f"\n\nMean mask IoU over the {len(ious)} held-out prompts: {float(np.mean(ious)):.4f}."
     return Section("Masks: FP vs quantized", md, [png])

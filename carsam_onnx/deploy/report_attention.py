@@ -36,7 +36,7 @@ import math
 import numpy as np
 
 from ..passes.sites import Role
-from .report import ReportContext, Section, _image_of, _table
+from .report import ReportContext, Section, md_table, sample_image
 
 ROLE_SHORT = {
     Role.ENCODER_WINDOW: "enc window",
@@ -268,7 +268,7 @@ def attention_dissipation_section(ctx: ReportContext) -> Section | None:
           f"second and fourth panels give each quantized model's value minus FP's (dissipation: entropy above "
           f"0, top-k mass below 0). The probabilities "
           f"are read as the Softmax computes them, before their own Q/DQ.*\n\n"
-          + "".join(f"{n}\n\n" for n in notes) + "\n".join(f"- {g}" for g in gaps) + "\n\n" + _table(rows, header))
+          + "".join(f"{n}\n\n" for n in notes) + "\n".join(f"- {g}" for g in gaps) + "\n\n" + md_table(rows, header))
     return Section("Attention dissipation per site", md, [png])
 
 
@@ -332,7 +332,7 @@ def qk_error_section(ctx: ReportContext) -> Section | None:
           f"original float weights (before MAC) and with the artifact's corrected float weights (after MAC); "
           f"the weights are quantized on the artifact's grid either way.* {corrected} of {len(sites)} sites "
           f"changed; {len(fw)} corrected tensors.\n\n"
-          + _table(rows, ("site", "before MAC (%)", "after MAC (%)", "change (points)")))
+          + md_table(rows, ("site", "before MAC (%)", "after MAC (%)", "change (points)")))
     return Section("Q.K^T error before and after MAC", md, [png])
 
 
@@ -361,7 +361,7 @@ def _mac_record_section(ctx: ReportContext, n_tensors: int) -> Section | None:
           f"the rounding of the corrected weights, so the shipped model's error is not this one; the attention "
           f"dissipation section measures the shipped model.* {changed} of {len(keys)} sites changed; "
           f"{n_tensors} corrected tensors; steps kept: {info.get('mac_steps', '?')}.\n\n"
-          + _table(rows, ("site", "before MAC (%)", "after MAC (%)", "change (points)", "strength kept per step")))
+          + md_table(rows, ("site", "before MAC (%)", "after MAC (%)", "change (points)", "strength kept per step")))
     return Section("Q.K^T error before and after MAC", md, [png])
 
 
@@ -379,7 +379,7 @@ def attention_map_section(ctx: ReportContext) -> Section | None:
         return Section("Attention maps", f"The final token->image attention has {n} keys, not a square grid: no "
                        "map drawn.")
     sample = ctx.held_samples[0]
-    image = _image_of(sample)
+    image = sample_image(sample)
     size = sample.image.shape[-1]
     import torch
 
@@ -443,7 +443,7 @@ def attention_map_section(ctx: ReportContext) -> Section | None:
           f"panel is this run's map minus FP's. A dissipated attention spreads over the image instead of the "
           f"object. "
           f"Entropy and top-k mass as in the dissipation section, of this one mean-over-heads row.*\n\n"
-          + _table(rows, ("model", "entropy", "top-k mass", "max probability", "peak cell (x, y)")))
+          + md_table(rows, ("model", "entropy", "top-k mass", "max probability", "peak cell (x, y)")))
     return Section("Attention maps for one prompt", md, [png])
 
 

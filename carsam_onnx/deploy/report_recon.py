@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..modelio import write_json
-from .report import ReportContext, Section, _table
+from .report import ReportContext, Section, md_table
 
 UNITS_FILE = "recon_units.json"
 _FIELDS = ("name", "kind", "iters", "loss_start", "loss_end", "kept")
@@ -144,7 +144,7 @@ def recon_curves_section(ctx: ReportContext) -> Section | None:
             ratio = u.loss_end / u.loss_start if u.loss_start else float("nan")
             rows.append((f"`{n}`", names[i], u.kind, u.iters, f"{u.loss_start:.4g}", f"{u.loss_end:.4g}",
                          f"{ratio:.3f}", "yes" if _curve(u) is not None else "no"))
-    table = _table(rows, ("unit", "run", "kind", "steps", "first loss", "last loss", "last / first", "curve"))
+    table = md_table(rows, ("unit", "run", "kind", "steps", "first loss", "last loss", "last / first", "curve"))
     if not plotted:
         return Section("Reconstruction loss per unit", "No unit recorded a loss curve; first and last loss:\n\n"
                        + table)

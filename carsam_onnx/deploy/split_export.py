@@ -13,8 +13,8 @@ from __future__ import annotations
 import onnx
 
 from ..errors import ModelError
-from ..samgraph import (IMAGE_INPUT, PROMPT_INPUTS, _closure, _inputs_of, _submodel, _value_infos,
-                          find_boundary)
+from ..samgraph import (IMAGE_INPUT, PROMPT_INPUTS, find_boundary, node_inputs, nodes_needed, submodel,
+                        value_infos)
 
 EMBEDDING = "image_embeddings"
 ENCODER_TAG = "image_encoder"
@@ -45,8 +45,8 @@ def find_embedding(model: onnx.ModelProto, image_size: int) -> str:
                   if o in infos and len(_shape(infos[o])) == 4 and _shape(infos[o])[0] == 1
                   and _shape(infos[o])[2:] == (s, s)]
     for v in reversed(candidates):          # the last cut wins: the embedding after the neck
-        needed = _closure(nodes, boundary, {v})
-        if not any(IMAGE_INPUT in _inputs_of(n) for n in needed) and v not in (IMAGE_INPUT,):
+        needed = nodes_needed(nodes, boundary, {v})
+        if not any(IMAGE_INPUT in node_inputs(n) for n in needed) and v not in (IMAGE_INPUT,):
             return v
     raise ModelError(f"cannot find the image embedding (an {ENCODER_TAG} value [1, C, {s}, {s}] that every path "
                      "from the image to the prompts runs through); eval splits such models at its own boundary")
@@ -79,14 +79,14 @@ def split_at_embedding(model: onnx.ModelProto, image_size: int) -> tuple[onnx.Mo
     if EMBEDDING in {v for n in g.node for v in n.output} | names:
         raise ModelError(f"cannot split: the graph already has a value named {EMBEDDING}")
     cut = find_embedding(model, image_size)
-    info = _value_infos(model, [cut])[cut]
+    info = value_infos(model, [cut])[cut]
     nodes = list(g.node)
     inputs = {i.name: i for i in g.input}
-    encoder = _submodel(model, _closure(nodes, [cut], {IMAGE_INPUT}), [inputs[IMAGE_INPUT]], [info],
+    encoder = submodel(model, nodes_needed(nodes, [cut], {IMAGE_INPUT}), [inputs[IMAGE_INPUT]], [info],
                         g.name + "_encoder")
     outputs = [o.name for o in g.output]
-    dec_nodes = _closure(nodes, outputs, {cut, *PROMPT_INPUTS})
-    decoder = _submodel(model, dec_nodes, [info] + [inputs[p] for p in PROMPT_INPUTS], list(g.output),
+    dec_nodes = nodes_needed(nodes, outputs, {cut, *PROMPT_INPUTS})
+    decoder = submodel(model, dec_nodes, [info] + [inputs[p] for p in PROMPT_INPUTS], list(g.output),
                         g.name + "_decoder")
     for part, m in (("encoder", encoder), ("decoder", decoder)):
         _rename(m, cut, EMBEDDING)
