@@ -227,6 +227,9 @@ def read_image_file(path: str | Path) -> np.ndarray:
         raise
     except FileNotFoundError:
         raise InputError(f"image not found: {path}") from None
+    except Image.DecompressionBombError as e:   # PIL's guard against images that would exhaust memory
+        raise InputError(f"image {path} is too large to read safely ({str(e).split(', could be')[0]}); "
+                         "downscale it first") from None
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError... for bad files
         raise InputError(f"cannot read image {path} ({type(e).__name__})") from None
 

@@ -326,3 +326,17 @@ def test_reads_the_synthetic_writer_output(tmp_path):
             assert p.box_xyxy == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)  # tight boxes
             n += 1
     assert n >= 2
+
+
+def test_an_image_beyond_pils_safe_size_is_refused_in_one_line(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from carsam_onnx.data.coco import read_image_file
+
+    Image.new("RGB", (30, 20)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 250)      # PIL refuses above twice this: 600 > 500
+    with pytest.raises(InputError, match=r"big.png is too large to read safely \(Image size \(600 pixels\) exceeds "
+                                         r"limit of 500 pixels\); downscale it first$"):
+        read_image_file(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)      # exactly at the limit: read
+    assert read_image_file(tmp_path / "big.png").shape == (20, 30, 3)
