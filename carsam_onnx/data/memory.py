@@ -3,6 +3,8 @@
 Calibration keeps every preprocessed image in memory (float32, 3 x size x size), and the calibrators and
 reconstruction keep activations of the same order beside them, so a set whose images alone would take more than
 half of the memory available now is refused with one line instead of being built until the process is killed.
+Reconstruction caches each unit's inputs and targets for every image on the host (on the CPU, or a GPU's caches
+that do not fit it): measured on the first image, a cache that cannot fit is refused the same way before it grows.
 """
 from __future__ import annotations
 
@@ -54,3 +56,22 @@ def check_images_fit(count: int, image_size: int, asked: int | None = None) -> N
     if have is not None and need > have // 2:
         raise CalibrationError(f"--num-calib {asked or count}: {count} images of {image_size} px take {need / 2**30:.1f} GiB in "
                                f"memory, more than half of the {have / 2**30:.1f} GiB available; use fewer")
+
+
+CACHE_SHARE = 0.9    # of the memory available: what a reconstruction unit's remaining cached activations may take
+
+
+def check_cache_fits(what: str, per_image: int, remaining: int, count: int) -> None:
+    """CalibrationError when `remaining` more images' cached activations of `per_image` bytes each would take more
+    than CACHE_SHARE of the host memory available now (what is cached already is counted as used). `what`
+    names the cache (a reconstruction unit) and `count` is the calibration set's size, for the message."""
+    have = available_bytes()
+    need = per_image * remaining
+    if have is not None and need > CACHE_SHARE * have:
+        raise CalibrationError(f"{what}: the cached activations of {count} calibration images take about "
+                               f"{_size(per_image * count)} in memory ({_size(per_image)} an image), more than the "
+                               f"{_size(have)} available; use fewer --num-calib")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"

@@ -26,6 +26,7 @@ from onnx import numpy_helper
 
 from ...artifact import CalibrationArtifact
 from ...config import QuantConfig, ReconConfig
+from ...data.memory import check_cache_fits
 from ...passes.image_cut import image_cut_plan
 from ...passes.quant_points import insert_quant_points
 from ...passes.sites import QuantPlan, WeightKind
@@ -49,6 +50,16 @@ def batch_agrees(got: torch.Tensor, ref: torch.Tensor) -> bool:
     if got.shape != ref.shape:
         return False
     return float((got - ref).double().norm()) <= VMAP_CHECK_RTOL * float(ref.double().norm()) + 1e-9
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes the tensors hold, each storage once (a value cached twice, as a unit input and in the frontier,
+    is one allocation)."""
+    seen: dict[int, int] = {}
+    for x in tensors:
+        st = x.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+    return sum(seen.values())
 
 
 @dataclass
@@ -158,14 +169,20 @@ class Reconstructor:
                 q_in.append([q[n] for n in names])
                 fp_in.append([fp[n] for n in unit.inputs])
                 fp_out.append([fp[v] for v in targets])
+                if i == 0 and self.device.type == "cpu":    # the caches grow on the host: will the rest fit?
+                    first = [*q_in[0], *fp_in[0], *fp_out[0], *(v for d in kept_q + kept_fp for v in d.values())]
+                    check_cache_fits(f"reconstruction unit {unit.name}", tensor_bytes(first), len(feeds) - 1, len(feeds))
         if keep:
             nbytes = sum(x.numel() * x.element_size() for d in kept_q + kept_fp for x in d.values())
             at = self._cache_device(nbytes)
+            if at != self.device:
+                check_cache_fits(f"reconstruction unit {unit.name} (frontier)", nbytes // len(feeds), len(feeds), len(feeds))
             front.keep(names, [{k: v.to(at) for k, v in d.items()} for d in kept_q],
                        [{k: v.to(at) for k, v in d.items()} for d in kept_fp])
         nbytes = sum(x.numel() * x.element_size() for lst in (q_in, fp_in, fp_out) for xs in lst for x in xs)
         where = self._cache_device(nbytes)
         if where != self.device:
+            check_cache_fits(f"reconstruction unit {unit.name}", nbytes // len(feeds), len(feeds), len(feeds))
             q_in = [[x.cpu() for x in xs] for xs in q_in]
             fp_in = [[x.cpu() for x in xs] for xs in fp_in]
             fp_out = [[x.cpu() for x in xs] for xs in fp_out]

@@ -2,6 +2,7 @@
 the image, fewer nodes run, and a frontier only where no quantizer behind it can still change."""
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import onnx
@@ -79,3 +80,30 @@ def test_recon_writes_the_same_artifact_with_and_without_resumed_captures(tiny):
     assert a.weights.keys() == b.weights.keys()
     assert all((a.weights[k].values == b.weights[k].values).all() if a.weights[k].values is not None
                else b.weights[k].values is None for k in a.weights)
+
+
+def test_a_cache_that_cannot_fit_the_host_is_refused_at_its_first_image(tiny, monkeypatch):
+    """The unit's cached activations for every image, measured on the first, against the memory available:
+    refused with the unit and the numbers before the cache grows; accepted where it fits."""
+    from carsam_onnx.data import memory
+    from carsam_onnx.errors import CalibrationError
+
+    model, cfg, plan, feeds = tiny
+    base = calibrate_baseline(model, plan, QuantConfig(bits=cfg.bits, method="minmax"), feeds)
+    unit = find_units(model, plan)[0]
+    r = Reconstructor(model, plan, base, cfg, [unit])
+    q_in, fp_in, fp_out, _ = r.capture(unit, feeds)
+    per_image = sum(x.numel() * x.element_size() for lst in (q_in, fp_in, fp_out) for x in lst[0])
+    ran = []
+    real_run = r.module.run
+    monkeypatch.setattr(r.module, "run", lambda *a, **k: ran.append(1) or real_run(*a, **k))
+    monkeypatch.setattr(memory, "available_bytes", lambda: 4 * per_image)          # room for the second image
+    r._frontier.drop()
+    r.capture(unit, feeds)
+    monkeypatch.setattr(memory, "available_bytes", lambda: per_image // 2)
+    r._frontier.drop()
+    ran.clear()
+    refused = re.escape(f"reconstruction unit {unit.name}: ") + r".* 2 calibration images .* MiB .* --num-calib"
+    with pytest.raises(CalibrationError, match=refused):
+        r.capture(unit, feeds)
+    assert len(ran) == 2       # the first image's two runs (quantized and float), none of the second
