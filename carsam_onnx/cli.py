@@ -444,6 +444,26 @@ def _one_line_warnings(command: str, quiet: bool) -> None:
     warnings.showwarning = show
 
 
+OUT_OF_MEMORY_HINT = {
+    "quantize": "Use fewer --num-calib or a smaller --recon-batch",
+    "eval": "Use --runtime ort, or free the memory",
+    "predict": "Use --runtime ort, or free the memory",
+}
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Python's MemoryError, or torch's OutOfMemoryError (CUDA; matched by name so the CLI never imports torch)."""
+    return isinstance(e, MemoryError) or any(t.__name__ == "OutOfMemoryError" for t in type(e).__mro__)
+
+
+def _first_sentence(e: BaseException) -> str:
+    """torch's CUDA message runs to a paragraph (totals, allocator advice): its first two sentences say what
+    failed and how much was asked for."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    parts = text.split(". ")
+    return ". ".join(parts[:2]).rstrip(".")
+
+
 class _Signalled(KeyboardInterrupt):
     """SIGINT or SIGTERM, raised in the main thread: `finally` blocks and the atomic writers clean up on the way
     out exactly as for Ctrl-C (a KeyboardInterrupt subclass, so `except Exception` never swallows it)."""
@@ -454,9 +474,9 @@ class _Signalled(KeyboardInterrupt):
 
 
 def _run_guarded(args) -> int:
-    """Run the command. Bad input (CarsamError) -> one line on stderr, exit 2. SIGINT / SIGTERM -> the command
-    unwinds (temporary files removed, no output renamed into place), one line on stderr, exit 128 + signal
-    (130 / 143). A second signal while unwinding is ignored, so the cleanup finishes."""
+    """Run the command. Bad input (CarsamError), or memory running out -> one line on stderr, exit 2. SIGINT /
+    SIGTERM -> the command unwinds (temporary files removed, no output renamed into place), one line on stderr,
+    exit 128 + signal (130 / 143). A second signal while unwinding is ignored, so the cleanup finishes."""
     import signal
     import threading
 
@@ -480,6 +500,12 @@ def _run_guarded(args) -> int:
         return args.run(args)
     except CarsamError as e:
         message(f"error: {e}")
+        return 2
+    except Exception as e:
+        if not _out_of_memory(e):
+            raise
+        message(f"error: out of memory ({_first_sentence(e)}); nothing half-written was left. "
+                f"{OUT_OF_MEMORY_HINT.get(args.command, 'Free memory or run on a larger machine')}")
         return 2
     except KeyboardInterrupt as e:     # _Signalled, or a KeyboardInterrupt raised before our handler was in place
         signum = getattr(e, "signum", signal.SIGINT)

@@ -277,3 +277,38 @@ def test_report_samples_from_a_folder_stay_out_of_the_calibration_draw(tmp_path)
     assert len(names) == 3 == len(set(names)) and not set(names) & {s.source for s in calib}
     with pytest.warns(UserWarning, match="3 images outside the calibration set"):
         assert len(report_samples(cfg, 64, tmp_path / "ds", None, calib, held, 5)) == 3
+
+
+CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.02 GiB "
+            "is free. Of the allocated memory 75.3 GiB is allocated by PyTorch, and 1.2 GiB is reserved by PyTorch but "
+            "unallocated. If reserved but unallocated memory is large try setting "
+            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.")
+
+
+@pytest.mark.parametrize("error", [lambda: __import__("torch").OutOfMemoryError(CUDA_OOM), lambda: MemoryError()],
+                         ids=["cuda", "host"])
+def test_memory_running_out_mid_calibration_is_one_line_and_leaves_nothing(capsys, tmp_path, monkeypatch, error):
+    """A GPU (torch's OutOfMemoryError) or the host (MemoryError) running out of memory while calibrating: one line
+    naming what was asked for and what to lower, exit 2, no output and no temporary file (no traceback)."""
+    from carsam_onnx.torchexec import OnnxModule
+
+    def oom(self, *a, **k):
+        raise error()
+
+    monkeypatch.setattr(OnnxModule, "run", oom)
+    out = tmp_path / "q.onnx"
+    code, _, err = run(capsys, "quantize", str(tiny_sam_paths()["full"]), "-o", str(out), "--num-calib", "1",
+                       "--method", "minmax")
+    assert_refused(code, err, out, "out of memory", "--num-calib")
+    if "cuda" in err.lower():
+        assert "Tried to allocate 2.00 GiB" in err and "PYTORCH_CUDA_ALLOC_CONF" not in err
+
+
+def test_an_unrelated_error_still_raises(tmp_path, monkeypatch):
+    """Only memory running out is turned into a line; a bug keeps its traceback."""
+    from carsam_onnx.torchexec import OnnxModule
+
+    monkeypatch.setattr(OnnxModule, "run", lambda self, *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["-q", "quantize", str(tiny_sam_paths()["full"]), "-o", str(tmp_path / "q.onnx"), "--num-calib", "1",
+              "--method", "minmax"])
