@@ -451,17 +451,23 @@ OUT_OF_MEMORY_HINT = {
 }
 
 
+CUDA_ALLOCATION_FAILED = ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
 def _out_of_memory(e: BaseException) -> bool:
-    """Python's MemoryError, or torch's OutOfMemoryError (CUDA; matched by name so the CLI never imports torch)."""
-    return isinstance(e, MemoryError) or any(t.__name__ == "OutOfMemoryError" for t in type(e).__mro__)
+    """Python's MemoryError; torch's OutOfMemoryError (the caching allocator refusing a tensor; matched by name so
+    the CLI never imports torch); or a CUDA call failing to allocate (context, cuBLAS handle: torch raises
+    AcceleratorError, a RuntimeError, naming cudaErrorMemoryAllocation's text)."""
+    if isinstance(e, MemoryError) or any(t.__name__ == "OutOfMemoryError" for t in type(e).__mro__):
+        return True
+    return isinstance(e, RuntimeError) and any(text in str(e).split("\n", 1)[0] for text in CUDA_ALLOCATION_FAILED)
 
 
 def _first_sentence(e: BaseException) -> str:
-    """torch's CUDA message runs to a paragraph (totals, allocator advice): its first two sentences say what
-    failed and how much was asked for."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    parts = text.split(". ")
-    return ". ".join(parts[:2]).rstrip(".")
+    """What failed and how much was asked for: the message's first line, and of torch's allocator message (one
+    line running on with totals and allocator advice) its first two sentences."""
+    first = str(e).strip().split("\n", 1)[0].strip() or type(e).__name__
+    return ". ".join(first.split(". ")[:2]).rstrip(".")
 
 
 class _Signalled(KeyboardInterrupt):

@@ -285,11 +285,25 @@ CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total c
             "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.")
 
 
-@pytest.mark.parametrize("error", [lambda: __import__("torch").OutOfMemoryError(CUDA_OOM), lambda: MemoryError()],
-                         ids=["cuda", "host"])
+CUDA_CALL_OOM = ("CUDA error: out of memory\nSearch for `cudaErrorMemoryAllocation' in https://docs.nvidia.com/cuda/"
+                 "cuda-runtime-api/group__CUDART__TYPES.html for more information.\nCUDA kernel errors might be "
+                 "asynchronously reported at some other API call, so the stacktrace below might be incorrect.")
+
+
+def _accelerator_error(text):
+    import torch
+
+    cls = getattr(torch, "AcceleratorError", RuntimeError)    # torch >= 2.8; a RuntimeError before
+    return cls(text)
+
+
+@pytest.mark.parametrize("error", [lambda: __import__("torch").OutOfMemoryError(CUDA_OOM),
+                                   lambda: _accelerator_error(CUDA_CALL_OOM), lambda: MemoryError()],
+                         ids=["cuda-allocator", "cuda-call", "host"])
 def test_memory_running_out_mid_calibration_is_one_line_and_leaves_nothing(capsys, tmp_path, monkeypatch, error):
-    """A GPU (torch's OutOfMemoryError) or the host (MemoryError) running out of memory while calibrating: one line
-    naming what was asked for and what to lower, exit 2, no output and no temporary file (no traceback)."""
+    """A GPU (torch's OutOfMemoryError from its allocator, AcceleratorError from a CUDA call; both seen on an H100
+    with the card filled by another process) or the host (MemoryError) running out of memory while calibrating:
+    one line naming what was asked for and what to lower, exit 2, no output and no temporary file."""
     from carsam_onnx.torchexec import OnnxModule
 
     def oom(self, *a, **k):
@@ -300,8 +314,10 @@ def test_memory_running_out_mid_calibration_is_one_line_and_leaves_nothing(capsy
     code, _, err = run(capsys, "quantize", str(tiny_sam_paths()["full"]), "-o", str(out), "--num-calib", "1",
                        "--method", "minmax")
     assert_refused(code, err, out, "out of memory", "--num-calib")
-    if "cuda" in err.lower():
+    if "Tried" in err:
         assert "Tried to allocate 2.00 GiB" in err and "PYTORCH_CUDA_ALLOC_CONF" not in err
+    if "CUDA error" in err:
+        assert "(CUDA error: out of memory)" in err and "asynchronously" not in err
 
 
 def test_an_unrelated_error_still_raises(tmp_path, monkeypatch):
