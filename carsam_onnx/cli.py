@@ -12,7 +12,7 @@ from .calib.registry import method_names, methods_help
 from .config import (HELDOUT, INT8_WEIGHT_FORMATS, JCAR_PAIRINGS, MAC_GRANULARITY, MAC_QK_MODES, MAC_ROUNDING,
                      MAC_SCOPES, MAC_WHEN, MAX_REPORT_IMAGES, SMOOTH_ALPHA, SMOOTH_METHODS, BitWidths, CarsamConfig,
                      EvalConfig, ExportConfig, MacConfig, QuantConfig, ReconConfig)
-from .errors import CarsamError
+from .errors import CarsamError, first_line
 from .runtime import RUNTIMES
 
 
@@ -466,8 +466,7 @@ def _out_of_memory(e: BaseException) -> bool:
 def _first_sentence(e: BaseException) -> str:
     """What failed and how much was asked for: the message's first line, and of torch's allocator message (one
     line running on with totals and allocator advice) its first two sentences."""
-    first = str(e).strip().split("\n", 1)[0].strip() or type(e).__name__
-    return ". ".join(first.split(". ")[:2]).rstrip(".")
+    return ". ".join(first_line(e).split(". ")[:2]).rstrip(".")
 
 
 class _Signalled(KeyboardInterrupt):

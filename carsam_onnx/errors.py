@@ -31,3 +31,16 @@ class CalibrationError(CarsamError):
 
 class ArtifactError(InputError):
     """A calibration file is unreadable, of another format version, or made for another model."""
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message as one line for an error or a warning: its first line, cut at a word boundary
+    before `limit` characters (marked "..."); the exception's type name when it has no message."""
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    line = text.splitlines()[0]
+    if len(line) <= limit:
+        return line
+    cut = line[:limit - 4]
+    return (cut.rsplit(" ", 1)[0] if " " in cut else cut) + " ..."

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx
 
-from .errors import ModelError, OutputError
+from .errors import ModelError, OutputError, first_line
 
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000  # bytes of initializers above which weights go to FILE.onnx.data
 
@@ -29,12 +29,6 @@ def load_model(path: str | Path, load_external_data: bool = True) -> onnx.ModelP
     if not model.graph.node:
         raise ModelError(f"{path} is not an ONNX model with a graph (empty or truncated file?)")
     return model
-
-
-def first_line(e: Exception) -> str:
-    """The first line of an exception's message (for one-line errors)."""
-    s = str(e).strip()
-    return s.splitlines()[0][:300] if s else type(e).__name__
 
 
 def check_writable(path: str | Path, force: bool, inputs: Iterable[str | Path | None] = ()) -> Path:

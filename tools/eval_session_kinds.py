@@ -15,7 +15,7 @@ from pathlib import Path
 
 from carsam_onnx.eval.runner import evaluate
 from carsam_onnx.runtime import OrtRuntime, OrtSession
-from carsam_onnx.modelio import first_line
+from carsam_onnx.errors import first_line
 from carsam_onnx.errors import ModelError
 
 

@@ -63,7 +63,7 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from carsam_onnx.config import DEFAULT_KEEP_FLOAT, BitWidths, QuantConfig  # noqa: E402
-from carsam_onnx.errors import CarsamError, InputError, ModelError, OutputError  # noqa: E402
+from carsam_onnx.errors import CarsamError, InputError, ModelError, OutputError, first_line  # noqa: E402
 from carsam_onnx.modelio import EXTERNAL_DATA_THRESHOLD, check_writable, initializer_bytes, load_model  # noqa: E402
 
 CALIBRATORS = ("minmax", "percentile")
@@ -297,8 +297,7 @@ def ort_quantize_static(model_path: str | Path, output: str | Path, calibrator: 
                                                   else CalibrationMethod.Percentile),
                                 extra_options=opts)
         except (ValueError, RuntimeError, onnx.checker.ValidationError) as e:
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise ModelError(f"onnxruntime quantize_static failed on {model_path}: {first}") from None
+            raise ModelError(f"onnxruntime quantize_static failed on {model_path}: {first_line(e)}") from None
         seconds = time.perf_counter() - t0
         qmodel = onnx.load(str(tmp_out), load_external_data=external)
         restored = 0 if ort_rewiring else restore_float_consumers(qmodel)

@@ -22,7 +22,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 
 ANNOTATIONS_NAME = "annotations.json"
 IMAGES_DIRNAME = "images"
@@ -43,7 +43,7 @@ def _read_json(path: Path, what: str):
     except OSError as e:
         raise InputError(f"cannot read {what} {path}: {e.strerror or e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{what} {path} is not valid JSON ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{what} {path} is not valid JSON ({first_line(e)})") from None
 
 
 BOX_TOLERANCE_PX = 1.0   # a box may poke this far outside its image (rounding in tools' outputs)

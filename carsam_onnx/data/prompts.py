@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CalibrationError, InputError
+from ..errors import CalibrationError, InputError, first_line
 from .coco import ANNOTATIONS_NAME, BOX_TOLERANCE_PX, IMAGES_DIRNAME, CocoDataset, read_image_file
 from .memory import check_images_fit
 from .preprocess import Geometry, preprocess_image, transform_coords
@@ -71,7 +71,7 @@ def _read_json(path: Path, error):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"prompts file {path} is not readable JSON ({str(e).splitlines()[0]})") from None
+        raise error(f"prompts file {path} is not readable JSON ({first_line(e)})") from None
 
 
 def _read_results(path: Path, error) -> list:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import onnx
 
-from ..errors import ModelError
+from ..errors import ModelError, first_line
 
 QDQ_OPSET = 21
 OLDEST_OPSET = 17          # the oldest opset converted (segment-anything's export and our TorchScript export use 17)
@@ -44,7 +44,7 @@ def to_quantizable_opset(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str |
         converted = version_converter.convert_version(model, QDQ_OPSET)
     except Exception as e:
         raise ModelError(f"cannot convert the model from opset {opset} to {QDQ_OPSET} for Q/DQ emission: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                         f"{type(e).__name__}: {first_line(e)}") from None
     del converted.metadata_props[:]
     converted.metadata_props.extend(meta)
     return converted, f"converted from opset {opset} to {QDQ_OPSET} (ONNX version converter) for Q/DQ emission"

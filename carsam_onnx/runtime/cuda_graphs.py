@@ -17,6 +17,8 @@ from typing import Callable, Mapping
 
 import torch
 
+from ..errors import first_line
+
 Run = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
 WARMUP_RUNS = 2      # eager runs before capture: the executor's plan for the shapes settles (static values)
 MAX_SIGNATURES = 16  # captured signatures kept per session (each holds its static inputs)
@@ -72,7 +74,7 @@ class CudaGraphRuns:
                 graph = _Captured(run, inputs, self.pool)
             except Exception as e:   # a host synchronisation inside, an op graphs refuse, a differing replay
                 torch.cuda.synchronize()
-                self.refused[sig] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+                self.refused[sig] = f"{type(e).__name__}: {first_line(e, 160)}"
                 warnings.warn(f"torch runtime: {key} runs eagerly (CUDA graph capture refused: {self.refused[sig]})",
                               stacklevel=3)
                 return run(inputs)

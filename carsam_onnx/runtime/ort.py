@@ -4,8 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import ModelError
-from ..modelio import EXTERNAL_DATA_THRESHOLD, as_external_data_file, first_line, initializer_bytes
+from ..errors import ModelError, first_line
+from ..modelio import EXTERNAL_DATA_THRESHOLD, as_external_data_file, initializer_bytes
 from .base import Runtime, Session
 from .ort_settings import session_options
 

@@ -26,6 +26,7 @@ import warnings
 
 import torch
 
+from ..errors import first_line
 from ..qmath import ONNX_QRANGE
 
 __all__ = ["ONNX_QRANGE", "round_ste", "clamp_ste", "grad_scale", "lsq_grad_factor", "broadcast_qparam", "quantize",
@@ -162,7 +163,7 @@ def kernel_mismatch(kernels, device) -> str | None:
             if not torch.equal(gx, gx_ref) or abs(float(gs) - float(gs_ref)) > 1e-5 * abs(float(gs_ref)) + 1e-6:
                 return f"backward differs from the torch ops (grid {lo}..{hi}, zero point {zp})"
     except Exception as e:   # no compiler for this GPU, an older Triton: the torch ops serve
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else 'no message'}"
+        return f"{type(e).__name__}: {first_line(e, 160)}"
     return None
 
 

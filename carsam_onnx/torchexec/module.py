@@ -30,7 +30,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from ..errors import InputError, ModelError
+from ..errors import InputError, ModelError, first_line
 from .ops import FLOAT_TYPES, ONNX_TO_TORCH, NodeCtx, OpSpec, RunState, lookup, parse_attrs, tensor_from_proto
 
 Hook = Callable[[torch.Tensor], "torch.Tensor | None"]
@@ -474,7 +474,7 @@ class OnnxModule(nn.Module):
                 raise
             except Exception as e:
                 raise ModelError(f"{node.op_type} node '{node.name}' failed: {type(e).__name__}: "
-                                 f"{str(e).splitlines()[0] if str(e) else ''}") from e
+                                 f"{first_line(e)}") from e
             if type(outs) is int:
                 if outs >= 0:
                     env[outs] = r

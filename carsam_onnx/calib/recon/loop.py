@@ -27,6 +27,7 @@ from onnx import numpy_helper
 from ...artifact import CalibrationArtifact
 from ...config import QuantConfig, ReconConfig
 from ...data.memory import check_cache_fits
+from ...errors import first_line
 from ...passes.image_cut import image_cut_plan
 from ...passes.quant_points import insert_quant_points
 from ...passes.sites import QuantPlan, WeightKind
@@ -263,7 +264,7 @@ class Reconstructor:
         except Exception as e:   # a host sync or an op graphs refuse: this unit runs eagerly
             g.release()
             torch.cuda.synchronize(self.device)
-            return None, f"eager (capture refused: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+            return None, f"eager (capture refused: {type(e).__name__}: {first_line(e, 120)})"
         return g, "cuda graph"
 
     def _vmap_works(self, unit, names, n_main, q_in, hooks) -> bool:
