@@ -5,9 +5,9 @@ and CAR-SAM (`--method carsam`): the same with MAC before it and JCAR's joint de
     artifact = calibrate_carsam(model, plan, config, feeds)
 
 passes/units.py finds the units from the plan's structure (no torch); quantizers.py holds AdaRound /
-LSQ+QDrop; loop.py runs the units in graph order. The learned integers go into the artifact's
-WeightQuant.values and the learned step sizes into its activation scales, so the emitted Q/DQ model computes
-what was learned.
+LSQ+QDrop; capture.py takes what each unit learns from (its cached inputs and targets); loop.py runs the units
+in graph order. The learned integers go into the artifact's WeightQuant.values and the learned step sizes into
+its activation scales, so the emitted Q/DQ model computes what was learned.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ with its weight quantizer. The float model is the same module run without replac
 
 For each unit in graph order:
 1. its inputs are captured from the quantized model (every earlier unit finished: fully quantized, no drop)
-   and from the float model, with the float output (before the residual add) as target;
+   and from the float model, with the float output (before the residual add) as target (capture.py);
 2. AdaRound offsets and LSQ step sizes of the unit are learned with Adam on the squared error summed over
    channels; every activation quantizer of the unit drops to float element-wise with probability drop_prob,
    and the unit's input mixes the quantized-model and float-model inputs the same way;
@@ -26,16 +26,13 @@ from onnx import numpy_helper
 
 from ...artifact import CalibrationArtifact
 from ...config import QuantConfig, ReconConfig
-from ...data.memory import check_cache_fits
 from ...errors import first_line
-from ...passes.image_cut import image_cut_plan
 from ...passes.quant_points import insert_quant_points
 from ...passes.sites import QuantPlan, WeightKind
 from ...passes.units import Unit
-from ...samgraph import IMAGE_INPUT
 from ...torchexec import OnnxModule
 from ...torchexec.precision import tf32
-from .frontier import Frontier
+from .capture import Captures
 from .graph_step import batch_loss, image_loss
 from .quantizers import AdaRoundWeight, FixedWeight, LsqActivation, beta_at, cosine_lr
 
@@ -51,16 +48,6 @@ def batch_agrees(got: torch.Tensor, ref: torch.Tensor) -> bool:
     if got.shape != ref.shape:
         return False
     return float((got - ref).double().norm()) <= VMAP_CHECK_RTOL * float(ref.double().norm()) + 1e-9
-
-
-def tensor_bytes(tensors) -> int:
-    """Bytes the tensors hold, each storage once (a value cached twice, as a unit input and in the frontier,
-    is one allocation)."""
-    seen: dict[int, int] = {}
-    for x in tensors:
-        st = x.untyped_storage()
-        seen[st.data_ptr()] = st.nbytes()
-    return sum(seen.values())
 
 
 @dataclass
@@ -119,9 +106,7 @@ class Reconstructor:
         self.done_acts: set[str] = set()
         self.done_weights: set[str] = set()
         self._vmap_ok: dict = {}
-        self._cut = None
-        self._cut_plan = image_cut_plan(model, list(units) + list(spare)) if config.recon.image_cut else None
-        self._frontier = Frontier(aug, IMAGE_INPUT) if config.recon.stream_cut else None
+        self.captures = Captures(self.module, model, aug, list(units) + list(spare), config)
         self._unit_acts = {v for u in units for v in u.activations}
         self._unit_weights = {w for u in units for w in u.weights}
 
@@ -133,93 +118,15 @@ class Reconstructor:
 
     # ---- capture -----------------------------------------------------------------------------------------
 
-    def _cache_device(self, nbytes: int) -> torch.device:
-        if self.device.type != "cuda":
-            return self.device
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return self.device if nbytes <= self.rc.cache_device_fraction * free else torch.device("cpu")
-
     def capture(self, unit: Unit, feeds: list[dict]) -> tuple[list, list, list, torch.device]:
-        """Per feed: (quantized-model inputs, float-model inputs, float output)."""
-        from ..baseline import to_torch
-
-        names = list(unit.inputs) + list(unit.extra_inputs)
-        targets = [v for v, _ in unit.losses]
-        q_in, fp_in, fp_out = [], [], []
-        hooks = self.hooks()
-        cut = self._image_cut(unit, feeds)
-        front = self._frontier if cut is None else None
-        if front is not None and front.serves(names + targets):
-            cut = (front.cached[0], front.cached[1])   # resume where the last capture stopped
-        keep = front.values(names, self._unsettled()) if front is not None else None
-        more = keep or []
-        kept_q, kept_fp = [], []
-        with torch.no_grad():
-            for i, feed in enumerate(feeds):
-                t = to_torch(feed, self.config.device)
-                if cut is None:
-                    fp = self.module.run(t, outputs=names + targets + more)
-                    q = self.module.run(t, outputs=names + more, replace=hooks)
-                else:
-                    t = {k: v for k, v in t.items() if k != IMAGE_INPUT}
-                    fp = self.module.run(t, outputs=names + targets + more, start=self._dev(cut[1][i]))
-                    q = self.module.run(t, outputs=names + more, replace=hooks, start=self._dev(cut[0][i]))
-                if keep:
-                    kept_q.append({v: q[v] for v in keep})
-                    kept_fp.append({v: fp[v] for v in keep})
-                q_in.append([q[n] for n in names])
-                fp_in.append([fp[n] for n in unit.inputs])
-                fp_out.append([fp[v] for v in targets])
-                if i == 0 and self.device.type == "cpu":    # the caches grow on the host: will the rest fit?
-                    first = [*q_in[0], *fp_in[0], *fp_out[0], *(v for d in kept_q + kept_fp for v in d.values())]
-                    check_cache_fits(f"reconstruction unit {unit.name}", tensor_bytes(first), len(feeds) - 1, len(feeds))
-        if keep:
-            nbytes = sum(x.numel() * x.element_size() for d in kept_q + kept_fp for x in d.values())
-            at = self._cache_device(nbytes)
-            if at != self.device:
-                check_cache_fits(f"reconstruction unit {unit.name} (frontier)", nbytes // len(feeds), len(feeds), len(feeds))
-            front.keep(names, [{k: v.to(at) for k, v in d.items()} for d in kept_q],
-                       [{k: v.to(at) for k, v in d.items()} for d in kept_fp])
-        nbytes = sum(x.numel() * x.element_size() for lst in (q_in, fp_in, fp_out) for xs in lst for x in xs)
-        where = self._cache_device(nbytes)
-        if where != self.device:
-            check_cache_fits(f"reconstruction unit {unit.name}", nbytes // len(feeds), len(feeds), len(feeds))
-            q_in = [[x.cpu() for x in xs] for xs in q_in]
-            fp_in = [[x.cpu() for x in xs] for xs in fp_in]
-            fp_out = [[x.cpu() for x in xs] for xs in fp_out]
-        return q_in, fp_in, fp_out, where
+        """Per feed: (quantized-model inputs, float-model inputs, float output), and where they are cached
+        (capture.py)."""
+        return self.captures.take(unit, feeds, self.hooks(), self._unsettled())
 
     def _unsettled(self) -> set[str]:
         """Quantization points and weights of units not finished yet: their quantizers may still change."""
         acts = {self.qpoint[v] for v in self._unit_acts - self.done_acts if v in self.qpoint}
         return acts | (self._unit_weights - self.done_weights)
-
-    def _dev(self, d: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) for k, v in d.items()}
-
-    def _image_cut(self, unit: Unit, feeds: list[dict]):
-        """(quantized, float) per-feed values where the image-only part of a full model (encoder, neck) meets the
-        prompt part, once every unit inside the image-only part is finished; None when `unit` is image-only or the
-        model has no such split. Prompt-side units then start their captures there instead of at the image."""
-        if self._cut_plan is None or unit.name not in self._cut_plan[1]:
-            return None
-        cut_values, _ = self._cut_plan
-        if self._cut is None:
-            from ..baseline import to_torch
-
-            hooks = self.hooks()
-            qs, fps = [], []
-            with torch.no_grad():
-                for feed in feeds:
-                    t = {IMAGE_INPUT: to_torch(feed, self.config.device)[IMAGE_INPUT]}
-                    q = self.module.run(t, outputs=cut_values, replace=hooks)
-                    f = self.module.run(t, outputs=cut_values)
-                    nbytes = sum(x.numel() * x.element_size() for x in (*q.values(), *f.values())) * len(feeds)
-                    where = self._cache_device(nbytes)
-                    qs.append({k: v.to(where) for k, v in q.items()})
-                    fps.append({k: v.to(where) for k, v in f.items()})
-            self._cut = (qs, fps)
-        return self._cut
 
     def _start(self, names, n_main, q_in, fp_in) -> dict:
         """A unit's start values for one image: quantized-model values; its inputs (the first len(fp_in)) mixed
@@ -436,8 +343,7 @@ class Reconstructor:
         in them, and its members run next, one by one. The frontier is dropped (its values lie beyond them)."""
         self.done_acts -= set(unit.activations) - before[0]
         self.done_weights -= set(unit.weights) - before[1]
-        if self._frontier is not None:
-            self._frontier.drop()
+        self.captures.drop_frontier()
 
     def artifact(self, info: dict, finished_only: bool = False) -> CalibrationArtifact:
         """The calibration result: learned step sizes and integer weights (`finished_only`: the integers of the
@@ -456,8 +362,7 @@ class Reconstructor:
         done = sorted(set(corrected) & self.done_weights)
         if done:
             raise ValueError(f"{done[0]} belongs to a finished unit; its rounding is already learned")
-        if self._frontier is not None:
-            self._frontier.drop()   # values behind it may read the corrected weights
+        self.captures.drop_frontier()   # values behind it may read the corrected weights
         for name, w in corrected.items():
             self.float_weights[name] = w
             q = self.wq.get(name)

@@ -31,8 +31,8 @@ def test_decoder_captures_from_the_cached_encoder_output_equal_full_runs():
     with_cut = Reconstructor(model, plan, base, cfg, units)
     without = Reconstructor(model, plan, base, QuantConfig(bits=cfg.bits, method="recon", recon=ReconConfig(
         iters=1, image_cut=False)), units)
-    assert with_cut._cut_plan is not None and without._cut_plan is None
-    prompt_side = with_cut._cut_plan[1]
+    assert with_cut.captures.cut_plan is not None and without.captures.cut_plan is None
+    prompt_side = with_cut.captures.cut_plan[1]
     assert prompt_side == {u.name for u in units if u.role.startswith("decoder")}
     for u in units:
         if u.name in prompt_side:

@@ -89,7 +89,7 @@ def test_reference_reconstructed_torch_model_equals_emitted_onnx_in_the_executor
     chosen = [units[0], units[1], units[-1]]
     assert [u.role for u in chosen][1:] == ["encoder_mlp", "decoder_final_token_to_image"]
     result, r = reconstruct(model, plan, base, cfg, feeds, chosen, progress=False)
-    assert r._cut_plan is not None and r._cut is not None     # the decoder unit started at the encoder output
+    assert r.captures.cut_plan is not None and r.captures.cut is not None     # the decoder unit started at the encoder output
     art = result.artifact
     # what was learned is in the artifact: integers that differ from nearest rounding, step sizes that moved
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}

@@ -41,7 +41,7 @@ def test_resumed_captures_equal_captures_from_the_image(tiny):
     on, off = Reconstructor(model, plan, base, cfg, units), Reconstructor(model, plan, base, _off(cfg), units)
     resumed = 0
     for u in units:
-        served = on._frontier.serves(list(u.inputs) + list(u.extra_inputs) + [v for v, _ in u.losses])
+        served = on.captures.frontier.serves(list(u.inputs) + list(u.extra_inputs) + [v for v, _ in u.losses])
         image_side = not u.role.startswith("decoder")
         resumed += served and image_side
         a, b = on.capture(u, feeds), off.capture(u, feeds)
@@ -54,7 +54,7 @@ def test_resumed_captures_equal_captures_from_the_image(tiny):
             r.reconstruct(u, feeds, 1, False, torch.Generator().manual_seed(0))
     image_units = [u for u in units if not u.role.startswith("decoder")]
     assert resumed == len(image_units) - 1   # every image-side unit after the first resumes
-    assert off._frontier is None
+    assert off.captures.frontier is None
 
 
 def test_no_frontier_behind_a_quantizer_that_can_still_change(tiny):
@@ -64,12 +64,12 @@ def test_no_frontier_behind_a_quantizer_that_can_still_change(tiny):
     r = Reconstructor(model, plan, base, cfg, units)
     second = units[1]
     needed = list(second.inputs)
-    assert r._frontier.values(needed, r._unsettled()) is None      # units[0] is behind it, not finished
+    assert r.captures.frontier.values(needed, r._unsettled()) is None      # units[0] is behind it, not finished
     r.done_acts.update(units[0].activations)
     r.done_weights.update(units[0].weights)
-    front = r._frontier.values(needed, r._unsettled())
+    front = r.captures.frontier.values(needed, r._unsettled())
     assert front and set(needed) <= set(front)
-    assert r._frontier.values(list(units[0].inputs), r._unsettled()) is not None   # nothing learnable behind it
+    assert r.captures.frontier.values(list(units[0].inputs), r._unsettled()) is not None   # nothing learnable behind it
 
 
 def test_recon_writes_the_same_artifact_with_and_without_resumed_captures(tiny):
@@ -98,10 +98,10 @@ def test_a_cache_that_cannot_fit_the_host_is_refused_at_its_first_image(tiny, mo
     real_run = r.module.run
     monkeypatch.setattr(r.module, "run", lambda *a, **k: ran.append(1) or real_run(*a, **k))
     monkeypatch.setattr(memory, "available_bytes", lambda: 4 * per_image)          # room for the second image
-    r._frontier.drop()
+    r.captures.frontier.drop()
     r.capture(unit, feeds)
     monkeypatch.setattr(memory, "available_bytes", lambda: per_image // 2)
-    r._frontier.drop()
+    r.captures.frontier.drop()
     ran.clear()
     refused = re.escape(f"reconstruction unit {unit.name}: ") + r".* 2 calibration images .* MiB .* --num-calib"
     with pytest.raises(CalibrationError, match=refused):
