@@ -9,19 +9,18 @@
     new_model = module.to_model_proto()             # parameters written back under their names
 
 How a run is executed. Each distinct request (device, shapes and dtypes of the given tensors, requested
-values, replaced values) gets a *plan*: the nodes the requested values need, found backwards from them
-and stopping at the given tensors (so `start=` runs a sub-range of the graph). Values that depend only
-on constants and on tensor shapes (Shape -> Gather -> Concat -> Reshape chains of TorchScript exports)
-are *static*: the first run of a plan computes them, later runs of the same plan reuse them and skip
-their nodes. Integer initializers (buffers) count as constants for this: a plan whose buffers were
-changed in place or replaced is rebuilt. Values are freed after their last consumer ran.
+values, replaced values) gets a *plan* (plan.py), kept for later runs of the same request: the nodes the
+requested values need, found backwards from them and stopping at the given tensors (so `start=` runs a
+sub-range of the graph). Values that depend only on constants and on tensor shapes (Shape -> Gather -> Concat
+-> Reshape chains of TorchScript exports) are *static*: the first run of a plan computes them, later runs of
+the same plan reuse them and skip their nodes. Integer initializers (buffers) count as constants for this: a
+plan whose buffers were changed in place or replaced is rebuilt. Values are freed after their last consumer ran.
 """
 from __future__ import annotations
 
 import re
 from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 import numpy as np
@@ -31,37 +30,11 @@ from onnx import numpy_helper
 from torch import nn
 
 from ..errors import InputError, ModelError, first_line
-from .ops import FLOAT_TYPES, ONNX_TO_TORCH, NodeCtx, OpSpec, RunState, lookup, parse_attrs, tensor_from_proto
+from .ops import FLOAT_TYPES, ONNX_TO_TORCH, NodeCtx, RunState, lookup, parse_attrs, tensor_from_proto
+from .plan import GraphView, Node, Plan, finish_warmup, make_plan, record_static, tensor_version
 
 Hook = Callable[[torch.Tensor], "torch.Tensor | None"]
 _MAX_PLANS = 64
-
-
-@dataclass
-class _Node:
-    index: int
-    name: str
-    op_type: str
-    inputs: tuple[str, ...]   # "" for an omitted optional input
-    outputs: tuple[str, ...]
-    spec: OpSpec
-    fn: Callable
-
-
-@dataclass
-class _Plan:
-    nslots: int
-    steps: list                 # warm-up steps: every needed node
-    fast_nodes: list            # the needed nodes that are not static
-    steps_for: Callable         # node list -> steps
-    leaves: list                # (slot, kind, key): ("param"|"buffer", attr), ("input", name), ("fixed", tensor)
-    record: dict                # slot of a static value -> its host-copy slot (-1: none), filled from the warm-up run
-    hooked: dict[str, int]      # replaced leaf value -> slot
-    outputs: list[tuple[str, int]]
-    fast_steps: list | None = None   # after warm-up: the non-static nodes only
-    template: list | None = None     # slot values prefilled for fast runs
-    recorded: dict | None = None
-    buffers: tuple = ()              # (attr, tensor, version) of the buffers treated as constants
 
 
 def _sanitize(name: str, used: set[str]) -> str:
@@ -141,18 +114,19 @@ class OnnxModule(nn.Module):
                 for a in n.attribute:
                     if a.name == "value":
                         types[n.output[0]] = a.t.data_type
-        self._nodes: list[_Node] = []
+        self._nodes: list[Node] = []
         for i, n in enumerate(self._toposort(g)):
             opset = opsets.get("" if n.domain == "ai.onnx" else n.domain, 0)
             spec = lookup(n, opset)
             ctx = NodeCtx(n, opset, self._state, parse_attrs(n), [types.get(x, 0) for x in n.input],
                           [types.get(x, 0) for x in n.output])
-            self._nodes.append(_Node(i, n.name, n.op_type, tuple(n.input), tuple(n.output), spec, spec.build(ctx)))
+            self._nodes.append(Node(i, n.name, n.op_type, tuple(n.input), tuple(n.output), spec, spec.build(ctx)))
         self._producer = {o: node for node in self._nodes for o in node.outputs if o}
         self._consts: dict[str, torch.Tensor] = {}
         self._folded: set[int] = set()
         if fold_constants:
             self._fold()
+        self._graph = GraphView(self._nodes, self._producer, self._attr_of, self._consts, self.input_names)
         self._const_on: dict[torch.device, dict[str, torch.Tensor]] = {}
         self._plans: OrderedDict = OrderedDict()
         self._hooks: dict[str, Hook] = {}
@@ -301,16 +275,17 @@ class OnnxModule(nn.Module):
                 want = self._input_dtypes.get(k)
                 if want is not None and v.dtype != want:
                     raise InputError(f"graph input {k!r} is {v.dtype}; the graph declares {want}")
-            plan = self._make_plan(set(given), wanted, set(hooks), dev)
+            plan = make_plan(self._graph, self.initializers._parameters, self.initializers._buffers, self._consts_on(dev),
+                             set(given), wanted, set(hooks))
             self._plans[key] = plan
             if len(self._plans) > _MAX_PLANS:
                 self._plans.popitem(last=False)
         self._state.device = dev
         return self._execute(plan, given, hooks)
 
-    def _buffers_unchanged(self, plan: _Plan) -> bool:
+    def _buffers_unchanged(self, plan: Plan) -> bool:
         b = self.initializers._buffers
-        return all(b.get(a) is t and _version(t) == v for a, t, v in plan.buffers)
+        return all(b.get(a) is t and tensor_version(t) == v for a, t, v in plan.buffers)
 
     def _device_of(self, given: Mapping[str, torch.Tensor]) -> torch.device:
         for v in given.values():
@@ -327,129 +302,7 @@ class OnnxModule(nn.Module):
             d = self._const_on[dev] = {k: v.to(dev) for k, v in self._consts.items()}
         return d
 
-    def _make_plan(self, given: set[str], wanted: list[str], hooked: set[str], dev: torch.device) -> _Plan:
-        # Nodes needed, backwards from the wanted values.
-        needed: set[int] = set()
-        leaves: set[str] = set()
-        stack = list(wanted)
-        seen: set[str] = set()
-        while stack:
-            v = stack.pop()
-            if v in seen or not v:
-                continue
-            seen.add(v)
-            if v in given or v in self._attr_of or (v in self._consts and v not in hooked):
-                leaves.add(v)
-                continue
-            node = self._producer.get(v)
-            if node is None:
-                if v in self.input_names:
-                    raise InputError(f"graph input {v!r} is needed for {wanted[0]!r} but was not given")
-                raise InputError(f"value {v!r} is not computable: it is no graph input, initializer or node output")
-            if node.index in needed:
-                continue
-            needed.add(node.index)
-            stack.extend(node.inputs)
-        nodes = [self._nodes[i] for i in sorted(needed)]
-
-        # Static analysis: value-static (constant given the plan's shapes) and shape-static values.
-        params = self.initializers._parameters
-        value_static: set[str] = set()
-        shape_static: set[str] = set(leaves)
-        for v in leaves:
-            if v in given or v in hooked:
-                continue
-            if v in self._consts or (v in self._attr_of and self._attr_of[v] not in params):
-                value_static.add(v)
-        static_nodes: set[int] = set()
-        for n in nodes:
-            ins = [x for x in n.inputs if x]
-            data = [x for j, x in enumerate(n.inputs) if x and j not in n.spec.host_inputs]
-            host = [x for j, x in enumerate(n.inputs) if x and j in n.spec.host_inputs]
-            shp = not n.spec.data_dependent_shape and all(x in shape_static for x in data) and \
-                all(x in value_static for x in host)
-            if n.spec.shape_only:
-                stat = all(x in shape_static for x in ins)
-            else:
-                stat = all(x in value_static for x in ins)
-            stat = stat and not any(o in hooked or o in given for o in n.outputs)
-            for o in n.outputs:
-                if o and o not in given:
-                    if shp or stat:
-                        shape_static.add(o)
-                    if stat:
-                        value_static.add(o)
-            if stat:
-                static_nodes.add(n.index)
-
-        # Slots.
-        slots: dict[str, int] = {}
-
-        def slot(v: str) -> int:
-            if v not in slots:
-                slots[v] = len(slots)
-            return slots[v]
-        for v in sorted(leaves):
-            slot(v)
-        for n in nodes:
-            for o in n.outputs:
-                if o:
-                    slot(o)
-        host_slot: dict[str, int] = {}
-        fast_nodes = [n for n in nodes if n.index not in static_nodes]
-        for n in fast_nodes:
-            for j, x in enumerate(n.inputs):
-                if x in value_static and j in n.spec.host_inputs and x not in host_slot:
-                    host_slot[x] = len(slots) + len(host_slot)
-        nslots = len(slots) + len(host_slot)
-        keep = {slots[w] for w in wanted}
-
-        def steps_for(node_list, use_host):
-            last: dict[int, int] = {}
-            for k, n in enumerate(node_list):
-                for x in n.inputs:
-                    if x:
-                        last[slots[x]] = k
-            out = []
-            for k, n in enumerate(node_list):
-                ins = tuple(-1 if not x else (host_slot[x] if use_host and j in n.spec.host_inputs and x in host_slot
-                                                else slots[x]) for j, x in enumerate(n.inputs))
-                outs = tuple(slots[o] if o and o not in given else -1 for o in n.outputs)
-                frees = tuple(s for s, kk in last.items() if kk == k and s not in keep and s not in outs)
-                hk = tuple((slots[o], o) for o in n.outputs if o in hooked)
-                out.append((n.fn, ins, outs[0] if len(outs) == 1 else outs, frees, hk, n))
-            return out
-
-        # Per-run leaves: given tensors, parameters (and hooked constants/buffers).
-        run_leaves = []
-        fixed: dict[str, torch.Tensor] = {}
-        consts = self._consts_on(dev)
-        for v in leaves:
-            if v in given:
-                run_leaves.append((slots[v], "input", v))
-            elif v in self._attr_of:
-                a = self._attr_of[v]
-                kind = "param" if a in params else "buffer"
-                if kind == "buffer" and v not in hooked:
-                    fixed[v] = self.initializers._buffers[a]
-                else:
-                    run_leaves.append((slots[v], kind, a))
-            else:
-                fixed[v] = consts[v]
-                if v in hooked:
-                    run_leaves.append((slots[v], "fixed", consts[v]))
-        for v, t in fixed.items():
-            if v not in hooked:
-                run_leaves.append((slots[v], "fixed", t))
-        # Static values the fast steps or the caller read, filled from the warm-up run.
-        fast_reads = {x for n in fast_nodes for x in n.inputs if x} | set(wanted)
-        record = {slots[v]: host_slot.get(v, -1) for v in value_static & fast_reads}
-        bufs = tuple((self._attr_of[v], t, _version(t)) for v, t in fixed.items() if v in self._attr_of)
-        return _Plan(nslots, steps_for(nodes, False), fast_nodes, steps_for, run_leaves, record,
-                     {v: slots[v] for v in hooked if v in leaves}, [(w, slots[w]) for w in wanted], recorded={},
-                     buffers=bufs)
-
-    def _execute(self, plan: _Plan, given: Mapping[str, torch.Tensor], hooks: Mapping[str, Hook]) -> dict:
+    def _execute(self, plan: Plan, given: Mapping[str, torch.Tensor], hooks: Mapping[str, Hook]) -> dict:
         warm = plan.template is None
         env = [None] * plan.nslots if warm else list(plan.template)
         params, buffers = self.initializers._parameters, self.initializers._buffers
@@ -488,38 +341,13 @@ class OnnxModule(nn.Module):
                 if h is not None:
                     env[s] = h
             if warm:
-                self._record(plan, env, outs)
+                record_static(plan, env, outs)
             for s in frees:
                 env[s] = None
         result = {w: env[s] for w, s in plan.outputs}
         if warm:
-            self._finish_warmup(plan)
+            finish_warmup(plan)
         return result
-
-    @staticmethod
-    def _record(plan: _Plan, env: list, outs) -> None:
-        for s in ((outs,) if type(outs) is int else outs):
-            if s in plan.record:
-                plan.recorded[s] = env[s]
-
-    @staticmethod
-    def _finish_warmup(plan: _Plan) -> None:
-        template: list = [None] * plan.nslots
-        fixed = {s: t for s, kind, t in plan.leaves if kind == "fixed"}
-        hooked = set(plan.hooked.values())
-        for s, h in plan.record.items():
-            t = plan.recorded.get(s, fixed.get(s))
-            if t is None:
-                continue
-            t = t.detach()
-            template[s] = t
-            if h >= 0:
-                template[h] = t.cpu()
-        plan.template, plan.recorded = template, None
-        plan.fast_steps = plan.steps_for(plan.fast_nodes, True)
-        # Static leaves now live in the template; only per-run leaves stay.
-        plan.leaves = [(s, k, t) for s, k, t in plan.leaves
-                       if not (k == "fixed" and template[s] is not None and s not in hooked)]
 
     # ---- write back -------------------------------------------------------------------------------------
 
@@ -536,11 +364,6 @@ class OnnxModule(nn.Module):
             inits.append(_to_tensor_proto(t.detach(), name, self._init_types[name]))
         m.graph.initializer.extend(inits)
         return m
-
-
-def _version(t: torch.Tensor) -> int:
-    """In-place modification counter (inference-mode tensors have none: -1)."""
-    return -1 if t.is_inference() else t._version
 
 
 def _to_tensor_proto(t: torch.Tensor, name: str, onnx_type: int) -> onnx.TensorProto:
