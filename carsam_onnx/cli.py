@@ -1,4 +1,5 @@
-"""carsam-onnx command line: parse arguments -> config -> api call. No logic here."""
+"""carsam-onnx command line: parse arguments -> config -> api call. No logic here (the user-facing description is
+DESCRIPTION)."""
 from __future__ import annotations
 
 import argparse
@@ -424,8 +425,21 @@ def _run_build_engine(a) -> int:
     return 0
 
 
+DESCRIPTION = ("Post-training quantization of Segment Anything (SAM) ONNX models to 8 and 4 bits: finds the "
+               "attention\nsubgraphs, calibrates on the graph itself (MinMax, Percentile, MSE, block reconstruction, "
+               "CAR-SAM)\nand writes a Q/DQ ONNX model for ONNX Runtime and TensorRT.")
+EPILOG = """a typical run:
+  carsam-onnx export --model-type vit_b --checkpoint sam_vit_b_01ec64.pth -o sam_b.onnx
+  carsam-onnx quantize sam_b.onnx -o sam_b_w4a4.onnx --bits w4a4 --method carsam --calib-images DIR --device cuda
+  carsam-onnx eval sam_b_w4a4.onnx --images coco/val2017 --annotations instances_val2017.json
+  carsam-onnx split sam_b_w4a4.onnx      # -> sam_b_w4a4.encoder.onnx + sam_b_w4a4.decoder.onnx
+
+'carsam-onnx COMMAND --help' gives each command's options; errors are one line with exit code 2."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="carsam-onnx", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="carsam-onnx", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summaries")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_export, _add_inspect, _add_quantize, _add_emit, _add_eval, _add_data, _add_predict, _add_split,

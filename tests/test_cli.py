@@ -132,3 +132,21 @@ def test_quantize_method_flags_reach_the_config(capsys, monkeypatch):
     assert (cfg.mac.scope, cfg.mac.when, kw["report_dir"], kw["report_compare"]) == ("all", "decoder", "rep", "earlier")
     assert (cfg.mac.lam_rel, cfg.mac.qk, cfg.mac.v, cfg.mac.granularity) == (100.0, "q", False, "projection")
     assert plain.mac == MacConfig() and plain_kw["report_compare"] is None and plain_kw["report_images"] == 2
+
+
+def test_top_level_help_says_what_the_tool_does_and_a_typical_run_parses(capsys):
+    """`carsam-onnx --help` is for users (what the tool does, a typical run), and every command of its typical run
+    is one the parser takes."""
+    import shlex
+
+    from carsam_onnx.cli import EPILOG, build_parser
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "Post-training quantization of Segment Anything" in out and "a typical run:" in out
+    runs = [line.split("#")[0].split() for line in EPILOG.splitlines() if line.strip().startswith("carsam-onnx ")]
+    assert len(runs) == 4
+    for argv in runs:
+        args = build_parser().parse_args(shlex.split(" ".join(argv[1:])))
+        assert args.command == argv[1]
