@@ -32,7 +32,8 @@ def _add_export(sub):
     p.add_argument("--split", action="store_true", help="also write OUT.encoder.onnx and OUT.decoder.onnx")
     p.add_argument("--multimask", action=argparse.BooleanOptionalAction, default=_default(ExportConfig, "multimask"),
                    help="3 masks per prompt instead of 1")
-    p.add_argument("--exporter", choices=["dynamo", "torchscript"], default=_default(ExportConfig, "exporter"))
+    p.add_argument("--exporter", choices=["dynamo", "torchscript"], default=_default(ExportConfig, "exporter"),
+                   help="torch's ONNX exporter (default %(default)s)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.set_defaults(run=_run_export)
 
@@ -53,7 +54,7 @@ def _run_export(a) -> int:
 
 def _add_inspect(sub):
     p = sub.add_parser("inspect", help="describe an ONNX model: I/O, opset, ops, parameters, attention sites")
-    p.add_argument("model")
+    p.add_argument("model", help="ONNX model to describe")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
     p.set_defaults(run=_run_inspect)
 
@@ -78,7 +79,7 @@ def _smooth_alpha(text: str) -> float | str:
 def _add_quantize(sub):
     p = sub.add_parser("quantize", help="calibrate and write a Q/DQ ONNX model (opset 21)")
     p.add_argument("model", help="SAM ONNX model (full, encoder or decoder) from `carsam-onnx export`")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, help="the Q/DQ ONNX model to write")
     p.add_argument("--bits", default=str(_default(QuantConfig, "bits")),
                    help="wXaY: X-bit weights, Y-bit activations (2..8; a16 = float activations), e.g. w8a8, w4a4, w4a16")
     p.add_argument("--method", default=_default(QuantConfig, "method"), metavar="{" + ",".join(method_names()) + "}",
@@ -97,8 +98,11 @@ def _add_quantize(sub):
     p.add_argument("--device", default=_default(QuantConfig, "device"), help="torch device for calibration (cpu, cuda)")
     p.add_argument("--calib-images", help="folder of calibration images (or a COCO-layout set folder)")
     p.add_argument("--calib-prompts", help="COCO detection-results JSON with boxes for the calibration images")
-    p.add_argument("--num-calib", type=int, default=_default(QuantConfig, "num_calib"))
-    p.add_argument("--seed", type=int, default=_default(QuantConfig, "seed"))
+    p.add_argument("--num-calib", type=int, default=_default(QuantConfig, "num_calib"),
+                   help="calibration images (default %(default)s, the published recipe's)")
+    p.add_argument("--seed", type=int, default=_default(QuantConfig, "seed"),
+                   help="which images and prompts are drawn, and reconstruction's random draws: the same seed, "
+                        "machine and thread count give the same bytes (default %(default)s)")
     p.add_argument("--keep-float", action="append", metavar="REGEX",
                    help="keep matching layers in float (repeatable; replaces the default list: patch_embed, "
                         "output_upscaling, output_hypernetworks_mlps, iou_prediction_head, prompt_encoder)")
@@ -227,7 +231,7 @@ def _add_emit(sub):
     p = sub.add_parser("emit", help="write the Q/DQ model from a calibration file (quantize --save-calibration)")
     p.add_argument("model", help="the FP ONNX model the calibration was made on")
     p.add_argument("--calibration", required=True, metavar="FILE", help="file from quantize --save-calibration")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, help="the Q/DQ ONNX model to write")
     p.add_argument("--force", action="store_true", help="overwrite an existing output")
     p.set_defaults(run=_run_emit)
 
@@ -285,8 +289,8 @@ def _add_data(sub):
     dsub = p.add_subparsers(dest="data_command", required=True)
     s = dsub.add_parser("synth", help="write a synthetic COCO-format instance-segmentation set")
     s.add_argument("-o", "--output", required=True, help="output folder (annotations.json + images/)")
-    s.add_argument("--num-images", type=int, required=True)
-    s.add_argument("--seed", type=int, required=True)
+    s.add_argument("--num-images", type=int, required=True, help="how many images to draw")
+    s.add_argument("--seed", type=int, required=True, help="seed of the images and their annotations")
     s.add_argument("--image-size", type=int, help="image side in pixels (default 256)")
     s.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     s.set_defaults(run=_run_synth)
@@ -340,7 +344,8 @@ def _add_predict(sub):
     p.add_argument("--overlay", help="also write the image with the masks and prompts drawn on it (a folder "
                                      "with a folder of images)")
     p.add_argument("--multimask", action="store_true", help="ask for all masks, keep the best by predicted IoU")
-    p.add_argument("--runtime", choices=["ort", "torch"], default="ort")
+    p.add_argument("--runtime", choices=["ort", "torch"], default="ort",
+                   help="ort: ONNX Runtime (default); torch: this project's executor, on --device")
     p.add_argument("--device", help="torch device for --runtime torch (cpu, cuda)")
     _add_provider(p)
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
@@ -376,7 +381,7 @@ def _run_predict(a) -> int:
 
 def _add_split(sub):
     p = sub.add_parser("split", help="full model (FP or Q/DQ) -> encoder + decoder cut at the image embedding")
-    p.add_argument("model")
+    p.add_argument("model", help="full SAM model, FP or Q/DQ")
     p.add_argument("-o", "--output", help="name stem: writes STEM.encoder.onnx and STEM.decoder.onnx "
                                           "(default: beside MODEL)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
@@ -390,7 +395,7 @@ def _run_split(a) -> int:
 
 def _add_check_trt(sub):
     p = sub.add_parser("check-trt", help="check a Q/DQ model against TensorRT's Q/DQ rules (exit 1 on errors)")
-    p.add_argument("model")
+    p.add_argument("model", help="Q/DQ ONNX model to check")
     p.set_defaults(run=_run_check_trt)
 
 
@@ -409,7 +414,7 @@ def _run_check_trt(a) -> int:
 
 def _add_build_engine(sub):
     p = sub.add_parser("build-engine", help="build a TensorRT engine from a Q/DQ model (needs tensorrt)")
-    p.add_argument("model")
+    p.add_argument("model", help="Q/DQ ONNX model to build")
     p.add_argument("-o", "--output", required=True, help="serialized engine (.plan)")
     p.add_argument("--fp16", action="store_true", help="weakly typed build with FP16 for the float layers "
                                                         "(default: strongly typed, precisions from the graph)")

@@ -150,3 +150,21 @@ def test_top_level_help_says_what_the_tool_does_and_a_typical_run_parses(capsys)
     for argv in runs:
         args = build_parser().parse_args(shlex.split(" ".join(argv[1:])))
         assert args.command == argv[1]
+
+
+def test_every_argument_of_every_command_says_what_it_is():
+    """No option or positional shows up in `--help` without a line of its own."""
+    import argparse
+
+    from carsam_onnx.cli import build_parser
+
+    def parsers(p, path):
+        yield path, p
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sp in a.choices.items():
+                    yield from parsers(sp, path + [name])
+
+    silent = [(" ".join(path), a.option_strings or [a.dest]) for path, p in parsers(build_parser(), [])
+              for a in p._actions if a.help is None and not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))]
+    assert silent == []
