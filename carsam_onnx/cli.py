@@ -13,7 +13,7 @@ from .calib.registry import method_names, methods_help
 from .config import (HELDOUT, INT8_WEIGHT_FORMATS, JCAR_PAIRINGS, MAC_GRANULARITY, MAC_QK_MODES, MAC_ROUNDING,
                      MAC_SCOPES, MAC_WHEN, MAX_REPORT_IMAGES, SMOOTH_ALPHA, SMOOTH_METHODS, BitWidths, CarsamConfig,
                      EvalConfig, ExportConfig, MacConfig, QuantConfig, ReconConfig)
-from .errors import CarsamError, first_line
+from .command_guard import one_line_warnings, run_guarded
 from .runtime import RUNTIMES
 
 
@@ -453,97 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line_warnings(command: str, quiet: bool) -> None:
-    import warnings
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        if not quiet:
-            print(f"carsam-onnx {command}: warning: {message}", file=sys.stderr)
-
-    warnings.showwarning = show
-
-
-OUT_OF_MEMORY_HINT = {
-    "quantize": "Use fewer --num-calib or a smaller --recon-batch",
-    "eval": "Use --runtime ort, or free the memory",
-    "predict": "Use --runtime ort, or free the memory",
-}
-
-
-CUDA_ALLOCATION_FAILED = ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
-
-
-def _out_of_memory(e: BaseException) -> bool:
-    """Python's MemoryError; torch's OutOfMemoryError (the caching allocator refusing a tensor; matched by name so
-    the CLI never imports torch); or a CUDA call failing to allocate (context, cuBLAS handle: torch raises
-    AcceleratorError, a RuntimeError, naming cudaErrorMemoryAllocation's text)."""
-    if isinstance(e, MemoryError) or any(t.__name__ == "OutOfMemoryError" for t in type(e).__mro__):
-        return True
-    return isinstance(e, RuntimeError) and any(text in str(e).split("\n", 1)[0] for text in CUDA_ALLOCATION_FAILED)
-
-
-def _first_sentence(e: BaseException) -> str:
-    """What failed and how much was asked for: the message's first line, and of torch's allocator message (one
-    line running on with totals and allocator advice) its first two sentences."""
-    return ". ".join(first_line(e).split(". ")[:2]).rstrip(".")
-
-
-class _Signalled(KeyboardInterrupt):
-    """SIGINT or SIGTERM, raised in the main thread: `finally` blocks and the atomic writers clean up on the way
-    out exactly as for Ctrl-C (a KeyboardInterrupt subclass, so `except Exception` never swallows it)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _run_guarded(args) -> int:
-    """Run the command. Bad input (CarsamError), or memory running out -> one line on stderr, exit 2. SIGINT /
-    SIGTERM -> the command unwinds (temporary files removed, no output renamed into place), one line on stderr,
-    exit 128 + signal (130 / 143). A second signal while unwinding is ignored, so the cleanup finishes."""
-    import signal
-    import threading
-
-    def on_signal(signum, frame):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, signal.SIG_IGN)
-        raise _Signalled(signum)
-
-    def message(text: str) -> None:
-        try:
-            print(f"carsam-onnx {args.command}: {text}", file=sys.stderr, flush=True)
-        except (OSError, ValueError):  # stderr closed (a pipe whose reader left): the exit code still says it
-            pass
-
-    main_thread = threading.current_thread() is threading.main_thread()   # signal handlers: main thread only
-    previous = {}
-    for s in (signal.SIGINT, signal.SIGTERM) if main_thread else ():
-        if signal.getsignal(s) is not signal.SIG_IGN:     # started with the signal ignored (nohup, &): keep it so
-            previous[s] = signal.signal(s, on_signal)
-    try:
-        return args.run(args)
-    except CarsamError as e:
-        message(f"error: {e}")
-        return 2
-    except Exception as e:
-        if not _out_of_memory(e):
-            raise
-        message(f"error: out of memory ({_first_sentence(e)}); nothing half-written was left. "
-                f"{OUT_OF_MEMORY_HINT.get(args.command, 'Free memory or run on a larger machine')}")
-        return 2
-    except KeyboardInterrupt as e:     # _Signalled, or a KeyboardInterrupt raised before our handler was in place
-        signum = getattr(e, "signum", signal.SIGINT)
-        message(f"interrupted by {signal.Signals(signum).name}; nothing half-written was left")
-        return 128 + signum
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _one_line_warnings(args.command, args.quiet)
-    return _run_guarded(args)
+    one_line_warnings(args.command, args.quiet)
+    return run_guarded(args.command, lambda: args.run(args))
 
 
 if __name__ == "__main__":

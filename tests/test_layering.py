@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("deploy",),                                             # predictor, TensorRT, report
     ("eval",),                                               # evaluation loop, metrics
     ("quantize", "api", "summary"),                          # the pipeline and the Python API
-    ("cli", "__main__"),                                     # command line
+    ("cli", "command_guard", "__main__"),                    # command line, how a command ends
 ]
 NO_TORCH = ("passes", "qmath", "artifact")
 
