@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 import torch
 
+from ..errors import first_line
 from ..modelio import load_model
 from ..torchexec.device import torch_device
 from ..torchexec.precision import ieee_fp32
@@ -109,8 +110,8 @@ class TorchSession(Session):
             ok = all(np.allclose(b[k], s[k], rtol=0, atol=VMAP_CHECK_RTOL * max(1.0, float(np.abs(s[k]).max())))
                      and b[k].shape == s[k].shape for b, s in zip(batched, single) for k in s)
         except Exception as e:  # an op without a batching rule, a shape the graph cannot take...
-            warnings.warn(f"torch runtime: prompts run one by one (batching them failed: {type(e).__name__})",
-                          stacklevel=3)
+            warnings.warn(f"torch runtime: prompts run one by one (batching them failed: {type(e).__name__}: "
+                          f"{first_line(e, 120)})", stacklevel=3)
             ok = False
         self._vmap_ok = bool(ok)
         return single + self.run_many(feeds[2:]) if len(feeds) > 2 else single

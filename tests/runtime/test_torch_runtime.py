@@ -63,7 +63,7 @@ def test_torch_runtime_pair_and_per_prompt_fallback(ds, monkeypatch):
     def no_vmap(fn):
         raise RuntimeError("no batching rule")
     monkeypatch.setattr(torch.func, "vmap", no_vmap)
-    with pytest.warns(UserWarning, match="prompts run one by one"):
+    with pytest.warns(UserWarning, match="prompts run one by one .*RuntimeError: no batching rule"):   # and why
         r = evaluate([paths["encoder"], paths["decoder"]], ds, runtime=TorchRuntime("cpu", batch_prompts=True),
                      progress=False)
     for k in ("segm_mAP", "AP50", "AP75", "mIoU"):
