@@ -101,7 +101,7 @@ def _add_quantize(sub):
     p.add_argument("--num-calib", type=int, default=_default(QuantConfig, "num_calib"),
                    help="calibration images (default %(default)s, the published recipe's)")
     p.add_argument("--seed", type=int, default=_default(QuantConfig, "seed"),
-                   help="which images and prompts are drawn, and reconstruction's random draws: the same seed, "
+                   help="which images and prompts are drawn, and reconstruction's random draws: on the CPU the same seed, "
                         "machine and thread count give the same bytes (default %(default)s)")
     p.add_argument("--keep-float", action="append", metavar="REGEX",
                    help="keep matching layers in float (repeatable; replaces the default list: patch_embed, "
