@@ -35,6 +35,17 @@ def tensor_bytes(tensors) -> int:
     return sum(seen.values())
 
 
+STREAM_FACTOR = 2.0   # a GPU's caches go to the host image by image when, measured on the first image, they would
+                      # take this many times the share of its free memory they may keep (cache_device_fraction);
+                      # nearer the bound they are gathered on the device and moved at the end, as before
+
+
+def streams_to_host(total: int, free: int, fraction: float) -> bool:
+    """Whether a GPU capture of `total` bytes (estimated from its first image) goes to the host image by image:
+    far beyond what may stay on the device, it could not even be gathered there first."""
+    return total > STREAM_FACTOR * fraction * free
+
+
 class Captures:
     def __init__(self, module: OnnxModule, model: onnx.ModelProto, with_points: onnx.ModelProto, units: list[Unit],
                  config: QuantConfig):
@@ -62,6 +73,7 @@ class Captures:
         keep = front.values(names, unsettled) if front is not None else None
         more = keep or []
         kept_q, kept_fp = [], []
+        to_host = False     # a GPU's caches streamed to the host image by image (far too large for the device)
         with torch.no_grad():
             for i, feed in enumerate(feeds):
                 t = to_torch(feed, self.config.device)
@@ -78,19 +90,29 @@ class Captures:
                 q_in.append([q[n] for n in names])
                 fp_in.append([fp[n] for n in unit.inputs])
                 fp_out.append([fp[v] for v in targets])
-                if i == 0 and self.device.type == "cpu":    # the caches grow on the host: will the rest fit?
+                if i == 0:
                     first = [*q_in[0], *fp_in[0], *fp_out[0], *(v for d in kept_q + kept_fp for v in d.values())]
-                    check_cache_fits(f"reconstruction unit {unit.name}", tensor_bytes(first), len(feeds) - 1, len(feeds))
+                    per_image = tensor_bytes(first)
+                    if self.device.type == "cuda":
+                        free, _ = torch.cuda.mem_get_info(self.device)
+                        to_host = streams_to_host(per_image * len(feeds), free, self.rc.cache_device_fraction)
+                    if self.device.type == "cpu" or to_host:    # the caches grow on the host: will the rest fit?
+                        check_cache_fits(f"reconstruction unit {unit.name}", per_image, len(feeds) - (not to_host),
+                                         len(feeds))
+                if to_host:
+                    q_in[-1], fp_in[-1], fp_out[-1] = ([x.cpu() for x in xs] for xs in (q_in[-1], fp_in[-1], fp_out[-1]))
+                    if keep:
+                        kept_q[-1], kept_fp[-1] = ({k: v.cpu() for k, v in d.items()} for d in (kept_q[-1], kept_fp[-1]))
         if keep:
             nbytes = sum(x.numel() * x.element_size() for d in kept_q + kept_fp for x in d.values())
-            at = self._cache_device(nbytes)
-            if at != self.device:
+            at = torch.device("cpu") if to_host else self._cache_device(nbytes)
+            if at != self.device and not to_host:
                 check_cache_fits(f"reconstruction unit {unit.name} (frontier)", nbytes // len(feeds), len(feeds), len(feeds))
             front.keep(names, [{k: v.to(at) for k, v in d.items()} for d in kept_q],
                        [{k: v.to(at) for k, v in d.items()} for d in kept_fp])
         nbytes = sum(x.numel() * x.element_size() for lst in (q_in, fp_in, fp_out) for xs in lst for x in xs)
-        where = self._cache_device(nbytes)
-        if where != self.device:
+        where = torch.device("cpu") if to_host else self._cache_device(nbytes)
+        if where != self.device and not to_host:
             check_cache_fits(f"reconstruction unit {unit.name}", nbytes // len(feeds), len(feeds), len(feeds))
             q_in = [[x.cpu() for x in xs] for xs in q_in]
             fp_in = [[x.cpu() for x in xs] for xs in fp_in]

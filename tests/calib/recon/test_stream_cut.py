@@ -107,3 +107,34 @@ def test_a_cache_that_cannot_fit_the_host_is_refused_at_its_first_image(tiny, mo
     with pytest.raises(CalibrationError, match=refused):
         r.capture(unit, feeds)
     assert len(ran) == 2       # the first image's two runs (quantized and float), none of the second
+
+
+def test_a_gpu_capture_far_beyond_the_device_streams_to_the_host():
+    """The rule: measured on the first image, a GPU capture goes to the host image by image only when it would
+    take more than STREAM_FACTOR times the share of free memory it may keep; nearer the bound it is gathered on
+    the device and placed at the end, as before."""
+    from carsam_onnx.calib.recon.capture import STREAM_FACTOR, streams_to_host
+
+    free, fraction = 10 * 2**30, 0.5
+    assert not streams_to_host(int(fraction * free), free, fraction)                    # fits: stays
+    assert not streams_to_host(int(STREAM_FACTOR * fraction * free), free, fraction)    # near: gathered, then moved
+    assert streams_to_host(int(STREAM_FACTOR * fraction * free) + 1, free, fraction)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_streamed_gpu_captures_equal_those_gathered_on_the_device(tiny):
+    """With the device's share made tiny, a unit's capture streams to the host image by image; the values are
+    those of a capture kept on the GPU, bit for bit (encoder and decoder units, none learned in between)."""
+    model, cfg, plan, feeds = tiny
+    gpu = replace(cfg, device="cuda")
+    base = calibrate_baseline(model, plan, QuantConfig(bits=cfg.bits, method="minmax", device="cuda"), feeds)
+    units = find_units(model, plan)
+    kept = Reconstructor(model, plan, base, gpu, units)
+    streamed = Reconstructor(model, plan, base, replace(gpu, recon=replace(gpu.recon, cache_device_fraction=1e-12)), units)
+    for u in units[:2] + units[-2:]:
+        a, b = kept.capture(u, feeds), streamed.capture(u, feeds)
+        assert a[3].type == "cuda" and b[3].type == "cpu", u.name
+        for xa, xb in zip(a[:3], b[:3]):
+            for ya, yb in zip(xa, xb):
+                for za, zb in zip(ya, yb):
+                    assert zb.device.type == "cpu" and torch.equal(za.cpu(), zb), u.name
