@@ -37,7 +37,9 @@ def tensor_bytes(tensors) -> int:
 
 STREAM_FACTOR = 2.0   # a GPU's caches go to the host image by image when, measured on the first image, they would
                       # take this many times the share of its free memory they may keep (cache_device_fraction);
-                      # nearer the bound they are gathered on the device and moved at the end, as before
+                      # nearer the bound they are gathered on the device and moved at the end, as before. With
+                      # the default share (0.5) streaming starts where the caches would not fit the free memory
+                      # at all, so every capture that could be gathered on the card before still is
 
 
 def streams_to_host(total: int, free: int, fraction: float) -> bool:
