@@ -48,14 +48,18 @@ def image_bytes(count: int, image_size: int) -> int:
     return count * 3 * image_size * image_size * 4
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
 def check_images_fit(count: int, image_size: int, asked: int | None = None) -> None:
     """CalibrationError when `count` images of `image_size` px take more than half of the available memory.
     `asked`: the --num-calib the user gave, when `count` also holds the held-out images."""
     have = available_bytes()
     need = image_bytes(count, image_size)
     if have is not None and need > have // 2:
-        raise CalibrationError(f"--num-calib {asked or count}: {count} images of {image_size} px take {need / 2**30:.1f} GiB in "
-                               f"memory, more than half of the {have / 2**30:.1f} GiB available; use fewer")
+        raise CalibrationError(f"--num-calib {asked or count}: {count} images of {image_size} px take {_size(need)} in "
+                               f"memory, more than half of the {_size(have)} available; use fewer")
 
 
 CACHE_SHARE = 0.9    # of the memory available: what a reconstruction unit's remaining cached activations may take
@@ -72,6 +76,3 @@ def check_cache_fits(what: str, per_image: int, remaining: int, count: int) -> N
                                f"{_size(per_image * count)} in memory ({_size(per_image)} an image), more than the "
                                f"{_size(have)} available; use fewer --num-calib")
 
-
-def _size(nbytes: int) -> str:
-    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
