@@ -10,7 +10,9 @@ seed gives the same images and annotations whatever the number of images or work
 sets made from different seeds (train / calibration / validation) share no image. Photograph
 textures come from scikit-image's bundled data images when that package is installed (its files are
 read directly, nothing is downloaded); without it every texture is procedural, so a seed's output
-depends on that: ``annotations.json["info"]["photo_textures"]`` records which were used.
+depends on that: ``annotations.json["info"]["photo_textures"]`` records which were used. Pillow resamples
+and blurs the textures, so pixels can differ in their last bits between Pillow versions (12.3 against 13.0:
+1.1e-4 of the values, by up to 8 grey levels); the annotations do not (they are drawn, not resampled).
 
 Pure numpy + PIL; pycocotools (a project dependency) only to encode RLE when writing a set.
 """
