@@ -81,7 +81,7 @@ def evaluate(model, config: EvalConfig = EvalConfig(), *, dataset=None, images=N
     """COCO segm metrics of an ONNX SAM (full model, or [encoder, decoder]) over a COCO-format set.
 
     The set: `dataset` (a folder with annotations.json and images/) or `images` + `annotations`. Keyword
-    `overrides` replace fields of `config` (prompts, limit, runtime, device, min_score).
+    `overrides` replace fields of `config` (prompts, limit, runtime, device, min_score, threads).
     """
     from dataclasses import replace
 

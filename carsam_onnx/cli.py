@@ -258,6 +258,9 @@ def _add_eval(sub):
                    help="ort: ONNX Runtime; torch: the project's torch executor (same Q/DQ semantics), e.g. on a GPU")
     p.add_argument("--device", default=_default(EvalConfig, "device"), help="torch device for --runtime torch (cpu, cuda)")
     _add_provider(p)
+    p.add_argument("--threads", type=int, default=_default(EvalConfig, "threads"),
+                   help="CPU threads of the runtime (default: its own; ONNX Runtime: one per core); a 4-bit model's "
+                        "score depends on ONNX Runtime's thread count, so fix it to compare machines")
     p.add_argument("--json", dest="json_out", help="write the metrics as JSON here")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.set_defaults(run=_run_eval)
@@ -271,7 +274,7 @@ def _run_eval(a) -> int:
 
         ort_providers(a.provider)
     cfg = EvalConfig(prompts=a.prompts, min_score=a.min_score, limit=a.limit, runtime=a.runtime, device=a.device,
-                     provider=a.provider)
+                     provider=a.provider, threads=a.threads)
     if a.json_out:
         ann = Path(a.dataset) / "annotations.json" if a.dataset else a.annotations
         check_writable(a.json_out, a.force, inputs=[*a.model, ann])

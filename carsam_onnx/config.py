@@ -382,10 +382,16 @@ class EvalConfig:
     runtime: str = "ort"                   # a name of runtime/registry.py: ort | torch | registered ones
     device: str | None = None              # torch device for --runtime torch (cpu, cuda); cuda for ORT's CUDA EP
     provider: str | None = None            # ONNX Runtime execution provider: cpu | cuda | tensorrt (runtime/providers.py)
+    threads: int | None = None             # CPU threads of the runtime (ORT's intra-op threads; torch's on the CPU);
+                                           # None: the runtime's own default (ORT: one per core). At 4-bit
+                                           # activations ORT's scores depend on it (docs/results.md, "ORT against
+                                           # itself"): fix it to compare runs across machines
 
     def __post_init__(self):
         if self.limit is not None and self.limit < 1:
             raise InputError(f"--limit {self.limit}: must be >= 1")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"--threads {self.threads}: must be >= 1")
 
 
 def config_to_dict(config) -> dict:

@@ -235,6 +235,7 @@ CASES: list[Case] = [
     C("eval-json-is-folder", E + " --dataset {in}/ds --json {out}/dir", "is a directory", pre={"dir": None}),
     C("eval-json-under-file", E + " --dataset {in}/ds --json {out}/afile/m.json", "is a file", pre={"afile": b"x"}),
     C("eval-json-is-annotations", E + " --dataset {in}/ds --json {in}/ds/annotations.json --force", "also an input"),
+    C("eval-threads-zero", E + " --dataset {in}/ds --threads 0", "--threads 0", "must be >= 1"),
     C("eval-json-is-model", E + " --dataset {in}/ds --json {in}/full.onnx --force", "also an input"),
     C("eval-json-not-writable", E + " --dataset {in}/ds --json {out}/m.json", "not writable",
       user=NOBODY, readonly_out=True),

@@ -24,6 +24,7 @@ from ..deploy.predictor import SamOnnxPredictor, masks_at_original_size
 from ..errors import InputError
 from ..modelio import write_json
 from ..runtime import Runtime, get_runtime
+from ..runtime.ort_settings import host_isa_flags
 from .metrics import Prediction, encode_masks, segm_metrics
 
 
@@ -42,6 +43,8 @@ class EvalResult:
     image_size: int
     timings: dict = field(default_factory=dict)      # medians and totals, seconds
     per_image: list = field(default_factory=list)    # {image_id, num_prompts, encoder_s, decoder_s, post_s}
+    threads: int | None = None                       # the runtime's CPU threads as asked (None: its default)
+    cpu_flags: str = ""                              # the host's x86 flags that pick ORT's kernels (ort_settings)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -150,10 +153,11 @@ def evaluate(model: str | Path | Sequence[str | Path], dataset: CocoDataset | st
         dataset = load_coco_dataset(dataset)
     by_image, ids, label = select_prompts(dataset, config.prompts, config.limit, config.min_score)
     rt = (runtime if isinstance(runtime, Runtime)
-          else get_runtime(config.runtime, config.device, provider=config.provider))
+          else get_runtime(config.runtime, config.device, provider=config.provider, threads=config.threads))
     predictor = SamOnnxPredictor.from_engine(build_predictor(model, rt))
     preds, per_image = run_predictions(predictor, dataset, by_image, progress)
     metrics = segm_metrics(dataset, preds, ids)
     return EvalResult(metrics["segm_mAP"], metrics["AP50"], metrics["AP75"], metrics["mIoU"], len(preds), len(ids),
                       label, predictor.description, getattr(rt, "name", type(rt).__name__), predictor.image_size,
-                      timing_summary(per_image, time.perf_counter() - t_start), per_image)
+                      timing_summary(per_image, time.perf_counter() - t_start), per_image,
+                      threads=getattr(rt, "threads", None), cpu_flags=host_isa_flags())

@@ -33,7 +33,7 @@ def ort_providers(provider: str) -> list[str]:
     return [p for p in wanted if p in available]
 
 
-def ort_runtime_for(provider: str, runtime="ort", device: str | None = None):
+def ort_runtime_for(provider: str, runtime="ort", device: str | None = None, threads: int | None = None):
     """An OrtRuntime on `provider`; `--provider` applies to ONNX Runtime only."""
     from .ort import OrtRuntime
 
@@ -41,4 +41,4 @@ def ort_runtime_for(provider: str, runtime="ort", device: str | None = None):
         raise InputError(f"--provider {provider} applies to --runtime ort (ONNX Runtime), not {runtime}")
     if device not in (None, "cpu") and provider == "cpu" or (device or "").startswith("cuda") and provider == "cpu":
         raise InputError(f"--device {device} contradicts --provider cpu")
-    return OrtRuntime(ort_providers(provider))
+    return OrtRuntime(ort_providers(provider), threads=threads)

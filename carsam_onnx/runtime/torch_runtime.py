@@ -120,12 +120,17 @@ class TorchSession(Session):
 class TorchRuntime(Runtime):
     name = "torch"
 
-    def __init__(self, device: str | None = None, batch_prompts: bool | None = None, cuda_graphs: bool | None = None):
+    def __init__(self, device: str | None = None, batch_prompts: bool | None = None, cuda_graphs: bool | None = None,
+                 threads: int | None = None):
         """batch_prompts: vmap an image's prompts through the prompt part; cuda_graphs: capture and replay each
-        run (None: both on GPUs, neither on the CPU)."""
+        run (None: both on GPUs, neither on the CPU); threads: torch's CPU threads for this process (None: as
+        they are)."""
         self.device = torch_device(device, hint="use --device cpu or --runtime ort")
         self.batch_prompts = batch_prompts
         self.cuda_graphs = cuda_graphs
+        self.threads = threads
+        if threads is not None:
+            torch.set_num_threads(threads)
 
     def session(self, model, what):
         if isinstance(model, (str, Path)):

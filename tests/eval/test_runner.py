@@ -121,6 +121,19 @@ def test_full_split_pair_and_per_box_agree(ds, tiny, tmp_path, monkeypatch):
     assert "segm mAP" in full.summary()
 
 
+def test_eval_records_its_thread_count_and_the_cpu(ds, tiny):
+    """A Q/DQ model's score depends on ONNX Runtime's thread count and on the CPU's kernels (docs/results.md, "ORT
+    against itself"): the JSON records both; the same count gives the same score, and 0 threads is refused."""
+    from carsam_onnx.config import EvalConfig
+    from carsam_onnx.runtime.ort_settings import host_isa_flags
+    a, b = (evaluate(tiny["full"], ds, progress=False, threads=1) for _ in range(2))
+    assert a.to_json()["threads"] == 1 and a.cpu_flags == host_isa_flags() != ""
+    assert (a.segm_mAP, a.mIoU) == (b.segm_mAP, b.mIoU)
+    assert evaluate(tiny["full"], ds, progress=False, limit=1).threads is None    # ORT's own default
+    with pytest.raises(InputError, match="--threads 0: must be >= 1"):
+        EvalConfig(threads=0)
+
+
 def test_official_decoder_and_detector_prompts(ds, tiny, tmp_path):
     r = evaluate([tiny["encoder"], tiny["official_decoder"]], ds, progress=False)
     _check_ranges(r)

@@ -97,6 +97,27 @@ def test_ort_device_choices():
         get_runtime("ort", "cuda")
 
 
+def test_threads_reach_the_runtime(monkeypatch):
+    """`eval --threads N`: ORT's intra-op threads, torch's CPU threads; None keeps each runtime's default; a
+    registered runtime whose factory takes no thread count refuses it with one line."""
+    import torch
+
+    from carsam_onnx.errors import InputError
+    from carsam_onnx.runtime.torch_runtime import TorchRuntime
+    assert get_runtime("ort", "cpu", threads=3).threads == 3 and get_runtime("ort").threads is None
+    assert get_runtime("ort", provider="cpu", threads=2).threads == 2
+    before = torch.get_num_threads()
+    try:
+        assert isinstance(rt := get_runtime("torch", "cpu", threads=1), TorchRuntime) and rt.threads == 1
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setitem(registry.RUNTIMES, "plain", lambda device=None: OrtRuntime())
+    assert isinstance(get_runtime("plain"), OrtRuntime)
+    with pytest.raises(InputError, match="--threads 2: --runtime plain does not take a thread count"):
+        get_runtime("plain", threads=2)
+
+
 def test_models_past_the_protobuf_limit_go_through_external_data(tmp_path, monkeypatch):
     """A split vit_h part exceeds 2 GB; the runtime then loads it from a temporary file with external data
     (forced here by lowering the threshold)."""
