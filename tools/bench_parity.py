@@ -17,10 +17,14 @@ noise of seed k in every runtime, so two runs with the same --draws are paired d
 evaluated once (the reference of the mask comparison); it is drawn only when listed, so `--variants ort` and
 `--variants torch-cuda` can run as two processes at once (the CPU and the GPU). Each draw prints a line as it ends;
 `python tools/bench_parity.py --pair A.jsonl B.jsonl` reads two such outputs and prints the paired difference.
+--ort-threads N sets ONNX Runtime's intra-op threads (default: one per core), on which a 4-bit model's score
+depends: two runs at two counts, paired, compare ORT with itself. Each variant's row holds `logits_sha256`, a
+hash of its low-res logits on the compared images, equal where two runs computed the same masks bit for bit.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -43,10 +47,10 @@ VARIANTS = {"ort": ("ort", {}), "torch-cpu": ("torch", {"device": "cpu"}),
             "torch-cuda-loop": ("torch", {"device": "cuda", "cuda_graphs": False, "batch_prompts": False})}
 
 
-def runtime(variant: str):
+def runtime(variant: str, ort_threads: int | None = None):
     kind, kw = VARIANTS[variant]
     if kind == "ort":
-        return get_runtime("ort")
+        return get_runtime("ort", threads=ort_threads)
     from carsam_onnx.runtime.torch_runtime import TorchRuntime
 
     return TorchRuntime(**kw)
@@ -100,6 +104,7 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=1, help="evaluations per variant (1 unperturbed + perturbed ones)")
     ap.add_argument("--sigma", type=float, default=1e-4, help="std of the perturbation of the normalised image")
     ap.add_argument("--fp", type=Path, help="the FP model: report CUDA's float32 error on its image part")
+    ap.add_argument("--ort-threads", type=int, help="ONNX Runtime's intra-op threads (default: one per core)")
     a = ap.parse_args()
     if a.pair:
         try:
@@ -116,11 +121,12 @@ def main() -> None:
     ref_logits, ref_map = None, None
     for v in ["ort"] + [v for v in a.variants if v != "ort"]:
         t = time.perf_counter()
-        rt = runtime(v)
+        rt = runtime(v, a.ort_threads)
         r = evaluate(a.model, dataset, limit=a.limit, runtime=rt, progress=False)
         secs = time.perf_counter() - t
         lg = logits(a.model, dataset, some, rt)
-        row = {"variant": v, "segm_mAP": round(r.segm_mAP, 3), "mIoU": round(r.mIoU, 5), "eval_s": round(secs, 1)}
+        row = {"variant": v, "segm_mAP": round(r.segm_mAP, 3), "mIoU": round(r.mIoU, 5), "eval_s": round(secs, 1),
+               "logits_sha256": hashlib.sha256(b"".join(lg[i].tobytes() for i in sorted(lg))).hexdigest()[:16]}
         if a.draws > 1 and v in a.variants:
             def show(k, m, v=v):
                 print(json.dumps({"variant": v, "draw": k, "segm_mAP": round(m, 3)}), flush=True)
@@ -129,7 +135,7 @@ def main() -> None:
                        draws_std=round(float(np.std(maps, ddof=1)), 3))
         if ref_logits is None:
             ref_logits, ref_map = lg, r.segm_mAP
-            row["cpu_flags"] = host_isa_flags()
+            row.update(cpu_flags=host_isa_flags(), ort_threads=a.ort_threads)
         else:
             iou = np.concatenate([mask_iou(lg[i] > 0, ref_logits[i] > 0) for i in some])
             diff = [float(np.abs(lg[i] - ref_logits[i]).max()) for i in some]
