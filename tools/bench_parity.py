@@ -18,7 +18,8 @@ evaluated once (the reference of the mask comparison); it is drawn only when lis
 `--variants torch-cuda` can run as two processes at once (the CPU and the GPU). Each draw prints a line as it ends;
 `python tools/bench_parity.py --pair A.jsonl B.jsonl` reads two such outputs and prints the paired difference.
 --ort-threads N sets ONNX Runtime's intra-op threads (default: one per core), on which a 4-bit model's score
-depends: two runs at two counts, paired, compare ORT with itself. Each variant's row holds `logits_sha256`, a
+depends: two runs at two counts, paired, compare ORT with itself; --ort-config KEY=VALUE adds a session config
+entry to ort_settings' (e.g. session.disable_quant_qdq=1). Each variant's row holds `logits_sha256`, a
 hash of its low-res logits on the compared images, equal where two runs computed the same masks bit for bit.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ from carsam_onnx.deploy.engines import build_predictor
 from carsam_onnx.deploy.predictor import SamOnnxPredictor
 from carsam_onnx.eval.noise import image_part_error, perturbed_maps
 from carsam_onnx.eval.runner import evaluate, select_prompts
-from carsam_onnx.runtime import get_runtime
+from carsam_onnx.runtime import OrtRuntime
 from carsam_onnx.runtime.ort_settings import host_isa_flags
 
 VARIANTS = {"ort": ("ort", {}), "torch-cpu": ("torch", {"device": "cpu"}),
@@ -47,10 +48,10 @@ VARIANTS = {"ort": ("ort", {}), "torch-cpu": ("torch", {"device": "cpu"}),
             "torch-cuda-loop": ("torch", {"device": "cuda", "cuda_graphs": False, "batch_prompts": False})}
 
 
-def runtime(variant: str, ort_threads: int | None = None):
+def runtime(variant: str, ort_threads: int | None = None, ort_config: dict | None = None):
     kind, kw = VARIANTS[variant]
     if kind == "ort":
-        return get_runtime("ort", threads=ort_threads)
+        return OrtRuntime(threads=ort_threads, extra_config=ort_config)
     from carsam_onnx.runtime.torch_runtime import TorchRuntime
 
     return TorchRuntime(**kw)
@@ -105,6 +106,8 @@ def main() -> None:
     ap.add_argument("--sigma", type=float, default=1e-4, help="std of the perturbation of the normalised image")
     ap.add_argument("--fp", type=Path, help="the FP model: report CUDA's float32 error on its image part")
     ap.add_argument("--ort-threads", type=int, help="ONNX Runtime's intra-op threads (default: one per core)")
+    ap.add_argument("--ort-config", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="session config entries added to ort_settings' for ORT (e.g. session.disable_quant_qdq=1)")
     a = ap.parse_args()
     if a.pair:
         try:
@@ -114,6 +117,9 @@ def main() -> None:
         return
     if a.model is None or a.dataset is None:
         ap.error("a model and --dataset are required (or --pair A.jsonl B.jsonl)")
+    if any("=" not in kv for kv in a.ort_config):
+        ap.error("--ort-config takes KEY=VALUE entries")
+    ort_config = dict(kv.split("=", 1) for kv in a.ort_config)
     warnings.simplefilter("ignore")
     dataset = load_coco_dataset(a.dataset)
     by_image, _, _ = select_prompts(dataset, "gt", a.limit)
@@ -121,7 +127,7 @@ def main() -> None:
     ref_logits, ref_map = None, None
     for v in ["ort"] + [v for v in a.variants if v != "ort"]:
         t = time.perf_counter()
-        rt = runtime(v, a.ort_threads)
+        rt = runtime(v, a.ort_threads, ort_config)
         r = evaluate(a.model, dataset, limit=a.limit, runtime=rt, progress=False)
         secs = time.perf_counter() - t
         lg = logits(a.model, dataset, some, rt)
@@ -135,7 +141,7 @@ def main() -> None:
                        draws_std=round(float(np.std(maps, ddof=1)), 3))
         if ref_logits is None:
             ref_logits, ref_map = lg, r.segm_mAP
-            row.update(cpu_flags=host_isa_flags(), ort_threads=a.ort_threads)
+            row.update(cpu_flags=host_isa_flags(), ort_threads=a.ort_threads, ort_config=ort_config)
         else:
             iou = np.concatenate([mask_iou(lg[i] > 0, ref_logits[i] > 0) for i in some])
             diff = [float(np.abs(lg[i] - ref_logits[i]).max()) for i in some]

@@ -35,14 +35,16 @@ class OrtRuntime(Runtime):
 
     name = "ort"
 
-    def __init__(self, providers: Sequence[str] | None = None, threads: int | None = None):
+    def __init__(self, providers: Sequence[str] | None = None, threads: int | None = None,
+                 extra_config: dict[str, str] | None = None):
         self.providers = list(providers) if providers else ["CPUExecutionProvider"]
         self.threads = threads
+        self.extra_config = dict(extra_config or {})   # session config entries on top of ort_settings' (measurements)
 
     def session(self, model, what):
         import onnxruntime as ort
 
-        so = session_options(self.threads)   # the settings README tells users to set (ort_settings.py)
+        so = session_options(self.threads, extra=self.extra_config)   # the settings README tells users to set
         so.log_severity_level = 3
         so.enable_cpu_mem_arena = False   # the arena grew ~3 GB per vit_b encoder run; plain allocations stay flat
         if isinstance(model, (str, Path)):

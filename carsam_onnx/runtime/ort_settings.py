@@ -33,13 +33,14 @@ __all__ = ["SESSION_CONFIG", "SESSION_CONFIG_KEY", "session_options", "inference
            "ISA_FLAGS", "host_isa_flags"]
 
 
-def session_options(threads: int | None = None, level=None):
-    """onnxruntime.SessionOptions with SESSION_CONFIG applied (level: a GraphOptimizationLevel, default ENABLE_ALL)."""
+def session_options(threads: int | None = None, level=None, extra: dict[str, str] | None = None):
+    """onnxruntime.SessionOptions with SESSION_CONFIG applied (level: a GraphOptimizationLevel, default ENABLE_ALL),
+    then `extra` session config entries (measurements of other settings; docs/quantization_format.md)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.graph_optimization_level = level if level is not None else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    for key, value in SESSION_CONFIG.items():
+    for key, value in {**SESSION_CONFIG, **(extra or {})}.items():
         so.add_session_config_entry(key, value)
     if threads:
         so.intra_op_num_threads = threads

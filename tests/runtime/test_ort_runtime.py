@@ -206,3 +206,39 @@ def test_project_session_runs_every_quantized_linear_on_integer_kernels(tmp_path
     assert quantized >= 20
     assert default["float on DQ"] > 0                           # what the settings avoid (ORT 1.31)
     assert ours["float on DQ"] == 0 and integer == quantized, (ours, quantized)
+
+
+def test_extra_config_folds_the_weight_dq_of_a_4bit_model(tmp_path):
+    """OrtRuntime(extra_config=...) adds session config entries to ort_settings' (bench_parity --ort-config):
+    with session.disable_quant_qdq = 1 ORT folds a W4A4 model's weight DQs into float initializers and keeps
+    every activation Q/DQ pair (docs/quantization_format.md, thread count); the default settings keep the weight
+    DQs. Tiny SAM, W4A4 MinMax."""
+    import warnings
+
+    import onnxruntime
+
+    from carsam_onnx.config import BitWidths, QuantConfig
+    from carsam_onnx.quantize import quantize
+    from carsam_onnx.runtime.ort_settings import session_options
+
+    q = tmp_path / "q.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize(tiny_sam_paths()["full"], q, QuantConfig(bits=BitWidths(4, 4), method="minmax", num_calib=2),
+                 progress=False)
+    model_q = sum(1 for n in onnx.load(str(q)).graph.node if n.op_type == "QuantizeLinear")
+
+    def optimized(rt):
+        """(weight DQs: DQ nodes not reading a Q, Q nodes) of ORT's optimised graph under rt's settings."""
+        so = session_options(extra=rt.extra_config)
+        so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+        onnxruntime.InferenceSession(str(q), so, providers=["CPUExecutionProvider"])
+        nodes = onnx.load(str(tmp_path / "opt.onnx")).graph.node
+        q_out = {o for n in nodes if n.op_type == "QuantizeLinear" for o in n.output}
+        dqs = [n for n in nodes if n.op_type == "DequantizeLinear"]
+        return sum(n.input[0] not in q_out for n in dqs), sum(n.op_type == "QuantizeLinear" for n in nodes)
+
+    weight_dq, _ = optimized(OrtRuntime())
+    assert weight_dq > 0
+    weight_dq, kept_q = optimized(OrtRuntime(extra_config={"session.disable_quant_qdq": "1"}))
+    assert weight_dq == 0 and kept_q >= model_q, (weight_dq, kept_q, model_q)
