@@ -106,16 +106,17 @@ def synth_dataset(output, num_images: int, seed: int, image_size: int | None = N
 # ---- deployment (issue 13) ------------------------------------------------------------------------------------
 def predict(model, image, *, boxes=None, points=None, labels=None, output, overlay=None, multimask: bool = False,
             runtime: str = "ort", device=None, provider=None, force: bool = False, prompts_file=None,
-            progress: bool = False):
+            progress: bool = False, threads: int | None = None):
     """Masks for the prompts on one image: writes a mask PNG (and an overlay PNG), returns a PredictOutput. `image`
     a folder: one mask PNG per image into the folder `output` (overlays into the folder `overlay`), the prompts
     the same on every image or from `prompts_file` (COCO JSON), a progress bar unless `progress` is false;
-    returns a FolderOutput. See deploy/predict_cli.py."""
+    returns a FolderOutput. `threads`: the runtime's CPU threads (eval's --threads). See deploy/predict_cli.py."""
     from .deploy.predict_cli import predict_to_files
 
     return predict_to_files(model, image, boxes=boxes, points=points, labels=labels, output=output,
                             overlay=overlay, multimask=multimask, runtime=runtime, device=device,
-                            provider=provider, force=force, prompts_file=prompts_file, progress=progress)
+                            provider=provider, force=force, prompts_file=prompts_file, progress=progress,
+                            threads=threads)
 
 
 def split(model_path, output=None, *, force: bool = False) -> dict[str, Path]:

@@ -243,6 +243,12 @@ def _run_emit(a) -> int:
     return 0
 
 
+def _add_threads(p):
+    p.add_argument("--threads", type=int, default=_default(EvalConfig, "threads"),
+                   help="CPU threads of the runtime (default: its own; ONNX Runtime: one per core); a 4-bit model's "
+                        "masks depend on ONNX Runtime's thread count, so fix it to compare machines")
+
+
 def _add_eval(sub):
     p = sub.add_parser("eval", help="COCO segm mAP / AP50 / AP75 and mIoU of a SAM ONNX model, one box per instance")
     p.add_argument("model", nargs="+", help="a full model, or an encoder and a decoder model")
@@ -258,9 +264,7 @@ def _add_eval(sub):
                    help="ort: ONNX Runtime; torch: the project's torch executor (same Q/DQ semantics), e.g. on a GPU")
     p.add_argument("--device", default=_default(EvalConfig, "device"), help="torch device for --runtime torch (cpu, cuda)")
     _add_provider(p)
-    p.add_argument("--threads", type=int, default=_default(EvalConfig, "threads"),
-                   help="CPU threads of the runtime (default: its own; ONNX Runtime: one per core); a 4-bit model's "
-                        "score depends on ONNX Runtime's thread count, so fix it to compare machines")
+    _add_threads(p)
     p.add_argument("--json", dest="json_out", help="write the metrics as JSON here")
     p.add_argument("--force", action="store_true", help="overwrite an existing --json file")
     p.set_defaults(run=_run_eval)
@@ -351,6 +355,7 @@ def _add_predict(sub):
                    help="ort: ONNX Runtime (default); torch: this project's executor, on --device")
     p.add_argument("--device", help="torch device for --runtime torch (cpu, cuda)")
     _add_provider(p)
+    _add_threads(p)
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.set_defaults(run=_run_predict, prompt_items=None)
 
@@ -368,7 +373,8 @@ def _run_predict(a) -> int:
     model = a.model[0] if len(a.model) == 1 else a.model
     out = api.predict(model, a.image, boxes=boxes, points=points, labels=labels, output=a.output,
                       overlay=a.overlay, multimask=a.multimask, runtime=a.runtime, device=a.device,
-                      provider=a.provider, force=a.force, prompts_file=a.prompts, progress=not a.quiet)
+                      provider=a.provider, force=a.force, prompts_file=a.prompts, progress=not a.quiet,
+                      threads=a.threads)
     if hasattr(out, "images"):   # a folder of images
         if not a.quiet:
             print(f"{len(out.images)} images, {out.num_prompts} prompts; wrote masks: {out.mask_dir}"

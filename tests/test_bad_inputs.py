@@ -108,6 +108,8 @@ CASES: list[Case] = [
       "-o {out}/m.png --overlay {out}/m.png", "same file"),
     C("predict-device-not-a-device", "predict {in}/full.onnx {in}/ds/images/000000000100.png --box 1 1 9 9 "
       "-o {out}/m.png --runtime torch --device gpu", "not a device"),
+    C("predict-threads-zero", "predict {in}/full.onnx {in}/ds/images/000000000100.png --box 1 1 9 9 "
+      "-o {out}/m.png --threads 0", "--threads 0", "must be >= 1"),
     # ---- predict over a folder of images (PF: a folder predict that would otherwise succeed) ---------------------
     C("predict-box-outside-image", "predict {in}/full.onnx {in}/ds/images/000000000100.png --box 1 1 400 90 "
       "-o {out}/m.png", "outside", "000000000100.png", "160 x 96"),

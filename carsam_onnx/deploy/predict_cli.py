@@ -108,12 +108,13 @@ def _predict_masks(predictor: SamOnnxPredictor, pixels, boxes, points, labels, m
 
 def predict_to_files(model, image, *, boxes=None, points=None, labels=None, output, overlay=None,
                      multimask: bool = False, runtime="ort", device=None, provider=None,
-                     force: bool = False, prompts_file=None, progress: bool = False):
+                     force: bool = False, prompts_file=None, progress: bool = False, threads: int | None = None):
     """One image -> PredictOutput; a folder of images -> FolderOutput (predict_folder)."""
     if Path(image).is_dir():
         return predict_folder(model, image, boxes=boxes, points=points, labels=labels, output=output,
                               overlay=overlay, multimask=multimask, runtime=runtime, device=device,
-                              provider=provider, force=force, prompts_file=prompts_file, progress=progress)
+                              provider=provider, force=force, prompts_file=prompts_file, progress=progress,
+                              threads=threads)
     if prompts_file is not None:
         raise InputError(f"--prompts needs IMAGE to be a folder of images; {image} is a file (give its boxes "
                          "with --box)")
@@ -130,7 +131,7 @@ def predict_to_files(model, image, *, boxes=None, points=None, labels=None, outp
             check_writable(p, force, inputs=[image, *(m for m in models if isinstance(m, (str, Path)))])
     pixels = read_image_file(image)
     boxes = check_prompts_inside(boxes, points, *pixels.shape[:2], f"image {Path(image).name}")
-    predictor = SamOnnxPredictor(model, runtime, device, provider)
+    predictor = SamOnnxPredictor(model, runtime, device, provider, threads=threads)
     masks, scores = _predict_masks(predictor, pixels, boxes, points, labels, multimask)
     save_png(mask_image(masks), output)
     if overlay is not None:
@@ -182,7 +183,7 @@ def _image_size(path: Path) -> tuple[int, int]:
 
 def predict_folder(model, folder, *, boxes=None, points=None, labels=None, output, overlay=None,
                    multimask: bool = False, runtime="ort", device=None, provider=None, force: bool = False,
-                   prompts_file=None, progress: bool = False) -> FolderOutput:
+                   prompts_file=None, progress: bool = False, threads: int | None = None) -> FolderOutput:
     """Masks for every image of `folder` (module docstring): the command-line prompts on each image, or each
     image's boxes from `prompts_file`."""
     from tqdm.auto import tqdm
@@ -235,7 +236,7 @@ def predict_folder(model, folder, *, boxes=None, points=None, labels=None, outpu
                     raise OutputError(f"{p} is a directory, not a file path")
                 if not force:
                     raise OutputError(f"{p} exists; pass --force to overwrite it")
-    predictor = SamOnnxPredictor(model, runtime, device, provider)
+    predictor = SamOnnxPredictor(model, runtime, device, provider, threads=threads)
     created = [d for d in (mask_dir, overlay_dir) if d is not None and not d.exists()]
     written: list[Path] = []
     results: dict[str, PredictOutput] = {}

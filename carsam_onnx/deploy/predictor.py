@@ -101,9 +101,9 @@ class SamOnnxPredictor:
     `runtime` ("ort", "torch" or a Runtime) with `device` / `provider` (ONNX Runtime: cpu | cuda | tensorrt)."""
 
     def __init__(self, model: str | Path | Sequence[str | Path], runtime="ort", device: str | None = None,
-                 provider: str | None = None, *, engine=None):
+                 provider: str | None = None, *, engine=None, threads: int | None = None):
         if engine is None:
-            rt = get_runtime(runtime, device, provider=provider)
+            rt = get_runtime(runtime, device, provider=provider, threads=threads)
             engine = build_predictor(model, rt)
             self.runtime_name = getattr(rt, "name", type(rt).__name__)
         else:

@@ -42,6 +42,8 @@ def get_runtime(runtime: str | Runtime, device: str | None = None, provider: str
                 threads: int | None = None) -> Runtime:
     """A Runtime by name; `provider` (cpu | cuda | tensorrt) picks ONNX Runtime's execution provider; `threads`
     its CPU threads (None: the runtime's default). A Runtime object is returned as it is."""
+    if threads is not None and threads < 1:
+        raise InputError(f"--threads {threads}: must be >= 1")
     if provider is not None:
         from .providers import ort_runtime_for
 

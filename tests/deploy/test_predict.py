@@ -62,6 +62,8 @@ def test_predict_png_is_the_mask_eval_scores(tiny, ds, tmp_path, capsys):
     assert "predicted IoU" in capsys.readouterr().out
     assert main(argv) == 2                      # exists without --force: one line, exit 2
     assert main(argv + ["--force", "--provider", "cpu"]) == 0
+    assert main(argv + ["--force", "--threads", "1"]) == 0    # ONNX Runtime's thread count fixed: the same mask
+    assert (np.asarray(Image.open(out)) == png).all()
 
 
 def test_points_multimask_and_pairs(tiny, ds):

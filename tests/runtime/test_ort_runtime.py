@@ -116,6 +116,8 @@ def test_threads_reach_the_runtime(monkeypatch):
     assert isinstance(get_runtime("plain"), OrtRuntime)
     with pytest.raises(InputError, match="--threads 2: --runtime plain does not take a thread count"):
         get_runtime("plain", threads=2)
+    with pytest.raises(InputError, match="--threads 0: must be >= 1"):
+        get_runtime("ort", threads=0)
 
 
 def test_models_past_the_protobuf_limit_go_through_external_data(tmp_path, monkeypatch):
