@@ -210,11 +210,12 @@ def test_project_session_runs_every_quantized_linear_on_integer_kernels(tmp_path
     assert ours["float on DQ"] == 0 and integer == quantized, (ours, quantized)
 
 
-def test_extra_config_folds_the_weight_dq_of_a_4bit_model(tmp_path):
+def test_extra_config_folds_4bit_weight_dqs_and_drops_8bit_kernels(tmp_path):
     """OrtRuntime(extra_config=...) adds session config entries to ort_settings' (bench_parity --ort-config):
     with session.disable_quant_qdq = 1 ORT folds a W4A4 model's weight DQs into float initializers and keeps
     every activation Q/DQ pair (docs/quantization_format.md, thread count); the default settings keep the weight
-    DQs. Tiny SAM, W4A4 MinMax."""
+    DQs. The same option takes a W8A8 model's integer kernels away, which is why ort_settings leaves it off.
+    Tiny SAM, MinMax."""
     import warnings
 
     import onnxruntime
@@ -223,24 +224,31 @@ def test_extra_config_folds_the_weight_dq_of_a_4bit_model(tmp_path):
     from carsam_onnx.quantize import quantize
     from carsam_onnx.runtime.ort_settings import session_options
 
-    q = tmp_path / "q.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantize(tiny_sam_paths()["full"], q, QuantConfig(bits=BitWidths(4, 4), method="minmax", num_calib=2),
-                 progress=False)
-    model_q = sum(1 for n in onnx.load(str(q)).graph.node if n.op_type == "QuantizeLinear")
+    def quantized(bits: int):
+        q = tmp_path / f"w{bits}a{bits}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize(tiny_sam_paths()["full"], q, QuantConfig(bits=BitWidths(bits, bits), method="minmax",
+                                                              num_calib=2), progress=False)
+        return q
 
-    def optimized(rt):
-        """(weight DQs: DQ nodes not reading a Q, Q nodes) of ORT's optimised graph under rt's settings."""
+    def optimized(q, rt):
+        """ORT's optimised graph of q under rt's settings: (weight DQs, i.e. DQ nodes not reading a Q; Q nodes;
+        integer MatMul kernels)."""
         so = session_options(extra=rt.extra_config)
         so.optimized_model_filepath = str(tmp_path / "opt.onnx")
         onnxruntime.InferenceSession(str(q), so, providers=["CPUExecutionProvider"])
         nodes = onnx.load(str(tmp_path / "opt.onnx")).graph.node
         q_out = {o for n in nodes if n.op_type == "QuantizeLinear" for o in n.output}
         dqs = [n for n in nodes if n.op_type == "DequantizeLinear"]
-        return sum(n.input[0] not in q_out for n in dqs), sum(n.op_type == "QuantizeLinear" for n in nodes)
+        return (sum(n.input[0] not in q_out for n in dqs), sum(n.op_type == "QuantizeLinear" for n in nodes),
+                sum(n.op_type in ("MatMulIntegerToFloat", "QLinearMatMul") for n in nodes))
 
-    weight_dq, _ = optimized(OrtRuntime())
-    assert weight_dq > 0
-    weight_dq, kept_q = optimized(OrtRuntime(extra_config={"session.disable_quant_qdq": "1"}))
+    folded = OrtRuntime(extra_config={"session.disable_quant_qdq": "1"})
+    w4 = quantized(4)
+    model_q = sum(1 for n in onnx.load(str(w4)).graph.node if n.op_type == "QuantizeLinear")
+    assert optimized(w4, OrtRuntime())[0] > 0
+    weight_dq, kept_q, _ = optimized(w4, folded)
     assert weight_dq == 0 and kept_q >= model_q, (weight_dq, kept_q, model_q)
+    w8 = quantized(8)
+    assert optimized(w8, OrtRuntime())[2] >= 20 and optimized(w8, folded)[2] == 0
